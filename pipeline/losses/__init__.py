@@ -1,0 +1,117 @@
+"""Distillation losses and their registry.
+
+``build_loss(name, **params)`` turns a ``params.yaml`` loss section into a module::
+
+    build_loss("kd", T=4, a=0.1, b=0.9)
+    build_loss("dkd+cmkd", dkd={"beta": 8}, cmkd={"scale": 4}, weights={"dkd": 1.0, "cmkd": 0.5, "ce": 1.0})
+
+Every module's ``forward(student_logits (B, C), teacher_logits (B, C), target (B,), epoch=None)``
+returns ``{"loss": total incl. CE, "ce": ..., <parts>}`` (see :class:`base.DistillationLoss`).
+A ``+``-joined name builds a :class:`combined.CombinedLoss` that counts cross-entropy once.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from .base import DistillationLoss, LossConfigError
+from .ce import CELoss
+from .ckd import CKDLoss
+from .cmkd import CMKDLoss
+from .combined import CombinedLoss
+from .dist import DISTLoss
+from .dkd import DKDLoss
+from .kd import KDLoss
+
+__all__ = [
+    "LOSSES",
+    "CELoss",
+    "CKDLoss",
+    "CMKDLoss",
+    "CombinedLoss",
+    "DISTLoss",
+    "DKDLoss",
+    "DistillationLoss",
+    "KDLoss",
+    "LossConfigError",
+    "build_loss",
+    "default_params",
+]
+
+LOSSES: dict[str, type[nn.Module]] = {
+    cls.name: cls for cls in (CELoss, KDLoss, DKDLoss, DISTLoss, CMKDLoss, CKDLoss)
+}
+
+
+def default_params(name: str) -> dict[str, Any]:
+    """The constructor parameters of a single loss with their defaults (for config docs/templates)."""
+    cls = _loss_class(name)
+    return {key: p.default for key, p in _parameters(cls).items()}
+
+
+def build_loss(name: str, **params: Any) -> nn.Module:
+    """Build a loss by registry name, with exactly its parameters.
+
+    ``name`` is one of :data:`LOSSES` or several joined by ``+`` (e.g. ``"dkd+cmkd"``). For a
+    combination, ``params`` maps each component name to its own parameter dict (omitted: defaults)
+    plus an optional ``weights`` dict ``{component: w, "ce": w_ce}`` (each default 1.0); see
+    :class:`CombinedLoss` for the semantics (CE counted once, with weight ``weights["ce"]``).
+
+    Raises:
+        ValueError: unknown loss name (the message lists the available ones).
+        LossConfigError (a TypeError and a ValueError): unknown or invalid parameters (the message
+            lists the valid ones).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"loss name must be a non-empty string, got {name!r}; available: {sorted(LOSSES)}")
+    if "+" in name:
+        return _build_combined(name, params)
+    cls = _loss_class(name.strip())
+    _check_keys(f"loss '{name}'", params, list(_parameters(cls)))
+    return cls(**params)
+
+
+def _loss_class(name: str) -> type[nn.Module]:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; available: {sorted(LOSSES)}")
+    return LOSSES[name]
+
+
+def _parameters(cls: type[nn.Module]) -> dict[str, inspect.Parameter]:
+    sig = inspect.signature(cls.__init__)
+    return {k: p for k, p in sig.parameters.items() if k != "self"}
+
+
+def _check_keys(what: str, given: Mapping[str, Any], valid: list[str]) -> None:
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise LossConfigError(f"unknown parameter(s) {unknown} for {what}; valid parameters: {sorted(valid)}")
+
+
+def _build_combined(name: str, params: Mapping[str, Any]) -> CombinedLoss:
+    names = [part.strip() for part in name.split("+")]
+    for part in names:
+        _loss_class(part)
+    if len(set(names)) != len(names):
+        raise ValueError(f"loss {name!r} repeats a component")
+    if "ce" in names:
+        raise ValueError(
+            f"loss {name!r}: 'ce' cannot be a component, every combination already has one CE term "
+            "(set its weight with weights={'ce': w})"
+        )
+    _check_keys(f"loss '{name}'", params, [*names, "weights"])
+    weights = params.get("weights") or {}
+    if not isinstance(weights, Mapping):
+        raise LossConfigError(f"weights of loss {name!r} must be a mapping, got {weights!r}")
+    _check_keys(f"the weights of loss '{name}'", weights, [*names, "ce"])
+    components = {}
+    for part in names:
+        sub = params.get(part) or {}
+        if not isinstance(sub, Mapping):
+            raise LossConfigError(f"parameters of component {part!r} must be a mapping, got {sub!r}")
+        components[part] = build_loss(part, **sub)
+    return CombinedLoss(components, {k: v for k, v in weights.items() if k != "ce"}, weights.get("ce", 1.0))

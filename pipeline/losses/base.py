@@ -1,0 +1,149 @@
+"""Shared skeleton of every distillation loss: input checks, dtype policy, CE term, output dict.
+
+A loss is ``ce_weight * CE(student, target) + distillation(student, teacher)``. Subclasses implement
+only :meth:`DistillationLoss.distill`, which returns the *weighted* distillation total and its
+*unweighted* named parts; :meth:`DistillationLoss.forward` adds the cross-entropy term and assembles
+the output. Keeping CE out of ``distill`` is what lets a combination (``dkd+cmkd``) count CE once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import compute_dtype
+
+__all__ = ["DistillationLoss", "LossConfigError", "check_bool", "check_choice", "check_int", "check_number"]
+
+
+class LossConfigError(TypeError, ValueError):
+    """A loss was configured with unknown or invalid parameters.
+
+    Subclasses both TypeError (what Python raises for an unexpected keyword) and ValueError (what a
+    config reader expects for a bad value), so callers may catch either.
+    """
+
+
+def check_number(
+    name: str, value: object, *, positive: bool = False, nonnegative: bool = False
+) -> float:
+    """Validate a finite real hyperparameter; bools are rejected (``T: true`` in YAML is a typo)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LossConfigError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise LossConfigError(f"{name} must be finite, got {value!r}")
+    if positive and value <= 0:
+        raise LossConfigError(f"{name} must be > 0, got {value!r}")
+    if nonnegative and value < 0:
+        raise LossConfigError(f"{name} must be >= 0, got {value!r}")
+    return value
+
+
+def check_int(name: str, value: object, *, minimum: int) -> int:
+    """Validate an integer hyperparameter ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LossConfigError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise LossConfigError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Validate a boolean switch."""
+    if not isinstance(value, bool):
+        raise LossConfigError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    """Validate a string option against its allowed values."""
+    if value not in choices:
+        raise LossConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return str(value)
+
+
+class DistillationLoss(nn.Module):
+    """Base class: ``loss = ce_weight * CE + distill(...)``.
+
+    ``forward(student_logits (B, C), teacher_logits (B, C), target (B,) int64, epoch=None)`` returns
+    ``{"loss": total (carries the graph), "ce": CE, **parts}``. All parts are detached scalars meant
+    for logging and are *unweighted* (e.g. ``kd`` is ``T^2 * KL`` before the ``b`` weight), so curves
+    stay comparable across weightings; only ``loss`` includes the weights.
+
+    Dtype policy: inputs are promoted to at least float32 before any math (float16/bfloat16 logits
+    are common when the teacher cache is stored in half precision); float64 stays float64.
+    The teacher logits are always detached: the teacher is a fixed target.
+    """
+
+    #: registry name, set by subclasses
+    name: ClassVar[str] = ""
+    #: whether :meth:`distill` accepts explicit comparison ``groups`` (CKD only)
+    accepts_groups: ClassVar[bool] = False
+    #: whether :meth:`distill` needs ``epoch`` (DKD's warm-up)
+    needs_epoch: ClassVar[bool] = False
+
+    def __init__(self, ce_weight: float, ce_param: str = "ce_weight") -> None:
+        super().__init__()
+        # ce_param: the subclass's own name for the CE weight (kd calls it ``a``), for error messages
+        self.ce_weight = check_number(ce_param, ce_weight, nonnegative=True)
+
+    def distill(
+        self, student: Tensor, teacher: Tensor, target: Tensor, epoch: float | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Return ``(weighted distillation total, unweighted named parts)``; no CE term.
+
+        ``student``/``teacher`` arrive promoted to the compute dtype, ``teacher`` detached.
+        """
+        raise NotImplementedError
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        target: Tensor,
+        epoch: float | None = None,
+    ) -> dict[str, Tensor]:
+        student, teacher, target = prepare_inputs(student_logits, teacher_logits, target)
+        total, parts = self.distill(student, teacher, target, epoch)
+        return assemble(student, target, self.ce_weight, total, parts)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+
+    def hparams(self) -> dict[str, object]:
+        """The constructor parameters, for logging."""
+        return {}
+
+
+def prepare_inputs(student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Check shapes, promote to the compute dtype, detach the teacher. Returns (student, teacher, target)."""
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be (B, C), got shape {tuple(student_logits.shape)}")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits shape {tuple(teacher_logits.shape)} != student_logits shape {tuple(student_logits.shape)}"
+        )
+    if target.shape != student_logits.shape[:1]:
+        raise ValueError(f"target must be (B,) = ({student_logits.shape[0]},), got shape {tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+    dtype = compute_dtype(student_logits.dtype)
+    student = student_logits.to(dtype)  # (B, C); .to keeps the graph back to a half-precision input
+    teacher = teacher_logits.detach().to(dtype)  # (B, C)
+    return student, teacher, target.long()
+
+
+def assemble(
+    student: Tensor, target: Tensor, ce_weight: float, distill_total: Tensor, parts: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """``{"loss": ce_weight * CE + distill_total, "ce": CE, **parts}`` with detached parts."""
+    ce = F.cross_entropy(student, target)  # scalar, batch mean
+    out = {"loss": ce_weight * ce + distill_total, "ce": ce.detach()}
+    for key, value in parts.items():
+        out[key] = value.detach()
+    return out

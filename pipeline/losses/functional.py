@@ -1,0 +1,121 @@
+"""Pure tensor math shared by the distillation losses.
+
+Every helper is stateless, works on any floating dtype it is given (the loss modules promote to at
+least float32 before calling them), and is written so that its gradient stays finite on the
+degenerate inputs a training run meets: constant rows (all-equal logits), one-hot-like softmaxes
+from huge logits, and two classes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "PEARSON_EPS",
+    "ZSCORE_EPS",
+    "compute_dtype",
+    "entropy",
+    "kl_div",
+    "kl_div_log",
+    "pearson",
+    "soft_rank",
+    "zscore",
+]
+
+#: Added to the product of norms in :func:`pearson`, as in the DIST reference code
+#: (``cosine_similarity(a, b, eps=1e-8)`` in hunto/DIST_KD); keeps constant vectors at correlation 0.
+PEARSON_EPS = 1e-8
+#: Added to the standard deviation in :func:`zscore`, as in logit standardization (Sun et al. 2024)
+#: and the CMKD spec (eps 1e-7).
+ZSCORE_EPS = 1e-7
+# Variance floor inside zscore's sqrt: only there so d sqrt(v)/dv stays finite at v = 0 (a constant row);
+# far below any real variance, so values are unchanged.
+_VAR_FLOOR = 1e-30
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype losses compute in: at least float32 (float16/bfloat16 are promoted, float64 kept)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def kl_div_log(log_p_teacher: Tensor, log_q_student: Tensor, dim: int = -1) -> Tensor:
+    """``KL(p || q) = sum_c p_c (log p_c - log q_c)`` along ``dim`` from log-probabilities.
+
+    Working from log-probabilities (never ``log(softmax)``) keeps the value finite when a probability
+    underflows: ``p_c = 0`` contributes exactly 0 (PyTorch's ``kl_div(log_target=True)`` evaluates
+    ``exp(log p) * (log p - log q)``), and ``log q_c`` stays finite where ``q_c`` would round to 0.
+    """
+    # (..., C) -> (...)
+    return F.kl_div(log_q_student, log_p_teacher, reduction="none", log_target=True).sum(dim)
+
+
+def kl_div(student_logits: Tensor, teacher_logits: Tensor, T: float, dim: int = -1) -> Tensor:
+    """Per-row ``KL(softmax(t/T) || softmax(s/T))`` (Hinton et al. 2015), NOT multiplied by ``T^2``.
+
+    Shapes: ``(..., C)`` -> ``(...)``. Invariant to adding a constant to a row of either input.
+    """
+    return kl_div_log(
+        F.log_softmax(teacher_logits / T, dim=dim),
+        F.log_softmax(student_logits / T, dim=dim),
+        dim=dim,
+    )
+
+
+def entropy(logits: Tensor, T: float = 1.0, dim: int = -1) -> Tensor:
+    """Shannon entropy (nats) of ``softmax(logits/T)`` along ``dim``: ``-sum_c p_c log p_c``.
+
+    Shapes: ``(..., C)`` -> ``(...)``. Uses ``xlogy``-style evaluation through log_softmax so a
+    probability that underflows to 0 contributes 0, not NaN.
+    """
+    log_p = F.log_softmax(logits / T, dim=dim)
+    return -(log_p.exp() * log_p).sum(dim)
+
+
+def pearson(a: Tensor, b: Tensor, dim: int = -1, eps: float = PEARSON_EPS) -> Tensor:
+    """Pearson correlation of ``a`` and ``b`` along ``dim``.
+
+    ``r = <a - mean(a), b - mean(b)> / (||a - mean(a)|| * ||b - mean(b)|| + eps)``, the form of the
+    DIST reference implementation (Huang et al. 2022). The ``eps`` makes a constant vector
+    correlate 0 with anything instead of 0/0; for vectors with non-negligible spread it is
+    invisible. Invariant to positive affine maps of either argument, sign-flipped by negative ones.
+
+    Shapes: ``a, b (..., n, ...)`` -> the shape with ``dim`` removed.
+    """
+    a_c = a - a.mean(dim, keepdim=True)
+    b_c = b - b.mean(dim, keepdim=True)
+    # vector_norm's gradient at the zero vector is 0 (not NaN), so constant inputs stay safe.
+    denom = torch.linalg.vector_norm(a_c, dim=dim) * torch.linalg.vector_norm(b_c, dim=dim) + eps
+    return (a_c * b_c).sum(dim) / denom
+
+
+def zscore(z: Tensor, dim: int = -1, eps: float = ZSCORE_EPS) -> Tensor:
+    """Standardize along ``dim``: ``(z - mean) / (std + eps)`` with the unbiased std (``torch.std``).
+
+    This is logit standardization (Sun et al., CVPR 2024) as used by CMKD (Niu et al. 2024): it
+    removes each sample's logit scale before a temperature softmax or a soft ranking. A constant
+    row maps to all zeros. Shapes preserved.
+    """
+    n = z.shape[dim]
+    z_c = z - z.mean(dim, keepdim=True)
+    # Unbiased variance written out (not torch.std) so the sqrt can be floored: torch.std's
+    # backward is NaN at zero spread, and ties (all-equal logits) are a case we must survive.
+    var = (z_c * z_c).sum(dim, keepdim=True) / max(n - 1, 1)
+    return z_c / (var.clamp_min(_VAR_FLOOR).sqrt() + eps)
+
+
+def soft_rank(values: Tensor, regularization: str = "l2", regularization_strength: float = 1.0) -> Tensor:
+    """Differentiable ranks along the last dim (Blondel et al., ICML 2020, via ``torchsort``).
+
+    ``soft_rank(theta)`` is the projection of ``theta / strength`` onto the permutahedron of
+    ``(1, ..., n)`` (``l2``) or its KL analogue (``kl``); as ``strength -> 0`` it tends to the hard
+    ascending ranks 1..n (largest value -> n). Shapes: ``(B, n)`` -> ``(B, n)``.
+
+    torchsort's CPU kernel handles float32/float64 only, so lower precisions are promoted.
+    """
+    import torchsort  # local import: only CMKD needs the compiled extension
+
+    if values.dtype not in (torch.float32, torch.float64):
+        values = values.float()
+    return torchsort.soft_rank(values, regularization=regularization, regularization_strength=regularization_strength)

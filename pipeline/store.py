@@ -1,0 +1,466 @@
+"""The logit store: a Zarr v3 group of raw teacher logits, written once, trusted downstream.
+
+Layout (one group per teacher, one sub-group per split)::
+
+    <teacher>.zarr/                 attrs: schema, teacher, dataset, dtype, library, created, complete
+      <split>/                      attrs: n, num_classes, views, view_recipe, shard_rows, teacher_calls
+        logits      (N, V, C)       raw logits (never softmaxed), float16 | float32      [dense layout]
+        topk_values (N, V, k)       raw logits of the k largest classes                    [top-k layout]
+        topk_indices(N, V, k)       their class ids (smallest unsigned int that fits C)
+        tail_mass   (N, V)          softmax(z)[classes outside the top k].sum()  (T = 1)
+        queried     (N, V) bool     which sample-views the teacher actually saw (budget mode)
+        done        (S,) bool       per store shard: written completely (resume + concurrent writers)
+
+Row `i` is sample `i` of the split's manifest. A store shard covers exactly one WebDataset shard's
+index range, so one tar shard's logits are one contiguous (and one-file) read. Unqueried rows hold
+NaN. Writing happens in `<teacher>.zarr.partial/`, renamed into place only when every shard is done:
+a partial output is never taken for a finished one. Writers own whole store shards, so any number of
+processes (dask workers) can fill disjoint shards of one store safely.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from pipeline.shards import Manifest
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+FLOAT16_MAX = 65504.0
+COMPRESSORS = ("blosc-zstd", "zstd", "none")
+
+
+class StoreError(ValueError):
+    """A logit store that cannot be used as asked (mismatch, incomplete, corrupt)."""
+
+
+def library_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdcache")
+    except PackageNotFoundError:  # running from a source tree without install
+        return "0+unknown"
+
+
+def _compressors(name: str) -> Any:
+    if name == "blosc-zstd":
+        # Byte shuffle groups the float16 exponent bytes together: ~2x smaller than plain zstd (BENCHMARKS.md).
+        return (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),)
+    if name == "zstd":
+        return (ZstdCodec(level=3),)
+    if name == "none":
+        return None
+    raise StoreError(f"unknown store compressor '{name}'; available: {list(COMPRESSORS)}")
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    """The smallest unsigned integer dtype that holds class ids < num_classes."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_classes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Shape of one split's arrays."""
+
+    n: int
+    num_classes: int
+    views: int
+    shard_rows: int  # rows per store shard == rows per WebDataset shard
+    view_recipe: dict[str, Any]
+
+    @property
+    def num_shards(self) -> int:
+        return (self.n + self.shard_rows - 1) // self.shard_rows
+
+    def shard_range(self, j: int) -> tuple[int, int]:
+        return j * self.shard_rows, min((j + 1) * self.shard_rows, self.n)
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Everything that identifies a store's content: two writers with equal specs write equal stores."""
+
+    teacher: dict[str, Any]  # name, arch, weights_sha256
+    dataset: dict[str, Any]  # name, manifest_sha256
+    splits: dict[str, SplitSpec]
+    dtype: str = "float16"
+    topk: int = 0
+    compressor: str = "blosc-zstd"
+    chunk_rows: int = 1000
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. budget selection recipe
+
+    def identity(self) -> dict[str, Any]:
+        """The attrs a resumed run must agree on."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "teacher": self.teacher,
+            "dataset": self.dataset,
+            "dtype": self.dtype,
+            "topk": self.topk,
+            "extra": self.extra,
+            "splits": {k: _split_attrs(s) for k, s in self.splits.items()},
+        }
+
+
+def _split_attrs(s: SplitSpec) -> dict[str, Any]:
+    return {
+        "n": s.n,
+        "num_classes": s.num_classes,
+        "views": s.views,
+        "shard_rows": s.shard_rows,
+        "view_recipe": s.view_recipe,
+    }
+
+
+def partial_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+class StoreWriter:
+    """Create or resume `<path>.partial`, fill whole shards, then finalize (rename) into `<path>`.
+
+    Resuming requires the partial store's identity (teacher weights hash, manifest hash, shapes,
+    dtype, layout) to equal `spec`'s; anything else is an error rather than a silent mix.
+    """
+
+    def __init__(self, path: str | Path, spec: StoreSpec, *, force: bool = False, create: bool = True) -> None:
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+        self.spec = spec
+        if spec.dtype not in ("float16", "float32"):
+            raise StoreError(f"store dtype must be float16 or float32, got '{spec.dtype}'")
+        if self.path.exists():
+            if not force:
+                raise StoreError(f"{self.path} already exists; pass --force to overwrite it (or delete it)")
+            shutil.rmtree(self.path)
+        if self.partial.exists():
+            if force and create:
+                shutil.rmtree(self.partial)
+            else:
+                self._check_resumable()
+        if not self.partial.exists():
+            if not create:
+                raise StoreError(f"no partial store at {self.partial} to write into; the driver creates it first")
+            self._create()
+        self.group = zarr.open_group(str(self.partial), mode="r+")
+
+    def _check_resumable(self) -> None:
+        try:
+            g = zarr.open_group(str(self.partial), mode="r")
+            found = g.attrs.get("identity")
+        except Exception as e:  # not a zarr group at all
+            raise StoreError(f"{self.partial} is not a kdcache partial store ({e}); delete it or pass --force") from e
+        want = _jsonable(self.spec.identity())
+        if found != want:
+            diff = sorted(k for k in set(want) | set(found or {}) if (found or {}).get(k) != want.get(k))
+            raise StoreError(
+                f"{self.partial} holds a partial store of a different run (differs in {diff}); "
+                "delete it or pass --force to start over"
+            )
+        log.info("resuming partial store %s", self.partial)
+
+    def _create(self) -> None:
+        spec = self.spec
+        tmp = self.partial.with_name(self.partial.name + ".creating")
+        shutil.rmtree(tmp, ignore_errors=True)
+        root = zarr.open_group(str(tmp), mode="w")
+        compressors = _compressors(spec.compressor)
+        for name, s in spec.splits.items():
+            g = root.create_group(name)
+            rows = max(1, min(spec.chunk_rows, s.shard_rows))
+            if s.shard_rows % rows:
+                raise StoreError(f"chunk_rows {rows} must divide the shard size {s.shard_rows}")
+            v, c, k = s.views, s.num_classes, spec.topk
+            n = s.n
+
+            def arr(key: str, shape: tuple[int, ...], dtype: Any, fill: Any, g=g, rows=rows) -> None:
+                tail = shape[1:]
+                g.create_array(
+                    key,
+                    shape=shape,
+                    dtype=dtype,
+                    chunks=(rows, *tail),
+                    shards=(s.shard_rows, *tail),
+                    compressors=compressors,
+                    fill_value=fill,
+                )
+
+            if k:
+                if k >= c:
+                    raise StoreError(f"store.topk={k} must be smaller than the number of classes {c}")
+                arr("topk_values", (n, v, k), spec.dtype, np.nan)
+                arr("topk_indices", (n, v, k), index_dtype(c), 0)
+                arr("tail_mass", (n, v), "float32", np.nan)
+            else:
+                arr("logits", (n, v, c), spec.dtype, np.nan)
+            arr("queried", (n, v), "bool", False)
+            # One chunk per shard flag so concurrent writers never share a file.
+            g.create_array("done", shape=(s.num_shards,), dtype="bool", chunks=(1,), fill_value=False)
+            g.attrs.update({"split": name, **_split_attrs(s), "teacher_calls": 0})
+        root.attrs.update(
+            {
+                "identity": _jsonable(spec.identity()),
+                "schema_version": SCHEMA_VERSION,
+                "teacher": spec.teacher,
+                "dataset": spec.dataset,
+                "dtype": spec.dtype,
+                "topk": spec.topk,
+                "compressor": spec.compressor,
+                "library": library_version(),
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "complete": False,
+                **spec.extra,
+            }
+        )
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, self.partial)  # a half-created skeleton is never mistaken for a resumable one
+
+    def pending(self, split: str) -> list[int]:
+        """Store shard indices of `split` not yet written completely."""
+        done = self.group[split]["done"][:]
+        return [int(j) for j in np.flatnonzero(~done)]
+
+    def write_shard(
+        self, split: str, j: int, logits: np.ndarray, queried: np.ndarray | None = None, keys: list[str] | None = None
+    ) -> None:
+        """Write store shard `j` of `split` whole, then mark it done.
+
+        logits: (n_j, V, C) float32 raw logits for the shard's rows (NaN where not queried);
+        queried: (n_j, V) bool (default: all True); keys name rows in error messages.
+        """
+        s = self.spec.splits[split]
+        start, stop = s.shard_range(j)
+        n = stop - start
+        if logits.shape != (n, s.views, s.num_classes):
+            raise StoreError(
+                f"shard {j} of {split}: logits shape {logits.shape} != expected {(n, s.views, s.num_classes)}"
+            )
+        if queried is None:
+            queried = np.ones((n, s.views), dtype=bool)
+        bad = queried & ~np.isfinite(logits).all(-1)  # (n, V)
+        if bad.any():
+            rows = np.flatnonzero(bad.any(1))[:5] + start
+            names = [keys[r - start] for r in rows] if keys else [int(r) for r in rows]
+            raise StoreError(
+                f"teacher produced NaN/Inf logits for {int(bad.sum())} queried sample-view(s) of {split}, "
+                f"e.g. samples {names}; refusing to cache them (check the teacher and its inputs)"
+            )
+        if self.spec.dtype == "float16" and np.abs(np.where(queried[..., None], logits, 0)).max(initial=0) > FLOAT16_MAX:
+            raise StoreError(f"logits in shard {j} of {split} exceed float16's range; set teach.dtype: float32")
+        logits = np.where(queried[..., None], logits, np.nan).astype(np.float32)
+        g = self.group[split]
+        if self.spec.topk:
+            values, indices, tail = topk_compress(logits, self.spec.topk)
+            g["topk_values"][start:stop] = values.astype(self.spec.dtype)
+            g["topk_indices"][start:stop] = indices.astype(g["topk_indices"].dtype)
+            g["tail_mass"][start:stop] = tail
+        else:
+            g["logits"][start:stop] = logits.astype(self.spec.dtype)
+        g["queried"][start:stop] = queried
+        g["done"][j] = True  # last: a shard killed mid-write stays pending and is redone
+
+    def finalize(self, extra_attrs: dict[str, Any] | None = None) -> Path:
+        """Check every shard is done, record call counts, and atomically move into place."""
+        calls = {}
+        for split in self.spec.splits:
+            missing = self.pending(split)
+            if missing:
+                raise StoreError(f"cannot finalize {self.partial}: split {split} shards {missing[:10]} are not written")
+            g = self.group[split]
+            calls[split] = int(g["queried"][:].sum())
+            g.attrs["teacher_calls"] = calls[split]
+        self.group.attrs.update(
+            {
+                "teacher_calls": calls,
+                "complete": True,
+                "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                **(extra_attrs or {}),
+            }
+        )
+        os.replace(self.partial, self.path)
+        log.info("store complete: %s (teacher calls %s)", self.path, calls)
+        return self.path
+
+
+def _jsonable(x: Any) -> Any:
+    """Round-trip through JSON types so comparisons with stored attrs are exact."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# top-k layout
+
+
+def topk_compress(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(n, V, C) logits -> top-k values (n, V, k), indices (n, V, k), tail mass (n, V) at T = 1."""
+    idx = np.argsort(-np.nan_to_num(logits, nan=-np.inf), axis=-1, kind="stable")[..., :k]
+    vals = np.take_along_axis(logits, idx, -1)
+    z = logits - np.nanmax(logits, axis=-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(-1, keepdims=True)
+    tail = np.clip(1.0 - np.take_along_axis(p, idx, -1).sum(-1), 0.0, 1.0)
+    return vals, idx, tail.astype(np.float32)
+
+
+def topk_expand(values: np.ndarray, indices: np.ndarray, tail: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rebuild dense logits (n, V, C) from the top-k layout.
+
+    The k stored logits are exact. The tail mass is spread evenly over the other C-k classes: with
+    Z the softmax normaliser recovered from sum_topk exp(z_i) = (1 - tail) * Z, every tail class
+    gets logit log(tail / (C - k) * Z). The softmax at T = 1 is then exact on the top k and uniform
+    in the tail; rank-based losses see the tail as ties.
+    """
+    values = values.astype(np.float32)
+    k = values.shape[-1]
+    m = values.max(-1, keepdims=True)  # (n, V, 1) stabiliser
+    log_top = np.log(np.exp(values - m).sum(-1))  # (n, V): log sum_topk exp(z - m)
+    log_z = log_top - np.log(np.clip(1.0 - tail, 1e-12, None))  # log Z - m
+    tail_logit = np.log(np.clip(tail, 1e-30, None) / (num_classes - k)) + log_z  # (n, V), minus m
+    out = np.broadcast_to((tail_logit[..., None] + m), (*values.shape[:-1], num_classes)).copy()
+    np.put_along_axis(out, indices.astype(np.int64), values, -1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+class LogitStore:
+    """Read-only view of one split of a complete store, checked against the data set it joins."""
+
+    def __init__(self, path: str | Path, split: str = "train", manifest: Manifest | None = None) -> None:
+        self.path = Path(path)
+        if self.path.name.endswith(PARTIAL_SUFFIX):
+            raise StoreError(f"{self.path} is a partial store (an unfinished teach run); re-run teach to complete it")
+        if not self.path.exists():
+            hint = " (a partial run exists: re-run teach to resume it)" if partial_path(self.path).exists() else ""
+            raise StoreError(f"no logit store at {self.path}{hint}; run `dvc repro teach@<teacher>` first")
+        try:
+            root = zarr.open_group(str(self.path), mode="r")
+            attrs = dict(root.attrs)
+        except Exception as e:
+            raise StoreError(f"{self.path} is not a Zarr group ({e}); is it a kdcache logit store?") from e
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {attrs.get('schema_version')!r}, this kdcache reads {SCHEMA_VERSION}"
+            )
+        if not attrs.get("complete"):
+            raise StoreError(f"{self.path} is marked incomplete; re-run teach to finish it")
+        if split not in root:
+            raise StoreError(f"{self.path} has no split '{split}'; splits: {sorted(k for k, _ in root.groups())}")
+        self.root = root
+        self.attrs = attrs
+        self.split = split
+        self.group = root[split]
+        sa = dict(self.group.attrs)
+        self.n: int = sa["n"]
+        self.num_classes: int = sa["num_classes"]
+        self.views: int = sa["views"]
+        self.shard_rows: int = sa["shard_rows"]
+        self.view_recipe: dict[str, Any] = sa["view_recipe"]
+        self.teacher_calls: int = sa.get("teacher_calls", 0)
+        self.topk: int = attrs.get("topk", 0)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        if manifest is not None:
+            self.check(manifest)
+
+    @property
+    def teacher(self) -> dict[str, Any]:
+        return self.attrs["teacher"]
+
+    def check(self, manifest: Manifest) -> None:
+        """Refuse to join with shards of another data set (hash, N, C, shard size): name both sides."""
+        ours = self.attrs["dataset"]
+        theirs = {"name": manifest.dataset, "manifest_sha256": manifest.sha256}
+        problems = []
+        if ours.get("manifest_sha256") != manifest.sha256:
+            problems.append(f"manifest sha256 {ours.get('manifest_sha256', '?')[:12]} != {manifest.sha256[:12]}")
+        split = manifest.split(self.split)
+        if self.n != split.n:
+            problems.append(f"N {self.n} != {split.n}")
+        if self.num_classes != manifest.num_classes:
+            problems.append(f"C {self.num_classes} != {manifest.num_classes}")
+        if self.shard_rows != manifest.shard_size:
+            problems.append(f"shard rows {self.shard_rows} != {manifest.shard_size}")
+        if problems:
+            raise StoreError(
+                f"logit store {self.path} (data set {ours}) does not match shards {manifest.root} ({theirs}): "
+                + "; ".join(problems)
+                + ". Re-run `dvc repro teach@<teacher>` on these shards."
+            )
+
+    def _dense(self, start: int, stop: int) -> np.ndarray:
+        if self.topk:
+            g = self.group
+            return topk_expand(
+                g["topk_values"][start:stop], g["topk_indices"][start:stop], g["tail_mass"][start:stop], self.num_classes
+            )
+        return self.group["logits"][start:stop].astype(np.float32)
+
+    def read_block(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as dense float32 logits (n, V, C); NaN where not queried."""
+        if not 0 <= start <= stop <= self.n:
+            raise IndexError(f"rows [{start}, {stop}) outside [0, {self.n}) of {self.path}/{self.split}")
+        return self._dense(start, stop)
+
+    def queried(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(n, V) bool: which sample-views the teacher saw."""
+        return self.group["queried"][start : self.n if stop is None else stop]
+
+    def read_rows(self, rows: np.ndarray, cache_shards: int = 4) -> np.ndarray:
+        """Random rows (B,) -> (B, V, C) float32, reading whole store shards and indexing in numpy.
+
+        zarr's per-element fancy indexing decodes a chunk per request; decoding each shard once and
+        keeping a few in an LRU makes random batches ~100x faster (BENCHMARKS.md).
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.views, self.num_classes), dtype=np.float32)
+        shard = rows // self.shard_rows
+        for j in np.unique(shard):
+            block = self._cache.get(int(j))
+            if block is None:
+                start = int(j) * self.shard_rows
+                block = self._dense(start, min(start + self.shard_rows, self.n))
+                self._cache[int(j)] = block
+                if len(self._cache) > cache_shards:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(int(j))
+            sel = shard == j
+            out[sel] = block[rows[sel] - int(j) * self.shard_rows]
+        return out
+
+    def read_all(self) -> np.ndarray:
+        return self.read_block(0, self.n)
+
+
+def open_store(path: str | Path, split: str = "train", manifest: Manifest | None = None) -> LogitStore:
+    return LogitStore(path, split=split, manifest=manifest)

@@ -1,0 +1,187 @@
+"""Run a teacher once over the shards and cache its raw logits (the `teach` stage's library side).
+
+Work is organised by store shard (== WebDataset shard): read + decode a tar, run the teacher on each
+cached view of the selected sample-views, write the block, mark it done. Decoding the next shard
+and compressing/writing the previous one run in background threads, so the teacher's forward pass
+is the only thing on the critical path (torch, zlib and blosc release the GIL).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.budget import query_mask
+from pipeline.shards import Manifest, iter_shard, sample_key
+from pipeline.store import SplitSpec, StoreSpec, StoreWriter
+from pipeline.views import ViewRecipe, to_tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardBatch:
+    split: str
+    index: int  # store shard index
+    start: int
+    images: np.ndarray  # (n, H, W, C) uint8
+    keys: list[str]
+
+
+def read_shard(manifest: Manifest, split: str, j: int) -> ShardBatch:
+    """Decode tar shard `j` of `split` and check its keys are exactly its manifest index range."""
+    info = manifest.split(split).shards[j]
+    keys, images = [], []
+    for key, img, _ in iter_shard(manifest.root / info.path):
+        keys.append(key)
+        images.append(img)
+    expected = [sample_key(i) for i in range(info.start, info.stop)]
+    if keys != expected:
+        raise ValueError(
+            f"shard {manifest.root / info.path} holds keys {keys[:3]}...{keys[-1:]} but the manifest says "
+            f"{expected[:3]}...{expected[-1:]}; the shards were modified: re-run `dvc repro prepare`"
+        )
+    return ShardBatch(split, j, info.start, np.stack(images), keys)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
+    """Teacher forward over uint8 images (n, H, W, C) -> float32 logits (n, C)."""
+    outs = []
+    for i in range(0, len(images), batch_size):
+        x = to_tensor(images[i : i + batch_size]).to(device, non_blocking=True)
+        outs.append(model(x).float().cpu())
+    return torch.cat(outs).numpy() if outs else np.zeros((0, 0), dtype=np.float32)
+
+
+def shard_logits(
+    model: nn.Module | Callable[[np.ndarray], np.ndarray],
+    batch: ShardBatch,
+    recipe: ViewRecipe,
+    queried: np.ndarray,
+    num_classes: int,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
+    """Logits (n, V, C) for one shard: view v of each queried row, NaN elsewhere."""
+    n = len(batch.images)
+    out = np.full((n, recipe.views, num_classes), np.nan, dtype=np.float32)
+    index = np.arange(batch.start, batch.start + n)
+    for v in range(recipe.views):
+        sel = np.flatnonzero(queried[:, v])
+        if len(sel) == 0:
+            continue
+        imgs = recipe.apply(batch.images[sel], index[sel], np.full(len(sel), v))
+        logits = predict(model, imgs, batch_size, device) if isinstance(model, nn.Module) else model(imgs)
+        if logits.shape != (len(sel), num_classes):
+            raise ValueError(
+                f"teacher returned logits of shape {logits.shape}, expected {(len(sel), num_classes)}: "
+                "does its number of classes match the data set's?"
+            )
+        out[sel, v] = logits
+    return out
+
+
+def build_spec(
+    manifest: Manifest,
+    teacher: dict[str, Any],
+    splits: dict[str, ViewRecipe],
+    *,
+    dtype: str,
+    topk: int,
+    compressor: str,
+    chunk_rows: int,
+    budget: dict[str, Any],
+) -> StoreSpec:
+    """The store's identity for this teacher x data set x view recipe x budget."""
+    return StoreSpec(
+        teacher=teacher,
+        dataset={"name": manifest.dataset, "manifest_sha256": manifest.sha256},
+        splits={
+            name: SplitSpec(
+                n=manifest.split(name).n,
+                num_classes=manifest.num_classes,
+                views=recipe.views,
+                shard_rows=manifest.shard_size,
+                view_recipe=recipe.to_dict(),
+            )
+            for name, recipe in splits.items()
+        },
+        dtype=dtype,
+        topk=topk,
+        compressor=compressor,
+        chunk_rows=min(chunk_rows, manifest.shard_size),
+        extra={"budget": budget},
+    )
+
+
+def query_masks(manifest: Manifest, spec: StoreSpec, budget: dict[str, Any]) -> dict[str, np.ndarray]:
+    """(N, V) query mask per split. The budget applies to the train split; other splits are fully queried."""
+    masks = {}
+    for split, s in spec.splits.items():
+        if split == "train" and budget.get("n") not in (None, "full"):
+            labels = manifest.iter_labels(split)
+            masks[split] = query_mask(labels, s.views, budget["n"], budget["strategy"], budget["seed"])
+        else:
+            masks[split] = np.ones((s.n, s.views), dtype=bool)
+    return masks
+
+
+def run_teach(
+    manifest: Manifest,
+    model: nn.Module | Callable[[np.ndarray], np.ndarray],
+    out: str | Path,
+    spec: StoreSpec,
+    recipes: dict[str, ViewRecipe],
+    *,
+    batch_size: int = 512,
+    device: torch.device | None = None,
+    force: bool = False,
+    shards: Iterable[tuple[str, int]] | None = None,
+    finalize: bool = True,
+) -> StoreWriter:
+    """Fill the store at `out` (resuming a partial one) and finalize it.
+
+    `shards` restricts the work to given (split, shard) pairs (dask tasks); `finalize=False` leaves
+    the partial store for a driver that finalizes after all tasks are done.
+    """
+    device = device or torch.device("cpu")
+    if isinstance(model, nn.Module):
+        model.eval().to(device)
+    writer = StoreWriter(out, spec, force=force, create=shards is None)
+    masks = query_masks(manifest, spec, spec.extra.get("budget", {}))
+    todo = list(shards) if shards is not None else [(s, j) for s in spec.splits for j in writer.pending(s)]
+    total = sum(spec.splits[s].num_shards for s in spec.splits)
+    if not todo:
+        log.info("all %d shards already cached in %s", total, writer.partial)
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") as reader, ThreadPoolExecutor(1) as wpool:
+        nxt: Future | None = reader.submit(read_shard, manifest, *todo[0]) if todo else None
+        pending_write: Future | None = None
+        bar = tqdm(total=len(todo), desc=f"teach {spec.teacher.get('name', '')}", unit="shard", disable=None)
+        for k, (split, j) in enumerate(todo):
+            batch = nxt.result()
+            nxt = reader.submit(read_shard, manifest, *todo[k + 1]) if k + 1 < len(todo) else None
+            s = spec.splits[split]
+            start, stop = s.shard_range(j)
+            logits = shard_logits(
+                model, batch, recipes[split], masks[split][start:stop], s.num_classes, batch_size, device
+            )
+            if pending_write is not None:
+                pending_write.result()  # surface write errors; keep at most one write in flight
+            pending_write = wpool.submit(writer.write_shard, split, j, logits, masks[split][start:stop], batch.keys)
+            bar.update(1)
+        if pending_write is not None:
+            pending_write.result()
+        bar.close()
+    if finalize:
+        writer.finalize()
+    return writer

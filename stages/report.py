@@ -1,0 +1,33 @@
+"""DVC stage `report`: gather metrics/*.json into reports/report.md and PNG charts.
+
+    python -m stages.report [--metrics metrics] [--teachers data/teachers] [--out reports]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pipeline.config import ReportConfig, from_dict, load_params, section
+from pipeline.report import build_report
+from pipeline.runtime import setup_logging
+
+log = logging.getLogger("stages.report")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m stages.report", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--metrics", default="metrics")
+    ap.add_argument("--teachers", default="data/teachers")
+    ap.add_argument("--out", default="reports")
+    args = ap.parse_args(argv)
+    setup_logging()
+    cfg = from_dict(ReportConfig, section(load_params(args.params), "report"), "report")
+    path = build_report(Path(args.metrics), Path(args.teachers), Path(args.out), title=cfg.title)
+    log.info("report written to %s", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Shared fixtures: tiny data sets in temp dirs, in the same formats the pipeline uses for real data."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.shards import Manifest, write_dataset
+from pipeline.sources import load_split
+
+ROOT = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(1)  # the CI machine has 2 cores; tests must not fight over them
+
+# params.yaml for a tiny end-to-end run: synthetic 16x16 images, 2 tiny teachers, one epoch.
+TINY_PARAMS: dict = {
+    "prepare": {
+        "name": "tiny",
+        "source": "synthetic",
+        "root": "unused",
+        "options": {"n": 256, "size": 16, "channels": 1, "num_classes": 4, "seed": 0},
+        "shard_size": 64,
+        "splits": ["train", "test"],
+        "limit": None,
+        "shuffle_seed": 0,
+    },
+    "teachers": {
+        "small": {"arch": "cnn_tiny", "epochs": 1, "lr": 0.05, "batch_size": 32},
+    },
+    "train_teacher": {"train": {"workers": 0, "shuffle_buffer": 64, "seed": 0, "threads": 1}},
+    "teach": {
+        "views": 2,
+        "test_views": 1,
+        "view_seed": 0,
+        "augment": {"pad": 2, "flip": True},
+        "dtype": "float16",
+        "batch_size": 64,
+        "chunk_rows": 32,
+        "compressor": "blosc-zstd",
+        "topk": 0,
+        "budget": None,
+        "strategy": "random",
+        "budget_seed": 0,
+        "threads": 1,
+    },
+    "distill": {
+        "teachers": ["small"],
+        "losses": ["ce", "kd"],
+        "budgets": ["full"],
+        "seeds": [0],
+        "student": "cnn_tiny",
+        "unqueried": "drop",
+        "teacher_source": "cache",
+        "train": {"epochs": 1, "batch_size": 32, "workers": 0, "shuffle_buffer": 64, "threads": 1},
+        "loss_params": {
+            "ce": {},
+            "kd": {"T": 4.0, "a": 0.1, "b": 0.9},
+            "dkd": {"alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup": 1},
+            "dist": {"beta": 1.0, "gamma": 1.0, "T": 4.0, "w": 2.0},
+            "cmkd": {"T": 4.0, "scale": 4.0},
+            "ckd": {"T": 4.0},
+        },
+    },
+    "evaluate": {"batch_size": 128, "topk": [1, 2]},
+    "report": {"title": "tiny"},
+}
+
+
+def tiny_params(**overrides: dict) -> dict:
+    """A deep copy of TINY_PARAMS with per-section overrides merged in (one level deep)."""
+    p = copy.deepcopy(TINY_PARAMS)
+    for sec, vals in overrides.items():
+        if isinstance(vals, dict) and isinstance(p.get(sec), dict):
+            p[sec].update(vals)
+        else:
+            p[sec] = vals
+    return p
+
+
+def make_project(root: Path, params: dict | None = None) -> Path:
+    """A runnable kdcache project folder: dvc.yaml + params.yaml (tiny); stages run from it as cwd."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(), sort_keys=False))
+    return root
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """cwd = a fresh tiny project."""
+    make_project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def synthetic_splits(n_train: int = 256, n_test: int = 96, size: int = 16, channels: int = 1, classes: int = 4):
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        d = load_split("synthetic", None, split, n=n, size=size, channels=channels, num_classes=classes, seed=0)
+        out[split] = (d.images, d.labels)
+    return out, [f"class_{k}" for k in range(classes)]
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    """A prepared tiny data set (read-only: tests that modify shards make their own)."""
+    splits, classes = synthetic_splits()
+    return write_dataset(tmp_path_factory.mktemp("shards") / "tiny", "tiny", splits, classes, shard_size=64)
+
+
+@pytest.fixture
+def fresh_manifest(tmp_path: Path) -> Manifest:
+    splits, classes = synthetic_splits()
+    return write_dataset(tmp_path / "shards", "tiny", splits, classes, shard_size=64)
+
+
+def linear_teacher(manifest: Manifest, seed: int = 0) -> torch.nn.Module:
+    """A deterministic small teacher for store tests (no training needed)."""
+    from pipeline import modelio
+
+    torch.manual_seed(seed)
+    return modelio.build_for("cnn_tiny", manifest).eval()
+
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+np.set_printoptions(precision=4)

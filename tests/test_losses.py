@@ -1,0 +1,545 @@
+"""Golden-value, behaviour and error tests for pipeline.losses.
+
+The golden references below are deliberately naive: Python loops over samples and classes, float64
+via the ``math`` module, written from the papers' formulas and sharing no code with the package.
+The package computes in float32 on float32 inputs; agreement is required to 1e-5.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.losses import LOSSES, CombinedLoss, LossConfigError, build_loss
+
+RTOL = ATOL = 1e-5
+SHAPES_T = [(4, 5, 1.0), (7, 3, 2.5), (16, 10, 4.0), (32, 100, 4.0)]
+
+
+# --------------------------------------------------------------------------------------------------
+# naive float64 references
+# --------------------------------------------------------------------------------------------------
+
+
+def rows(x: torch.Tensor) -> list[list[float]]:
+    return [[float(v) for v in row] for row in x.detach().double().tolist()]
+
+
+def n_softmax(z: list[float], T: float = 1.0) -> list[float]:
+    m = max(v / T for v in z)
+    e = [math.exp(v / T - m) for v in z]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def n_log_softmax(z: list[float], T: float = 1.0) -> list[float]:
+    m = max(v / T for v in z)
+    lse = m + math.log(sum(math.exp(v / T - m) for v in z))
+    return [v / T - lse for v in z]
+
+
+def n_kl(p_logits: list[float], q_logits: list[float], T: float) -> float:
+    """KL(softmax(p/T) || softmax(q/T))."""
+    lp, lq = n_log_softmax(p_logits, T), n_log_softmax(q_logits, T)
+    return sum(math.exp(a) * (a - b) for a, b in zip(lp, lq))
+
+
+def n_ce(S: list[list[float]], y: list[int]) -> float:
+    return sum(-n_log_softmax(s)[yi] for s, yi in zip(S, y)) / len(S)
+
+
+def n_mean(v: list[float]) -> float:
+    return sum(v) / len(v)
+
+
+def n_pearson(a: list[float], b: list[float], eps: float = 1e-8) -> float:
+    ma, mb = n_mean(a), n_mean(b)
+    ca, cb = [x - ma for x in a], [x - mb for x in b]
+    num = sum(x * y for x, y in zip(ca, cb))
+    return num / (math.sqrt(sum(x * x for x in ca)) * math.sqrt(sum(y * y for y in cb)) + eps)
+
+
+def n_zscore(z: list[float], eps: float = 1e-7) -> list[float]:
+    m = n_mean(z)
+    std = math.sqrt(sum((v - m) ** 2 for v in z) / (len(z) - 1))
+    return [(v - m) / (std + eps) for v in z]
+
+
+def n_entropy(z: list[float]) -> float:
+    return -sum(p * math.log(p) for p in n_softmax(z) if p > 0)
+
+
+def n_isotonic_decreasing(y: list[float]) -> list[float]:
+    """Pool-adjacent-violators: argmin ||v - y||^2 subject to v_1 >= v_2 >= ... >= v_n."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for value in y:
+        blocks.append([value, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
+            s, c = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += c
+    out: list[float] = []
+    for s, c in blocks:
+        out.extend([s / c] * int(c))
+    return out
+
+
+def n_soft_rank(x: list[float], strength: float) -> list[float]:
+    """Blondel et al. 2020, l2: Euclidean projection of x/strength onto the permutahedron of (1..n).
+
+    Sort theta descending (s), solve the isotonic problem on s - (n, ..., 1), primal = s - dual.
+    """
+    n = len(x)
+    theta = [v / strength for v in x]
+    order = sorted(range(n), key=lambda i: -theta[i])
+    s = [theta[i] for i in order]
+    w = [float(n - j) for j in range(n)]
+    dual = n_isotonic_decreasing([a - b for a, b in zip(s, w)])
+    ranks = [0.0] * n
+    for j, i in enumerate(order):
+        ranks[i] = s[j] - dual[j]
+    return ranks
+
+
+def ref_kd(S, Tt, y, T, a, b):
+    kd = T * T * n_mean([n_kl(t, s, T) for s, t in zip(S, Tt)])
+    return {"loss": a * n_ce(S, y) + b * kd, "ce": n_ce(S, y), "kd": kd}
+
+
+def ref_dkd_parts(S, Tt, y, T):
+    tckd, nckd = [], []
+    for s, t, yi in zip(S, Tt, y):
+        ps, pt = n_softmax(s, T), n_softmax(t, T)
+        # binary (target, rest); the rest mass summed from the other classes for accuracy
+        rs = sum(p for c, p in enumerate(ps) if c != yi)
+        rt = sum(p for c, p in enumerate(pt) if c != yi)
+        tckd.append(pt[yi] * math.log(pt[yi] / ps[yi]) + rt * math.log(rt / rs))
+        # among non-target classes, renormalised
+        kl = 0.0
+        for c in range(len(s)):
+            if c != yi:
+                kl += (pt[c] / rt) * math.log((pt[c] / rt) / (ps[c] / rs))
+        nckd.append(kl)
+    return T * T * n_mean(tckd), T * T * n_mean(nckd)
+
+
+def ref_dkd(S, Tt, y, T, alpha, beta, warmup, epoch, ce_weight):
+    tckd, nckd = ref_dkd_parts(S, Tt, y, T)
+    factor = min(epoch / warmup, 1.0) if warmup else 1.0
+    return {
+        "loss": ce_weight * n_ce(S, y) + factor * (alpha * tckd + beta * nckd),
+        "ce": n_ce(S, y),
+        "tckd": tckd,
+        "nckd": nckd,
+        "warmup": factor,
+    }
+
+
+def ref_dist(S, Tt, y, T, beta, gamma, w, ce_weight):
+    PS = [n_softmax(s, T) for s in S]
+    PT = [n_softmax(t, T) for t in Tt]
+    inter = 1 - n_mean([n_pearson(a, b) for a, b in zip(PS, PT)])
+    B, C = len(S), len(S[0])
+    if B > 1:
+        intra = 1 - n_mean([n_pearson([PS[i][c] for i in range(B)], [PT[i][c] for i in range(B)]) for c in range(C)])
+        rel = beta * inter + gamma * intra
+    else:
+        intra, rel = 0.0, beta * inter
+    return {"loss": ce_weight * n_ce(S, y) + w * T * T * rel, "ce": n_ce(S, y), "inter": inter, "intra": intra}
+
+
+def ref_cmkd(S, Tt, y, *, T, scale, strength, w_major, w_minor, heavy_when, pearson=True, spearman=True,
+             use_z=True, weighting=True, ce_weight=1.0):
+    B = len(S)
+    H = [n_entropy(t) for t in Tt]
+    Hbar = n_mean(H)
+    lp_all, ls_all, per = [], [], []
+    for i in range(B):
+        zs = n_zscore(S[i]) if use_z else S[i]
+        zt = n_zscore(Tt[i]) if use_z else Tt[i]
+        lp = 1 - n_pearson(n_softmax(zs, T), n_softmax(zt, T))
+        ls = 1 - n_pearson(n_soft_rank(zs, strength), n_soft_rank(zt, strength))
+        lp_all.append(lp)
+        ls_all.append(ls)
+        total = w_major + w_minor
+        if pearson and spearman:
+            if weighting:
+                heavy = H[i] < Hbar if heavy_when == "low_entropy" else H[i] > Hbar
+                ws, wp = (w_major, w_minor) if heavy else (w_minor, w_major)
+            else:
+                ws = wp = total / 2
+        else:
+            wp, ws = (total, 0.0) if pearson else (0.0, total)
+        per.append(wp * lp * pearson + ws * ls * spearman)
+    out = {"loss": ce_weight * n_ce(S, y) + scale * n_mean(per), "ce": n_ce(S, y)}
+    if pearson:
+        out["pearson"] = n_mean(lp_all)
+    if spearman:
+        out["spearman"] = n_mean(ls_all)
+    return out
+
+
+def ref_ckd_part(S, Tt, groups, T):
+    kls = []
+    for g in groups:
+        half = len(g) // 2
+        A, Bg = g[:half], g[half:]
+        C = len(S[0])
+        ds = [n_mean([S[a][c] for a in A]) - n_mean([S[b][c] for b in Bg]) for c in range(C)]
+        dt = [n_mean([Tt[a][c] for a in A]) - n_mean([Tt[b][c] for b in Bg]) for c in range(C)]
+        kls.append(n_kl(dt, ds, T))
+    return T * T * n_mean(kls)
+
+
+def ref_ckd(S, Tt, y, groups, T, weight, ce_weight):
+    ckd = ref_ckd_part(S, Tt, groups, T)
+    return {"loss": ce_weight * n_ce(S, y) + weight * ckd, "ce": n_ce(S, y), "ckd": ckd}
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def make(B: int, C: int, seed: int = 0, scale: float = 3.0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, C, generator=g) * scale
+    t = torch.randn(B, C, generator=g) * scale
+    y = torch.randint(0, C, (B,), generator=g)
+    return s, t, y
+
+
+def assert_matches(out: dict[str, torch.Tensor], ref: dict[str, float]) -> None:
+    for key, expected in ref.items():
+        assert key in out, f"missing part {key!r}"
+        got = float(out[key])
+        assert math.isclose(got, expected, rel_tol=RTOL, abs_tol=ATOL), f"{key}: {got} != {expected}"
+
+
+# --------------------------------------------------------------------------------------------------
+# golden tests
+# --------------------------------------------------------------------------------------------------
+
+
+def test_naive_soft_rank_matches_torchsort_and_tends_to_hard_ranks():
+    import torchsort
+
+    x = torch.randn(6, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for strength in (0.05, 0.3, 1.0, 4.0):
+        got = torchsort.soft_rank(x, regularization_strength=strength)
+        for row_x, row_r in zip(rows(x), rows(got)):
+            assert all(math.isclose(a, b, abs_tol=1e-9) for a, b in zip(row_r, n_soft_rank(row_x, strength)))
+    hard = x.argsort(dim=1).argsort(dim=1).double() + 1  # ascending ranks 1..n
+    assert torch.allclose(torchsort.soft_rank(x, regularization_strength=1e-6), hard)
+
+
+def test_ce_golden():
+    s, t, y = make(8, 6)
+    out = build_loss("ce")(s, t, y)
+    assert_matches(out, {"loss": n_ce(rows(s), y.tolist()), "ce": n_ce(rows(s), y.tolist())})
+    out = build_loss("ce", weight=0.5)(s, t, y)
+    assert math.isclose(float(out["loss"]), 0.5 * n_ce(rows(s), y.tolist()), rel_tol=RTOL)
+
+
+@pytest.mark.parametrize("B,C,T", SHAPES_T)
+def test_kd_golden(B, C, T):
+    s, t, y = make(B, C, seed=B + C)
+    out = build_loss("kd", T=T, a=0.3, b=0.7)(s, t, y)
+    assert_matches(out, ref_kd(rows(s), rows(t), y.tolist(), T, 0.3, 0.7))
+
+
+@pytest.mark.parametrize("B,C,T", SHAPES_T)
+@pytest.mark.parametrize("epoch", [0.0, 5.5, 40.0])
+def test_dkd_golden(B, C, T, epoch):
+    s, t, y = make(B, C, seed=B * C)
+    loss = build_loss("dkd", alpha=1.5, beta=8.0, T=T, warmup=20, ce_weight=0.9)
+    out = loss(s, t, y, epoch=epoch)
+    assert_matches(out, ref_dkd(rows(s), rows(t), y.tolist(), T, 1.5, 8.0, 20.0, epoch, 0.9))
+
+
+def test_dkd_matches_reference_code_formulation():
+    """mdistiller's dkd_loss (log of the summed binary probabilities, NCKD mask by -1000 * one_hot)."""
+    B, C, T = 16, 10, 4.0
+    s, t, y = make(B, C, seed=3)
+    S, Tt = rows(s), rows(t)
+    tckd = nckd = 0.0
+    for i in range(B):
+        ps, pt = n_softmax(S[i], T), n_softmax(Tt[i], T)
+        bs = [ps[y[i]], sum(ps) - ps[y[i]]]
+        bt = [pt[y[i]], sum(pt) - pt[y[i]]]
+        tckd += sum(b * (math.log(b) - math.log(a)) for a, b in zip(bs, bt))
+        ms = [v / T - (1000.0 if c == y[i] else 0.0) for c, v in enumerate(S[i])]
+        mt = [v / T - (1000.0 if c == y[i] else 0.0) for c, v in enumerate(Tt[i])]
+        nckd += n_kl(mt, ms, 1.0)
+    out = build_loss("dkd", warmup=0)(s, t, y, epoch=0)
+    assert math.isclose(float(out["tckd"]), T * T * tckd / B, rel_tol=RTOL)
+    assert math.isclose(float(out["nckd"]), T * T * nckd / B, rel_tol=RTOL)
+
+
+@pytest.mark.parametrize("B,C,T", [*SHAPES_T, (1, 10, 4.0)])
+def test_dist_golden(B, C, T):
+    s, t, y = make(B, C, seed=B + 2 * C)
+    out = build_loss("dist", beta=1.0, gamma=2.0, T=T, w=2.0, ce_weight=0.7)(s, t, y)
+    assert_matches(out, ref_dist(rows(s), rows(t), y.tolist(), T, 1.0, 2.0, 2.0, 0.7))
+
+
+CMKD_CONFIGS = [
+    {},
+    {"spearman_heavy_when": "high_entropy", "w_major": 0.8, "w_minor": 0.1},
+    {"entropy_weighting": False},
+    {"use_spearman": False, "entropy_weighting": False},
+    {"use_spearman": False, "entropy_weighting": False, "use_zscore": False},
+    {"use_pearson": False, "entropy_weighting": False, "regularization_strength": 0.1},
+]
+
+
+@pytest.mark.parametrize("B,C,T", SHAPES_T)
+@pytest.mark.parametrize("config", CMKD_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_cmkd_golden(B, C, T, config):
+    s, t, y = make(B, C, seed=B + 3 * C)
+    params = {"T": T, "scale": 3.0, "regularization_strength": 1.0, "w_major": 0.7, "w_minor": 0.3,
+              "spearman_heavy_when": "low_entropy", "ce_weight": 0.8} | config
+    out = build_loss("cmkd", **params)(s, t, y)
+    ref = ref_cmkd(
+        rows(s), rows(t), y.tolist(), T=params["T"], scale=params["scale"],
+        strength=params["regularization_strength"], w_major=params["w_major"], w_minor=params["w_minor"],
+        heavy_when=params["spearman_heavy_when"], pearson=params.get("use_pearson", True),
+        spearman=params.get("use_spearman", True), use_z=params.get("use_zscore", True),
+        weighting=params.get("entropy_weighting", True), ce_weight=params["ce_weight"],
+    )
+    assert_matches(out, ref)
+    assert set(out) == set(ref)
+
+
+@pytest.mark.parametrize("B,C,T", SHAPES_T)
+@pytest.mark.parametrize("k", [2, 4])
+def test_ckd_golden_explicit_groups(B, C, T, k):
+    if B < k:
+        pytest.skip("batch smaller than a group")
+    s, t, y = make(B, C, seed=B + 5 * C)
+    g = torch.Generator().manual_seed(B)
+    groups = torch.stack([torch.randperm(B, generator=g)[:k] for _ in range(11)])
+    out = build_loss("ckd", T=T, weight=0.6, ce_weight=0.4)(s, t, y, groups=groups)
+    assert_matches(out, ref_ckd(rows(s), rows(t), y.tolist(), groups.tolist(), T, 0.6, 0.4))
+
+
+def test_ckd_golden_sampled_groups_are_seeded():
+    s, t, y = make(12, 7, seed=9)
+    groups = build_loss("ckd", seed=5, groups_per_step=20).sample_groups(12)
+    assert groups.shape == (20, 2)
+    assert all(a != b for a, b in groups.tolist())  # distinct rows in a group
+    out = build_loss("ckd", seed=5, groups_per_step=20)(s, t, y)
+    assert_matches(out, ref_ckd(rows(s), rows(t), y.tolist(), groups.tolist(), 4.0, 1.0, 1.0))
+    other = build_loss("ckd", seed=6, groups_per_step=20)(s, t, y)
+    assert not torch.equal(other["ckd"], out["ckd"])
+    distinct = len({(a, b) for a, b in groups.tolist()})
+    assert float(out["groups"]) == distinct
+
+
+def test_combined_golden_counts_ce_once():
+    B, C, T = 16, 10, 4.0
+    s, t, y = make(B, C, seed=11)
+    S, Tt, Y = rows(s), rows(t), y.tolist()
+    loss = build_loss(
+        "dkd+cmkd",
+        dkd={"T": T, "beta": 8.0, "warmup": 10, "ce_weight": 5.0},  # component CE weight ignored
+        cmkd={"scale": 2.0},
+        weights={"dkd": 0.5, "cmkd": 2.0, "ce": 0.3},
+    )
+    assert isinstance(loss, CombinedLoss)
+    out = loss(s, t, y, epoch=5)
+    dkd = ref_dkd(S, Tt, Y, T, 1.0, 8.0, 10.0, 5.0, 0.0)["loss"]
+    cmkd = ref_cmkd(S, Tt, Y, T=4.0, scale=2.0, strength=1.0, w_major=0.7, w_minor=0.3, heavy_when="low_entropy",
+                    ce_weight=0.0)["loss"]
+    assert_matches(out, {"loss": 0.3 * n_ce(S, Y) + 0.5 * dkd + 2.0 * cmkd, "ce": n_ce(S, Y), "dkd": dkd,
+                         "cmkd": cmkd})
+    assert {"dkd/tckd", "dkd/nckd", "dkd/warmup", "cmkd/pearson", "cmkd/spearman"} <= set(out)
+
+
+def test_combined_default_weights_and_groups_routing():
+    s, t, y = make(8, 5, seed=2)
+    groups = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    out = build_loss("kd+ckd")(s, t, y, groups=groups)
+    S, Tt, Y = rows(s), rows(t), y.tolist()
+    expected = n_ce(S, Y) + 0.9 * ref_kd(S, Tt, Y, 4.0, 0.1, 0.9)["kd"] + ref_ckd_part(S, Tt, groups.tolist(), 4.0)
+    assert math.isclose(float(out["loss"]), expected, rel_tol=RTOL)
+    with pytest.raises(ValueError, match="groups"):
+        build_loss("kd+dist")(s, t, y, groups=groups)
+
+
+# --------------------------------------------------------------------------------------------------
+# behaviour
+# --------------------------------------------------------------------------------------------------
+
+ALL = sorted(LOSSES)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_output_contract(name):
+    s, t, y = make(8, 10)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    out = build_loss(name)(s, t, y, epoch=3.0)
+    assert "loss" in out and "ce" in out
+    assert all(v.dim() == 0 for v in out.values())
+    assert out["loss"].requires_grad and not any(v.requires_grad for k, v in out.items() if k != "loss")
+    out["loss"].backward()
+    assert t.grad is None, "teacher logits must never receive gradients"
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_compute_in_float32(name, dtype):
+    s, t, y = make(8, 10)
+    out = build_loss(name)(s.to(dtype), t.to(dtype), y, epoch=30)
+    ref = build_loss(name)(s.to(dtype).float(), t.to(dtype).float(), y, epoch=30)
+    assert out["loss"].dtype == torch.float32
+    assert torch.allclose(out["loss"], ref["loss"])
+
+
+def test_dist_batch_of_one_drops_intra_with_the_reference_gradient():
+    s, t, y = make(1, 10, seed=4)
+    s.requires_grad_(True)
+    out = build_loss("dist")(s, t, y)
+    assert float(out["intra"]) == 0.0
+    out["loss"].backward()
+    ours = s.grad.clone()
+
+    # the reference formula (pearson over a batch of one = 0 / (0 + eps) -> intra = 1, a constant)
+    s.grad = None
+    p_s, p_t = (s / 4).softmax(1), (t / 4).softmax(1)
+
+    def pc(a, b, dim):
+        a, b = a - a.mean(dim, keepdim=True), b - b.mean(dim, keepdim=True)
+        return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + 1e-8)
+
+    ref = torch.nn.functional.cross_entropy(s, y) + 2 * 16 * ((1 - pc(p_s, p_t, 1).mean()) + (1 - pc(p_s, p_t, 0).mean()))
+    ref.backward()
+    assert torch.allclose(ours, s.grad, atol=1e-6)
+    assert math.isclose(float(ref) - float(out["loss"]), 2 * 16 * 1.0, rel_tol=1e-5)  # only the constant differs
+
+
+def test_dkd_warmup_ramp():
+    s, t, y = make(4, 5)
+    loss = build_loss("dkd", warmup=10)
+    assert [float(loss(s, t, y, epoch=e)["warmup"]) for e in (0, 2.5, 10, 50)] == [0.0, 0.25, 1.0, 1.0]
+    assert float(build_loss("dkd", warmup=0)(s, t, y, epoch=0)["warmup"]) == 1.0
+
+
+def test_ckd_small_batch_state_dict_and_group_validation():
+    s, t, y = make(1, 5)
+    out = build_loss("ckd")(s, t, y)
+    assert float(out["ckd"]) == 0.0 and float(out["groups"]) == 0.0
+    assert torch.allclose(out["loss"], out["ce"])
+
+    a = build_loss("ckd", seed=3, groups_per_step=4)
+    a.sample_groups(10)
+    state = a.state_dict()
+    expected = a.sample_groups(10)
+    b = build_loss("ckd", seed=99, groups_per_step=4)
+    b.load_state_dict(state)
+    assert torch.equal(b.sample_groups(10), expected), "resumed sampler must continue the same stream"
+
+    s, t, y = make(6, 5)
+    loss = build_loss("ckd")
+    for bad in (torch.tensor([[0, 1, 2]]), torch.tensor([0, 1]), torch.tensor([[0, 6]]), torch.tensor([[0.0, 1.0]])):
+        with pytest.raises(ValueError):
+            loss(s, t, y, groups=bad)
+    pairs = torch.tensor([[0, 1], [0, 1], [1, 0], [2, 3]])
+    assert float(loss(s, t, y, groups=pairs)["groups"]) == 3.0
+    quads = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2], [2, 3, 0, 1]])  # first two are the same comparison
+    assert float(loss(s, t, y, groups=quads)["groups"]) == 2.0
+
+
+def test_cmkd_entropy_direction_changes_weights():
+    s, t, y = make(16, 10, seed=8)
+    t = t * torch.linspace(0.1, 5, 16)[:, None]  # spread of teacher confidence
+    low = build_loss("cmkd", spearman_heavy_when="low_entropy")
+    high = build_loss("cmkd", spearman_heavy_when="high_entropy")
+    wp_low, ws_low = low.part_weights(t)
+    wp_high, ws_high = high.part_weights(t)
+    assert torch.allclose(wp_low + ws_low, torch.ones(16)) and torch.allclose(wp_high + ws_high, torch.ones(16))
+    confident = t.softmax(1).max(1).values > 0.9  # low entropy rows
+    assert (ws_low[confident] == 0.7).all() and (ws_high[confident] == 0.3).all()
+    assert not torch.equal(low(s, t, y)["loss"], high(s, t, y)["loss"])
+
+
+def test_default_hyperparameters():
+    assert build_loss("kd").hparams() == {"T": 4.0, "a": 0.1, "b": 0.9}
+    assert build_loss("dkd").hparams() == {"alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup": 20.0, "ce_weight": 1.0}
+    assert build_loss("dist").hparams() == {"beta": 1.0, "gamma": 1.0, "T": 4.0, "w": 2.0, "ce_weight": 1.0}
+    cmkd = build_loss("cmkd").hparams()
+    assert (cmkd["T"], cmkd["scale"], cmkd["regularization"], cmkd["regularization_strength"]) == (4.0, 4.0, "l2", 1.0)
+    assert cmkd["spearman_heavy_when"] == "low_entropy"
+    assert all(cmkd[k] for k in ("use_pearson", "use_spearman", "use_zscore", "entropy_weighting"))
+    ckd = build_loss("ckd").hparams()
+    assert (ckd["T"], ckd["group_size"], ckd["groups_per_step"]) == (4.0, 2, 128)
+
+
+# --------------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------------
+
+
+def test_unknown_loss_name_lists_available():
+    with pytest.raises(ValueError) as err:
+        build_loss("kdd")
+    assert str(err.value) == "unknown loss 'kdd'; available: ['ce', 'ckd', 'cmkd', 'dist', 'dkd', 'kd']"
+    with pytest.raises(ValueError, match="unknown loss 'dkdd'"):
+        build_loss("dkdd+cmkd")
+
+
+@pytest.mark.parametrize("exc", [TypeError, ValueError])
+def test_unknown_parameter_lists_valid_ones(exc):
+    with pytest.raises(exc) as err:
+        build_loss("kd", T=4, temprature=2)
+    assert "temprature" in str(err.value) and "['T', 'a', 'b']" in str(err.value)
+    with pytest.raises(exc, match="ce_weight"):
+        build_loss("ckd", sed=1)
+
+
+def test_invalid_values_and_combinations():
+    bad = [
+        ("kd", {"T": 0}),
+        ("kd", {"T": True}),
+        ("ckd", {"group_size": 3}),
+        ("cmkd", {"spearman_heavy_when": "sometimes"}),
+        ("cmkd", {"regularization": "l1"}),
+        ("cmkd", {"use_spearman": False}),  # entropy weighting needs both parts
+        ("cmkd", {"use_pearson": False, "use_spearman": False, "entropy_weighting": False}),
+        ("dkd+cmkd", {"dkd": {"bta": 1}}),
+        ("dkd+cmkd", {"kd": {}}),
+        ("dkd+cmkd", {"weights": {"dist": 1.0}}),
+        ("dkd+cmkd", {"weights": {"dkd": -1.0}}),
+    ]
+    for name, params in bad:
+        with pytest.raises((TypeError, ValueError)):
+            build_loss(name, **params)
+    with pytest.raises(LossConfigError, match=r"valid parameters: \['cmkd', 'dkd', 'weights'\]"):
+        build_loss("dkd+cmkd", dist={})
+    with pytest.raises(ValueError, match="'ce' cannot be a component"):
+        build_loss("ce+kd")
+    with pytest.raises(ValueError, match="repeats"):
+        build_loss("kd+kd")
+
+
+def test_dkd_requires_epoch():
+    s, t, y = make(4, 5)
+    with pytest.raises(ValueError, match="epoch"):
+        build_loss("dkd")(s, t, y)
+    with pytest.raises(ValueError, match="epoch"):
+        build_loss("dkd+cmkd")(s, t, y)
+
+
+def test_bad_input_shapes():
+    s, t, y = make(4, 5)
+    loss = build_loss("kd")
+    with pytest.raises(ValueError):
+        loss(s, t[:, :4], y)
+    with pytest.raises(ValueError):
+        loss(s[0], t[0], y[:1])
+    with pytest.raises(ValueError):
+        loss(s, t, y.float())
