@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.shards import Manifest, decode_png
 from pipeline.store import LogitStore
-from pipeline.views import ViewRecipe, hash_u64, pick_view
+from pipeline.views import ViewRecipe, crop_flip, hash_u64, pick_view
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class _Joiner:
         self.block: np.ndarray | None = None  # (n, V, C) or None (no store)
         self.view: np.ndarray | None = None  # (n,) chosen view, -1 = skip
         self.has_teacher: np.ndarray | None = None  # (n,) bool
+        self.shift: np.ndarray | None = None  # (n, 3): crop shift y, x and flip of each row's view
         self.expect = 0
 
     def _load(self, url: str) -> None:
@@ -93,6 +94,10 @@ class _Joiner:
                 else np.zeros(n, dtype=np.int64)
             )
             self.has_teacher = np.zeros(n, dtype=bool)
+        # View parameters for the whole shard at once (vectorised hash), applied per sample below.
+        dy, dx, flip = self.ds.recipe.params(index, np.maximum(self.view, 0))
+        pad = self.ds.recipe.pad
+        self.shift = np.stack([dy - pad, dx - pad, flip.astype(np.int64)], 1)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         url = sample["__url__"]
@@ -114,8 +119,9 @@ class _Joiner:
             img = decode_png(sample["png"])
         except Exception as e:
             raise ValueError(f"shard {url}: cannot decode sample {key}: {e}") from e
-        if v > 0 or self.ds.augment_view0:
-            img = self.ds.recipe.apply(img[None], np.array([i]), np.array([v]))[0]
+        if v > 0:
+            sy, sx, flip = self.shift[r]
+            img = crop_flip(img, int(sy), int(sx), bool(flip))
         out = {"image": torch.from_numpy(np.ascontiguousarray(img)), "label": int(sample["cls"]), "index": i, "view": v}
         if self.block is not None:
             out["logits"] = torch.from_numpy(self.block[r, v])
@@ -158,7 +164,6 @@ class DistillDataset(IterableDataset):
         self.epoch = 0
         self.unqueried = unqueried
         self._store: LogitStore | None = None
-        self.augment_view0 = False
         if self.store_path:
             store = LogitStore(self.store_path, split=split, manifest=manifest)  # verify once, up front
             self.recipe = ViewRecipe.from_dict(store.view_recipe)

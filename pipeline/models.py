@@ -437,8 +437,9 @@ class MobileNetV2(nn.Module):
     The KD literature's "MobileNetV2" is ``width_mult=0.5, expand_ratio=6`` (:func:`mobilenetv2`).
     """
 
-    # (expansion t, output channels c, repeats n, first stride s): Sandler et al. 2018, Table 2, with the CIFAR
-    # strides of the reference (the stem and two stages stride less, so 32x32 ends at 2x2 rather than 1x1).
+    # (expansion t, output channels c, repeats n, first stride s): Sandler et al. 2018, Table 2, except that the
+    # CIFAR reference gives the 24-channel stage stride 1 (not 2), so a 32x32 input ends at 2x2 instead of 1x1.
+    # t=None means "the model's expand_ratio"; the first stage never expands (t=1).
     SETTINGS: tuple[tuple[int | None, int, int, int], ...] = (
         (1, 16, 1, 1),
         (None, 24, 2, 1),
@@ -898,15 +899,18 @@ def load_checkpoint(path: str | os.PathLike[str], expected_arch: str | None = No
         raise _missing_file_error(
             path,
             "Produce it with `dvc repro train_teacher@<name>` for a demo teacher, or point "
-            "teach.teachers.<name>.checkpoint in params.yaml at your own checkpoint.",
+            "teachers.<name>.checkpoint in params.yaml at your own checkpoint.",
         )
     payload = _torch_load(path, map_location)
-    if not isinstance(payload, dict) or "arch" not in payload or "state_dict" not in payload:
+    if not isinstance(payload, dict) or any(k not in payload for k in _RESERVED_KEYS):
         raise CheckpointError(
-            f"{path} is not a kdcache checkpoint (it needs 'arch' and 'state_dict' entries); for a bare state_dict "
+            f"{path} is not a kdcache checkpoint (it needs {list(_RESERVED_KEYS)} entries); for a bare state_dict "
             "use load_state_dict_checkpoint(path, arch, num_classes, in_channels)"
         )
-    stored = canonical_arch(payload["arch"])
+    try:
+        stored = canonical_arch(payload["arch"])
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from exc
     if expected_arch is not None and canonical_arch(expected_arch) != stored:
         raise CheckpointError(
             f"checkpoint {path} holds architecture {payload['arch']!r}, but {expected_arch!r} was expected; "
@@ -955,7 +959,7 @@ def load_state_dict_checkpoint(path: str | os.PathLike[str], arch: str, num_clas
     path = Path(path)
     if not path.is_file():
         raise _missing_file_error(
-            path, "Set teach.teachers.<name>.checkpoint in params.yaml to an existing state_dict file."
+            path, "Set teachers.<name>.checkpoint in params.yaml to an existing state_dict file."
         )
     payload = _torch_load(path, map_location)
     name = canonical_arch(arch)

@@ -32,7 +32,7 @@ TINY_PARAMS: dict = {
         "shuffle_seed": 0,
     },
     "teachers": {
-        "small": {"arch": "cnn_tiny", "epochs": 1, "lr": 0.05, "batch_size": 32},
+        "small": {"arch": "cnn_tiny", "epochs": 4, "lr": 0.1, "batch_size": 32},
     },
     "train_teacher": {"train": {"workers": 0, "shuffle_buffer": 64, "seed": 0, "threads": 1}},
     "teach": {
@@ -88,6 +88,8 @@ def make_project(root: Path, params: dict | None = None) -> Path:
     """A runnable kdcache project folder: dvc.yaml + params.yaml (tiny); stages run from it as cwd."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    for code in ("pipeline", "stages"):  # dvc.yaml lists code files as deps, relative to the project
+        shutil.copytree(ROOT / code, root / code, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(), sort_keys=False))
     return root
 

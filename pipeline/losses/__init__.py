@@ -42,9 +42,7 @@ __all__ = [
     "default_params",
 ]
 
-LOSSES: dict[str, type[nn.Module]] = {
-    cls.name: cls for cls in (CELoss, KDLoss, DKDLoss, DISTLoss, CMKDLoss, CKDLoss)
-}
+LOSSES: dict[str, type[nn.Module]] = {cls.name: cls for cls in (CELoss, KDLoss, DKDLoss, DISTLoss, CMKDLoss, CKDLoss)}
 
 
 def default_params(name: str) -> dict[str, Any]:

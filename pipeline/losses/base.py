@@ -28,9 +28,7 @@ class LossConfigError(TypeError, ValueError):
     """
 
 
-def check_number(
-    name: str, value: object, *, positive: bool = False, nonnegative: bool = False
-) -> float:
+def check_number(name: str, value: object, *, positive: bool = False, nonnegative: bool = False) -> float:
     """Validate a finite real hyperparameter; bools are rejected (``T: true`` in YAML is a typo)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise LossConfigError(f"{name} must be a number, got {value!r}")

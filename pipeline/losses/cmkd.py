@@ -123,9 +123,9 @@ class CMKDLoss(DistillationLoss):
         if not self.entropy_weighting:
             half = teacher.new_full((B,), total / 2)
             return half, half
-        H = entropy(teacher)  # (B,) nats, teacher at T = 1
-        H_bar = H.mean()
-        heavy = H < H_bar if self.spearman_heavy_when == "low_entropy" else H > H_bar  # (B,) Spearman-heavy
+        h = entropy(teacher)  # (B,) nats, teacher at T = 1
+        h_mean = h.mean()
+        heavy = h < h_mean if self.spearman_heavy_when == "low_entropy" else h > h_mean  # (B,) Spearman-heavy
         w_s = torch.where(heavy, self.w_major, self.w_minor).to(teacher.dtype)
         w_p = torch.where(heavy, self.w_minor, self.w_major).to(teacher.dtype)
         return w_p, w_s

@@ -31,7 +31,9 @@ class CombinedLoss(nn.Module):
         if len(components) < 2:
             raise ValueError("a combined loss needs at least two components")
         self.components = nn.ModuleDict(dict(components))
-        self.weights = {name: check_number(f"weights.{name}", weights.get(name, 1.0), nonnegative=True) for name in components}
+        self.weights = {
+            name: check_number(f"weights.{name}", weights.get(name, 1.0), nonnegative=True) for name in components
+        }
         self.ce_weight = check_number("weights.ce", ce_weight, nonnegative=True)
 
     def forward(

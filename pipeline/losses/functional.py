@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "FLAT_RTOL",
     "PEARSON_EPS",
     "ZSCORE_EPS",
     "compute_dtype",
@@ -33,6 +34,14 @@ ZSCORE_EPS = 1e-7
 # Variance floor inside zscore's sqrt: only there so d sqrt(v)/dv stays finite at v = 0 (a constant row);
 # far below any real variance, so values are unchanged.
 _VAR_FLOOR = 1e-30
+#: A vector whose centred spread is at most this fraction of its magnitude is *numerically constant*:
+#: what centring leaves is rounding noise (float32 sums over C classes err by ~1e-7 relative). Pearson
+#: and z-score are scale-invariant, so their gradient grows like 1/spread; on such vectors the
+#: references' eps (1e-8, 1e-7) would turn rounding noise into ~1e7 gradients (~1e15 when CMKD chains
+#: z-score and Pearson), e.g. for a zero-initialised student head. We instead apply the value the
+#: formula has on an exactly constant vector (correlation 0, z-score 0) with zero gradient. Vectors with
+#: real spread are untouched, so all values match the published formulas.
+FLAT_RTOL = 1e-5
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,29 +89,39 @@ def pearson(a: Tensor, b: Tensor, dim: int = -1, eps: float = PEARSON_EPS) -> Te
     DIST reference implementation (Huang et al. 2022). The ``eps`` makes a constant vector
     correlate 0 with anything instead of 0/0; for vectors with non-negligible spread it is
     invisible. Invariant to positive affine maps of either argument, sign-flipped by negative ones.
+    Numerically constant vectors (spread <= ``FLAT_RTOL`` * magnitude) give exactly 0, zero gradient.
 
     Shapes: ``a, b (..., n, ...)`` -> the shape with ``dim`` removed.
     """
     a_c = a - a.mean(dim, keepdim=True)
     b_c = b - b.mean(dim, keepdim=True)
-    # vector_norm's gradient at the zero vector is 0 (not NaN), so constant inputs stay safe.
-    denom = torch.linalg.vector_norm(a_c, dim=dim) * torch.linalg.vector_norm(b_c, dim=dim) + eps
-    return (a_c * b_c).sum(dim) / denom
+    norm_a = torch.linalg.vector_norm(a_c, dim=dim)  # gradient 0 (not NaN) at the zero vector
+    norm_b = torch.linalg.vector_norm(b_c, dim=dim)
+    r = (a_c * b_c).sum(dim) / (norm_a * norm_b + eps)
+    # Numerically constant vectors correlate 0, with zero gradient (see FLAT_RTOL).
+    flat = (norm_a <= FLAT_RTOL * torch.linalg.vector_norm(a, dim=dim)) | (
+        norm_b <= FLAT_RTOL * torch.linalg.vector_norm(b, dim=dim)
+    )
+    return r.masked_fill(flat, 0.0)
 
 
 def zscore(z: Tensor, dim: int = -1, eps: float = ZSCORE_EPS) -> Tensor:
     """Standardize along ``dim``: ``(z - mean) / (std + eps)`` with the unbiased std (``torch.std``).
 
     This is logit standardization (Sun et al., CVPR 2024) as used by CMKD (Niu et al. 2024): it
-    removes each sample's logit scale before a temperature softmax or a soft ranking. A constant
-    row maps to all zeros. Shapes preserved.
+    removes each sample's logit scale before a temperature softmax or a soft ranking. A
+    (numerically) constant row maps to all zeros, with zero gradient. Shapes preserved.
     """
     n = z.shape[dim]
     z_c = z - z.mean(dim, keepdim=True)
     # Unbiased variance written out (not torch.std) so the sqrt can be floored: torch.std's
     # backward is NaN at zero spread, and ties (all-equal logits) are a case we must survive.
     var = (z_c * z_c).sum(dim, keepdim=True) / max(n - 1, 1)
-    return z_c / (var.clamp_min(_VAR_FLOOR).sqrt() + eps)
+    std = var.clamp_min(_VAR_FLOOR).sqrt()
+    # Numerically constant rows map to 0 with zero gradient (see FLAT_RTOL) instead of amplifying
+    # rounding noise by 1/eps.
+    rms = z.detach().square().mean(dim, keepdim=True).sqrt()
+    return (z_c / (std + eps)).masked_fill(std.detach() <= FLAT_RTOL * rms, 0.0)
 
 
 def soft_rank(values: Tensor, regularization: str = "l2", regularization_strength: float = 1.0) -> Tensor:
