@@ -18,7 +18,7 @@ def predict_split(
         raise ValueError("predict_split needs an unshuffled dataset (shuffle=False)")
     device = device or next(model.parameters()).device
     was_training = model.training
-    model.eval()
+    model.eval().to(memory_format=torch.channels_last)
     n = dataset.num_samples()
     logits = np.empty((n, dataset.num_classes), dtype=np.float32)
     labels = np.empty(n, dtype=np.int64)

@@ -156,7 +156,7 @@ def run_teach(
     """
     device = device or torch.device("cpu")
     if isinstance(model, nn.Module):
-        model.eval().to(device)
+        model.eval().to(device, memory_format=torch.channels_last)  # inputs are channels_last already
     writer = StoreWriter(out, spec, force=force, create=shards is None)
     masks = query_masks(manifest, spec, spec.extra.get("budget", {}))
     todo = list(shards) if shards is not None else [(s, j) for s in spec.splits for j in writer.pending(s)]

@@ -252,6 +252,32 @@ def test_naive_soft_rank_matches_torchsort_and_tends_to_hard_ranks():
     assert torch.allclose(torchsort.soft_rank(x, regularization_strength=1e-6), hard)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("strength", [0.1, 1.0, 3.0])
+def test_cpu_soft_rank_matches_torchsort_and_naive(dtype, strength):
+    """pipeline's CPU soft_rank (numpy argsort + torchsort's isotonic kernels) == torchsort.soft_rank."""
+    import torchsort
+
+    from pipeline.losses.functional import soft_rank
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 12, generator=g, dtype=torch.float64)
+    x[0] = 1.0  # all tied
+    x[1, :6] = x[1, 6:]  # pairs of ties
+    x = x.to(dtype).requires_grad_(True)
+    ours, ref = soft_rank(x, "l2", strength), torchsort.soft_rank(x, "l2", strength)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(ours, ref, atol=tol, rtol=tol)
+    for row_x, row_r in zip(rows(x), rows(ours), strict=True):
+        assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(row_r, n_soft_rank(row_x, strength), strict=True))
+    up = torch.randn(16, 12, generator=g, dtype=torch.float64).to(dtype)
+    (g_ours,) = torch.autograd.grad(ours, x, up)
+    (g_ref,) = torch.autograd.grad(ref, x, up)
+    assert torch.allclose(g_ours, g_ref, atol=tol, rtol=tol)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda v: soft_rank(v, "l2", strength), (x[2:5].detach().requires_grad_(),))
+
+
 def test_ce_golden():
     s, t, y = make(8, 6)
     out = build_loss("ce")(s, t, y)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import DistillationLoss, check_number
-from .functional import kl_div, kl_div_log
+from .functional import kl_div_log
 
 __all__ = ["DKDLoss"]
 
@@ -28,10 +28,10 @@ class DKDLoss(DistillationLoss):
     Numerics, versus the reference code (megvii-research/mdistiller ``dkd_loss``): the reference
     takes ``log`` of the summed binary probabilities and masks the target for NCKD by subtracting
     ``1000 * one_hot`` from ``z / T``. Here ``log b`` comes from log-sum-exp (same value, finite when
-    a probability underflows) and NCKD drops the target column outright, which is the paper's
-    definition; the two agree to float32 precision whenever the target's tempered logit exceeds the
-    others by less than ~900 (exp(-1000 + 900) already underflows), i.e. everywhere except at absurd
-    logit scales where the reference's mask would leak.
+    a probability underflows) and NCKD masks the target with -1e30 (an exact zero after exp: the
+    paper's definition over the non-target classes). The two agree to float32 precision whenever the
+    target's tempered logit exceeds the others by less than ~900 (beyond that the reference's
+    ``exp(-1000 + gap)`` no longer underflows and its mask leaks), i.e. at any sane logit scale.
 
     Parts: ``tckd`` and ``nckd`` (each including ``T^2``, before alpha/beta), ``warmup`` (the ramp
     factor in [0, 1]).
@@ -73,17 +73,12 @@ class DKDLoss(DistillationLoss):
                 "dkd needs the epoch for its warm-up: call loss(student, teacher, target, epoch=...) "
                 f"(warmup={self.warmup} epochs; use warmup=0 to disable the ramp)"
             )
-        B, C = student.shape
-        is_target = F.one_hot(target, C).bool()  # (B, C)
-
-        # TCKD: binary distributions (p_y, 1 - p_y) in log space.
-        log_bin_s = _log_binary(F.log_softmax(student / self.T, dim=1), is_target)  # (B, 2)
-        log_bin_t = _log_binary(F.log_softmax(teacher / self.T, dim=1), is_target)  # (B, 2)
-        tckd = self.T**2 * kl_div_log(log_bin_t, log_bin_s, dim=1).mean()
-
-        # NCKD: drop the target column -> (B, C-1), then an ordinary tempered KL (softmax renormalises).
-        keep = ~is_target
-        nckd = self.T**2 * kl_div(student[keep].view(B, C - 1), teacher[keep].view(B, C - 1), self.T, dim=1).mean()
+        is_target = F.one_hot(target, student.shape[1]).bool()  # (B, C)
+        tckd_s, nckd_s = _decoupled_log_probs(student / self.T, target, is_target)  # (B, 2), (B, C)
+        tckd_t, nckd_t = _decoupled_log_probs(teacher / self.T, target, is_target)
+        tckd = self.T**2 * kl_div_log(tckd_t, tckd_s, dim=1).mean()
+        # The target column holds ~-1e30 on both sides: exp() is exactly 0 there, so it adds exactly 0.
+        nckd = self.T**2 * kl_div_log(nckd_t, nckd_s, dim=1).mean()
 
         factor = self.warmup_factor(epoch)
         total = factor * (self.alpha * tckd + self.beta * nckd)
@@ -93,12 +88,20 @@ class DKDLoss(DistillationLoss):
         return {"alpha": self.alpha, "beta": self.beta, "T": self.T, "warmup": self.warmup, "ce_weight": self.ce_weight}
 
 
-def _log_binary(log_p: Tensor, is_target: Tensor) -> Tensor:
-    """``(log p_y, log(1 - p_y))`` per row from log-probabilities ``(B, C)`` -> ``(B, 2)``.
+# Stands in for log(0) on the masked target column: exp() underflows to exactly 0 like -inf would, but
+# (-1e30 - a) - (-1e30 - b) evaluates to 0 instead of NaN inside the KL.
+_MASKED = -1e30
 
-    ``log(1 - p_y)`` is the log-sum-exp of the non-target log-probabilities, which stays accurate
-    (and finite) when ``p_y`` rounds to 1 in floating point.
+
+def _decoupled_log_probs(z: Tensor, target: Tensor, is_target: Tensor) -> tuple[Tensor, Tensor]:
+    """From tempered logits ``z (B, C)``: binary ``(log p_y, log(1 - p_y))`` ``(B, 2)`` and the
+    non-target log-distribution ``log p_hat`` ``(B, C)`` (target column ~ -1e30, i.e. probability 0).
+
+    All from two log-sum-exps: ``log p_y = z_y - LSE(z)``, ``log(1 - p_y) = LSE_{c != y}(z) - LSE(z)``
+    (accurate when ``p_y`` rounds to 1), ``log p_hat_c = z_c - LSE_{c != y}(z)``.
     """
-    log_p_target = log_p.masked_select(is_target)  # (B,) = log p_y, one True per row
-    log_p_rest = log_p.masked_fill(is_target, float("-inf")).logsumexp(dim=1)  # (B,) = log(1 - p_y)
-    return torch.stack([log_p_target, log_p_rest], dim=1)
+    lse_all = z.logsumexp(dim=1, keepdim=True)  # (B, 1)
+    z_rest = z.masked_fill(is_target, _MASKED)  # (B, C)
+    lse_rest = z_rest.logsumexp(dim=1, keepdim=True)  # (B, 1)
+    log_binary = torch.cat([z.gather(1, target[:, None]) - lse_all, lse_rest - lse_all], dim=1)  # (B, 2)
+    return log_binary, z_rest - lse_rest
