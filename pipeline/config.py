@@ -170,6 +170,8 @@ class TeachConfig:
     strategy: str = "random"  # random | class_balanced
     budget_seed: int = 0
     threads: int | None = None
+    cluster: str = "none"  # none (one process) | local (dask LocalCluster) | scheduler address tcp://host:8786
+    workers: int = 2  # LocalCluster worker processes (cluster: local); teach.threads is split among them
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,9 @@ def _out_features(net: nn.Module) -> int:
     return int(last.out_features)
 
 
-def load(path: str | Path, expected_arch: str | None = None, manifest: Manifest | None = None) -> tuple[Normalized, dict]:
+def load(
+    path: str | Path, expected_arch: str | None = None, manifest: Manifest | None = None
+) -> tuple[Normalized, dict]:
     """Load a kdcache checkpoint; with `manifest`, check classes/channels fit the data set."""
     net, meta = load_checkpoint(path, expected_arch=expected_arch)
     if manifest is not None:

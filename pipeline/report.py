@@ -93,7 +93,14 @@ def build_report(metrics_dir: Path, teachers_dir: Path, out_dir: Path, title: st
     x = np.arange(len(losses))
     for k, t in enumerate(teachers):
         ms = [mean_std([r["top1"] for r in g[(t, loss)]]) if (t, loss) in g else (np.nan, 0.0) for loss in losses]
-        ax.bar(x + k * width, [m * 100 for m, _ in ms], width, yerr=[s * 100 for _, s in ms], label=f"teacher {t}", capsize=3)
+        ax.bar(
+            x + k * width,
+            [m * 100 for m, _ in ms],
+            width,
+            yerr=[s * 100 for _, s in ms],
+            label=f"teacher {t}",
+            capsize=3,
+        )
     vals = [r["top1"] * 100 for r in rows]
     ax.set_ylim(max(0, min(vals) - 5), min(100, max(vals) + 3))
     ax.set_xticks(x + width * (len(teachers) - 1) / 2, losses)

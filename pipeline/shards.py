@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
-from webdataset.tariterators import tarfile_samples
 from PIL import Image
 from tqdm.auto import tqdm
+from webdataset.tariterators import tarfile_samples
 
 log = logging.getLogger(__name__)
 

@@ -193,19 +193,10 @@ class StoreWriter:
             if s.shard_rows % rows:
                 raise StoreError(f"chunk_rows {rows} must divide the shard size {s.shard_rows}")
             v, c, k = s.views, s.num_classes, spec.topk
-            n = s.n
+            n, shard_rows = s.n, s.shard_rows
 
-            def arr(key: str, shape: tuple[int, ...], dtype: Any, fill: Any, g=g, rows=rows) -> None:
-                tail = shape[1:]
-                g.create_array(
-                    key,
-                    shape=shape,
-                    dtype=dtype,
-                    chunks=(rows, *tail),
-                    shards=(s.shard_rows, *tail),
-                    compressors=compressors,
-                    fill_value=fill,
-                )
+            def arr(key: str, shape: tuple[int, ...], dtype: Any, fill: Any) -> None:
+                _create_array(g, key, shape, dtype, fill, rows, shard_rows, compressors)  # noqa: B023 (called now)
 
             if k:
                 if k >= c:
@@ -267,7 +258,10 @@ class StoreWriter:
                 f"teacher produced NaN/Inf logits for {int(bad.sum())} queried sample-view(s) of {split}, "
                 f"e.g. samples {names}; refusing to cache them (check the teacher and its inputs)"
             )
-        if self.spec.dtype == "float16" and np.abs(np.where(queried[..., None], logits, 0)).max(initial=0) > FLOAT16_MAX:
+        if (
+            self.spec.dtype == "float16"
+            and np.abs(np.where(queried[..., None], logits, 0)).max(initial=0) > FLOAT16_MAX
+        ):
             raise StoreError(f"logits in shard {j} of {split} exceed float16's range; set teach.dtype: float32")
         logits = np.where(queried[..., None], logits, np.nan).astype(np.float32)
         g = self.group[split]
@@ -302,6 +296,22 @@ class StoreWriter:
         os.replace(self.partial, self.path)
         log.info("store complete: %s (teacher calls %s)", self.path, calls)
         return self.path
+
+
+def _create_array(
+    g: zarr.Group, key: str, shape: tuple[int, ...], dtype: Any, fill: Any, rows: int, shard_rows: int, compressors: Any
+) -> None:
+    """An (N, ...) array chunked by `rows` along N and sharded by `shard_rows` (one file per store shard)."""
+    tail = shape[1:]
+    g.create_array(
+        key,
+        shape=shape,
+        dtype=dtype,
+        chunks=(rows, *tail),
+        shards=(shard_rows, *tail),
+        compressors=compressors,
+        fill_value=fill,
+    )
 
 
 def _jsonable(x: Any) -> Any:
@@ -421,7 +431,10 @@ class LogitStore:
         if self.topk:
             g = self.group
             return topk_expand(
-                g["topk_values"][start:stop], g["topk_indices"][start:stop], g["tail_mass"][start:stop], self.num_classes
+                g["topk_values"][start:stop],
+                g["topk_indices"][start:stop],
+                g["tail_mass"][start:stop],
+                self.num_classes,
             )
         return self.group["logits"][start:stop].astype(np.float32)
 

@@ -1,6 +1,6 @@
 """DVC stage `evaluate@<student>`: test-split metrics of one student (and its teacher) -> metrics/<id>.json.
 
-    python -m stages.evaluate --student cnn-kd-full-0 [--params params.yaml]
+python -m stages.evaluate --student cnn-kd-full-0 [--params params.yaml]
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     manifest = load_manifest(args.shards or f"data/shards/{params['prepare']['name']}")
     model, meta = modelio.load(args.model or f"data/students/{args.student}/model.pt", manifest=manifest)
     device = pick_device()
-    logits, labels = predict_split(model.to(device), DistillDataset(manifest, "test", shuffle=False), cfg.batch_size, device)
+    logits, labels = predict_split(
+        model.to(device), DistillDataset(manifest, "test", shuffle=False), cfg.batch_size, device
+    )
     metrics = {k: meta[k] for k in ("student_id", "teacher", "loss", "budget", "seed", "teacher_calls") if k in meta}
     metrics["student_arch"] = meta["arch"]
     for k in cfg.topk:

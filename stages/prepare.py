@@ -1,6 +1,6 @@
 """DVC stage `prepare`: read the source data set and write WebDataset shards + manifest.
 
-    python -m stages.prepare [--params params.yaml] [--out data/shards/<name>]
+python -m stages.prepare [--params params.yaml] [--out data/shards/<name>]
 """
 
 from __future__ import annotations

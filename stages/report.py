@@ -1,6 +1,6 @@
 """DVC stage `report`: gather metrics/*.json into reports/report.md and PNG charts.
 
-    python -m stages.report [--metrics metrics] [--teachers data/teachers] [--out reports]
+python -m stages.report [--metrics metrics] [--teachers data/teachers] [--out reports]
 """
 
 from __future__ import annotations

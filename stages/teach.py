@@ -3,7 +3,8 @@
     python -m stages.teach --name cnn [--params params.yaml] [--force]
 
 Writes data/logits/<name>.zarr (via <name>.zarr.partial/, resumed shard by shard after an
-interruption). Section `teach` of params.yaml sets views, dtype, layout and the query budget.
+interruption). Section `teach` of params.yaml sets views, dtype, layout and the query budget;
+`teach.cluster: local | tcp://host:8786` runs it on dask workers instead of this process.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pipeline.config import TeachConfig, from_dict, load_params, section
 from pipeline.runtime import pick_device, set_threads, setup_logging
 from pipeline.shards import load_manifest, sha256_file
 from pipeline.teach import build_spec, run_teach
+from pipeline.teach_dask import run_teach_dask, worker_threads
 from pipeline.views import ViewRecipe
 
 log = logging.getLogger("stages.teach")
@@ -47,13 +49,31 @@ def main(argv: list[str] | None = None) -> None:
     budget = {"n": cfg.budget, "strategy": cfg.strategy, "seed": cfg.budget_seed}
     teacher = {"name": args.name, "arch": meta["arch"], "weights_sha256": sha256_file(ckpt)}
     spec = build_spec(
-        manifest, teacher, recipes, dtype=cfg.dtype, topk=cfg.topk, compressor=cfg.compressor,
-        chunk_rows=cfg.chunk_rows, budget=budget,
+        manifest,
+        teacher,
+        recipes,
+        dtype=cfg.dtype,
+        topk=cfg.topk,
+        compressor=cfg.compressor,
+        chunk_rows=cfg.chunk_rows,
+        budget=budget,
     )
-    run_teach(
-        manifest, model, args.out or f"data/logits/{args.name}.zarr", spec, recipes,
-        batch_size=cfg.batch_size, device=pick_device(), force=args.force,
-    )
+    out = args.out or f"data/logits/{args.name}.zarr"
+    if cfg.cluster != "none":  # same store, computed by dask workers (pipeline/teach_dask.py)
+        run_teach_dask(
+            manifest,
+            ckpt,
+            out,
+            spec,
+            recipes,
+            cluster=cfg.cluster,
+            workers=cfg.workers,
+            threads_per_worker=worker_threads(cfg.cluster, cfg.workers, cfg.threads),
+            batch_size=cfg.batch_size,
+            force=args.force,
+        )
+        return
+    run_teach(manifest, model, out, spec, recipes, batch_size=cfg.batch_size, device=pick_device(), force=args.force)
 
 
 if __name__ == "__main__":

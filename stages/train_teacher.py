@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 
 from pipeline import modelio
-from pipeline.config import TrainTeacherConfig, load_params, from_dict, section, teacher_spec
+from pipeline.config import TrainTeacherConfig, from_dict, load_params, section, teacher_spec
 from pipeline.evaluate import predict_split, topk_accuracy
 from pipeline.loader import DistillDataset
 from pipeline.losses import build_loss
@@ -85,8 +85,13 @@ def main(argv: list[str] | None = None) -> None:
         )
         source = "trained by train_teacher"
     logits, labels = predict_split(model.to(device), test_set, 1000, device)
-    metrics = {"teacher": args.name, "arch": spec.arch, "source": source,
-               "test_top1": topk_accuracy(logits, labels, 1), "test_top5": topk_accuracy(logits, labels, 5)}
+    metrics = {
+        "teacher": args.name,
+        "arch": spec.arch,
+        "source": source,
+        "test_top1": topk_accuracy(logits, labels, 1),
+        "test_top5": topk_accuracy(logits, labels, 5),
+    }
     modelio.save(ckpt, model.cpu(), spec.arch, extra={"name": args.name, "test_top1": metrics["test_top1"]})
     (out_dir / f"{args.name}.json").write_text(json.dumps({**metrics, "history": history}, indent=1) + "\n")
     log.info("teacher %s (%s): test top-1 %.4f -> %s", args.name, spec.arch, metrics["test_top1"], ckpt)

@@ -49,6 +49,8 @@ TINY_PARAMS: dict = {
         "strategy": "random",
         "budget_seed": 0,
         "threads": 1,
+        "cluster": "none",
+        "workers": 2,
     },
     "distill": {
         "teachers": ["small"],

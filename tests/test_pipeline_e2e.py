@@ -103,8 +103,12 @@ def test_dvc_reruns_only_what_a_change_touches(tmp_path):
     (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     stale = _stale(proj)
     assert stale == {
-        "train_teacher@big", "teach@big", "distill@big-ce-full-0", "distill@big-kd-full-0",
-        "evaluate@big-ce-full-0", "evaluate@big-kd-full-0",
+        "train_teacher@big",
+        "teach@big",
+        "distill@big-ce-full-0",
+        "distill@big-kd-full-0",
+        "evaluate@big-ce-full-0",
+        "evaluate@big-kd-full-0",
     }, stale  # report is downstream of new outputs but its own deps did not change yet
     p["teachers"].pop("big")
     p["distill"]["teachers"] = ["small"]

@@ -97,8 +97,12 @@ def test_partial_store_of_another_run_is_not_resumed(tiny_manifest, tmp_path):
     StoreWriter(tmp_path / "t.zarr", spec_for(m))
     other = dict(TEACHER, weights_sha256="different")
     with pytest.raises(StoreError, match="different run.*teacher"):
-        StoreWriter(tmp_path / "t.zarr", build_spec(m, other, RECIPES, dtype="float16", topk=0,
-                                                    compressor="blosc-zstd", chunk_rows=32, budget={"n": None}))
+        StoreWriter(
+            tmp_path / "t.zarr",
+            build_spec(
+                m, other, RECIPES, dtype="float16", topk=0, compressor="blosc-zstd", chunk_rows=32, budget={"n": None}
+            ),
+        )
 
 
 def test_nan_logits_are_rejected_with_keys(tiny_manifest, tmp_path):

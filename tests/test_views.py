@@ -24,7 +24,7 @@ def test_views_are_pure_functions_of_seed_index_view():
     idx = np.arange(1000)
     a = r.params(idx, np.full(1000, 2))
     b = r.params(idx[::-1], np.full(1000, 2))
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         assert np.array_equal(x, y[::-1])  # order/batching does not matter
     c = ViewRecipe(views=4, seed=8, pad=4, flip=True).params(idx, np.full(1000, 2))
     assert not np.array_equal(a[0], c[0])  # the seed does
@@ -89,8 +89,16 @@ def test_student_input_equals_teacher_input_bit_for_bit(fresh_manifest, tmp_path
         return orig_forward(x)
 
     spy.forward = record
-    spec = build_spec(m, {"name": "spy", "arch": "x", "weights_sha256": "0"}, recipes, dtype="float32", topk=0,
-                      compressor="none", chunk_rows=64, budget={"n": None})
+    spec = build_spec(
+        m,
+        {"name": "spy", "arch": "x", "weights_sha256": "0"},
+        recipes,
+        dtype="float32",
+        topk=0,
+        compressor="none",
+        chunk_rows=64,
+        budget={"n": None},
+    )
     run_teach(m, spy, tmp_path / "spy.zarr", spec, recipes, batch_size=1000)
     # Rebuild the (index, view) -> teacher input map: shards in order, views in order, batch = one shard.
     k = 0

@@ -1,0 +1,111 @@
+"""`kdcache`: the command line.
+
+kdcache inspect data/logits/cnn.zarr            what a logit store holds (out of core, dask)
+kdcache compare metrics/a.json metrics/b.json   metrics side by side
+kdcache import-logits ...                       a store from logits computed elsewhere
+kdcache prepare | train-teacher | teach | distill | evaluate | report [ARGS]
+                                                run one pipeline stage by hand (what `dvc repro` runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+STAGES = {
+    "prepare": "stages.prepare",
+    "train-teacher": "stages.train_teacher",
+    "teach": "stages.teach",
+    "distill": "stages.distill",
+    "evaluate": "stages.evaluate",
+    "report": "stages.report",
+}
+
+
+def _labels_for(store: Path, split: str, shards: str | None):
+    """Labels of the store's data set, from --shards or the default data/shards/<name>."""
+    import zarr
+
+    from pipeline.shards import load_manifest
+
+    target = store if store.exists() else store.with_name(store.name + ".partial")
+    name = dict(zarr.open_group(str(target), mode="r").attrs).get("dataset", {}).get("name")
+    folder = Path(shards) if shards else Path("data/shards") / str(name)
+    if not (folder / "manifest.json").exists():
+        return None
+    return load_manifest(folder).iter_labels(split)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pipeline.inspect_store import format_info, inspect_store
+
+    store = Path(args.store)
+    labels = None if args.no_labels else _labels_for(store, args.split, args.shards)
+    info = inspect_store(store, args.split, labels=labels, chunk_rows=args.chunk_rows)
+    print(json.dumps(info, indent=1) if args.json else format_info(info))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    rows = [(Path(p).stem, json.loads(Path(p).read_text())) for p in args.metrics]
+    keys = sorted({k for _, m in rows for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    width = max(12, *(len(n) for n, _ in rows))
+    print(
+        f"{'metric':<16}"
+        + "".join(f"{n:>{width + 2}}" for n, _ in rows)
+        + (f"{'diff (2-1)':>14}" if len(rows) == 2 else "")
+    )
+    for k in keys:
+        vals = [m.get(k) for _, m in rows]
+        cells = "".join(f"{v:>{width + 2}.4f}" if isinstance(v, float) else f"{v!s:>{width + 2}}" for v in vals)
+        diff = ""
+        if len(rows) == 2 and all(isinstance(v, (int, float)) for v in vals):
+            diff = f"{vals[1] - vals[0]:>+14.4f}"
+        print(f"{k:<16}{cells}{diff}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in STAGES:
+        module = importlib.import_module(STAGES[argv[0]])
+        module.main(argv[1:])
+        return 0
+    ap = argparse.ArgumentParser(
+        prog="kdcache",
+        description="Teacher-logit caching and offline knowledge distillation.",
+        epilog="Pipeline stages (see `kdcache <stage> --help`): "
+        + ", ".join(STAGES)
+        + ". The whole pipeline: `dvc repro`.",
+    )
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+    p = sub.add_parser("inspect", help="summarise a logit store (schema, fingerprints, calls, entropy, ECE)")
+    p.add_argument("store", help="path to <teacher>.zarr (or its .partial)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--shards", default=None, help="data set folder for labels (default: data/shards/<dataset>)")
+    p.add_argument("--no-labels", action="store_true", help="skip accuracy/ECE (no shards needed)")
+    p.add_argument("--chunk-rows", type=int, default=None, help="dask block rows (default: store shard rows)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("compare", help="metrics JSON files side by side (like `dvc metrics diff`)")
+    p.add_argument("metrics", nargs="+")
+    p.set_defaults(func=cmd_compare)
+    for name in STAGES:
+        sub.add_parser(
+            name, help=f"run the `{STAGES[name].split('.')[1]}` stage (args: see its --help)", add_help=False
+        )
+    from pipeline.import_logits import add_parser as add_import
+
+    add_import(sub)
+    args = ap.parse_args(argv)
+    if not args.cmd:
+        ap.print_help()
+        return 0
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

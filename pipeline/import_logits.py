@@ -1,0 +1,206 @@
+"""`kdcache import-logits`: a logit store from logits computed elsewhere (e.g. a teacher behind an API).
+
+Accepted files, one per split, rows in the manifest's index order unless keys say otherwise:
+- `.npy`: (N, C) or (N, V, C) float array;
+- `.npz`: array `logits` of that shape, optional `keys` (N,) (sample keys or integer indices);
+- `.parquet`: a key column and a logits column (list of C floats per row; or of V*C, reshaped).
+Rows that are all NaN count as *not queried* (a budget-limited teacher); any other NaN/Inf is an
+error. The result has the same schema and attributes as a store written by `teach`, so every
+downstream stage treats it the same; the teacher's identity is the file's sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.shards import Manifest, load_manifest, sample_key, sha256_file
+from pipeline.store import StoreError, StoreWriter
+from pipeline.teach import build_spec
+from pipeline.views import ViewRecipe
+
+log = logging.getLogger(__name__)
+
+
+def read_logits_file(
+    path: Path, key_column: str = "key", logits_column: str = "logits"
+) -> tuple[np.ndarray, list | None]:
+    """Load (logits, keys or None) from .npy / .npz / .parquet."""
+    if not path.exists():
+        raise FileNotFoundError(f"logits file {path} not found")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False), None
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            if "logits" not in z:
+                raise StoreError(f"{path}: .npz needs an array named 'logits' (found {sorted(z.files)})")
+            return z["logits"], (z["keys"].tolist() if "keys" in z else None)
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        missing = [c for c in (key_column, logits_column) if c not in table.column_names]
+        if missing:
+            raise StoreError(
+                f"{path}: missing column(s) {missing}; columns: {table.column_names} "
+                "(set --key-column / --logits-column)"
+            )
+        keys = table.column(key_column).to_pylist()
+        rows = table.column(logits_column).to_pylist()
+        lengths = {len(r) if r is not None else -1 for r in rows}
+        if len(lengths) != 1 or -1 in lengths:
+            raise StoreError(f"{path}: logits rows have different lengths {sorted(lengths)[:5]}; expected one C")
+        return np.asarray(rows, dtype=np.float32), keys
+    raise StoreError(f"{path}: unsupported logits file type '{suffix}'; use .npy, .npz or .parquet")
+
+
+def align(
+    logits: np.ndarray, keys: list | None, manifest: Manifest, split: str, views: int | None, path: Path
+) -> np.ndarray:
+    """Validate against the manifest and return (N, V, C) float32 in index order."""
+    n, c = manifest.split(split).n, manifest.num_classes
+    if not np.issubdtype(logits.dtype, np.floating):
+        raise StoreError(f"{path}: logits dtype {logits.dtype} is not floating point")
+    if logits.ndim == 2 and views and views > 1:
+        if logits.shape[1] != views * c:
+            raise StoreError(f"{path}: rows of {logits.shape[1]} values, expected V*C = {views}*{c}")
+        logits = logits.reshape(len(logits), views, c)
+    if logits.ndim == 2:
+        logits = logits[:, None, :]
+    if logits.ndim != 3 or logits.shape[2] != c:
+        raise StoreError(f"{path}: logits shape {logits.shape}, expected (N, C) or (N, V, C) with N={n}, C={c}")
+    if len(logits) != n:
+        raise StoreError(f"{path}: {len(logits)} rows but split '{split}' of {manifest.root} has N={n}")
+    if keys is not None:
+        idx = np.array([int(k) for k in keys])
+        if sorted(idx.tolist()) != list(range(n)):
+            bad = sorted(set(range(n)) - set(idx.tolist()))[:5]
+            raise StoreError(
+                f"{path}: keys do not cover the split's samples exactly (missing e.g. {[sample_key(b) for b in bad]})"
+            )
+        out = np.empty_like(logits)
+        out[idx] = logits
+        logits = out
+    return logits.astype(np.float32)
+
+
+def import_logits(
+    files: dict[str, Path],
+    manifest: Manifest,
+    out: Path,
+    name: str,
+    *,
+    views_recipe: ViewRecipe | None = None,
+    dtype: str = "float16",
+    topk: int = 0,
+    force: bool = False,
+    key_column: str = "key",
+    logits_column: str = "logits",
+) -> Path:
+    arrays = {}
+    for split, path in files.items():
+        logits, keys = read_logits_file(path, key_column, logits_column)
+        arrays[split] = align(logits, keys, manifest, split, views_recipe.views if views_recipe else None, path)
+    recipes = {}
+    for split, arr in arrays.items():
+        v = arr.shape[1]
+        base = views_recipe or ViewRecipe(views=1)
+        if v > 1 and views_recipe is None:
+            raise StoreError(f"{files[split]} has {v} views: pass --view-seed/--pad/--flip saying how they were made")
+        recipes[split] = ViewRecipe(views=v, seed=base.seed, pad=base.pad, flip=base.flip)
+    digest = "+".join(sha256_file(files[s])[:16] for s in sorted(files))
+    teacher = {
+        "name": name,
+        "arch": "external",
+        "weights_sha256": digest,
+        "source": {s: str(p) for s, p in files.items()},
+    }
+    spec = build_spec(
+        manifest,
+        teacher,
+        recipes,
+        dtype=dtype,
+        topk=topk,
+        compressor="blosc-zstd",
+        chunk_rows=1000,
+        budget={"n": None, "imported": True},
+    )
+    writer = StoreWriter(out, spec, force=force)
+    for split, arr in arrays.items():
+        s = spec.splits[split]
+        for j in writer.pending(split):
+            start, stop = s.shard_range(j)
+            block = arr[start:stop]
+            finite = np.isfinite(block)
+            queried = finite.all(-1)  # (n, V)
+            partly = finite.any(-1) & ~queried
+            if partly.any():
+                r = int(np.flatnonzero(partly.any(1))[0]) + start
+                raise StoreError(
+                    f"{files[split]}: row {r} (key {sample_key(r)}) mixes NaN/Inf with numbers; "
+                    "a row is either all NaN (not queried) or all finite"
+                )
+            writer.write_shard(split, j, block, queried)
+    return writer.finalize({"imported_from": {s: str(p) for s, p in files.items()}})
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import-logits",
+        help="build a logit store from .npy/.npz/.parquet logits computed elsewhere",
+        description=__doc__,
+    )
+    p.add_argument(
+        "--logits",
+        action="append",
+        required=True,
+        metavar="SPLIT=FILE",
+        help="logits of one split, e.g. --logits train=t.npy --logits test=s.npy",
+    )
+    p.add_argument("--shards", required=True, help="prepared data set folder (its manifest is checked)")
+    p.add_argument("--name", required=True, help="teacher name; store goes to data/logits/<name>.zarr")
+    p.add_argument("--out", default=None)
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--topk", type=int, default=0)
+    p.add_argument("--view-seed", type=int, default=None, help="for V > 1: the views' seed (pipeline.views)")
+    p.add_argument("--pad", type=int, default=4)
+    p.add_argument("--flip", type=int, default=1)
+    p.add_argument("--key-column", default="key")
+    p.add_argument("--logits-column", default="logits")
+    p.add_argument("--force", action="store_true", help="overwrite an existing store")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    from pipeline.runtime import setup_logging
+
+    setup_logging()
+    files = {}
+    for item in args.logits:
+        split, sep, path = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--logits expects SPLIT=FILE, got '{item}'")
+        files[split] = Path(path)
+    manifest = load_manifest(args.shards)
+    recipe = None
+    if args.view_seed is not None:
+        recipe = ViewRecipe(views=1, seed=args.view_seed, pad=args.pad, flip=bool(args.flip))
+    out = Path(args.out or f"data/logits/{args.name}.zarr")
+    import_logits(
+        files,
+        manifest,
+        out,
+        args.name,
+        views_recipe=recipe,
+        dtype=args.dtype,
+        topk=args.topk,
+        force=args.force,
+        key_column=args.key_column,
+        logits_column=args.logits_column,
+    )
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,140 @@
+"""`kdcache inspect STORE`: what a logit store holds, computed out of core with dask.array.
+
+Reductions (teacher accuracy, entropy, calibration) stream over the Zarr arrays chunk by chunk, so
+inspecting an ImageNet-sized store needs memory for a few chunks, not the whole array.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from pipeline.store import PARTIAL_SUFFIX, partial_path
+
+ENTROPY_BINS = 20
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _softmax(z: da.Array) -> da.Array:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = da.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _dense_logits(g: zarr.Group, rows: int, num_classes: int) -> da.Array:
+    """(N, C) view-0 logits as a dask array (the top-k layout is expanded block by block)."""
+    if "logits" in g:
+        arr = da.from_zarr(g["logits"], chunks=(rows, -1, -1))
+        return arr[:, 0].astype(np.float32)
+    from pipeline.store import topk_expand
+
+    v = da.from_zarr(g["topk_values"], chunks=(rows, -1, -1))
+    i = da.from_zarr(g["topk_indices"], chunks=(rows, -1, -1))
+    t = da.from_zarr(g["tail_mass"], chunks=(rows, -1))
+    dense = da.map_blocks(
+        lambda a, b, c: topk_expand(a, b, c, num_classes),
+        v,
+        i,
+        t[..., None],
+        dtype=np.float32,
+        chunks=(v.chunks[0], v.chunks[1], (num_classes,)),
+    )
+    return dense[:, 0]
+
+
+def inspect_store(
+    path: str | Path,
+    split: str = "train",
+    labels: np.ndarray | None = None,
+    chunk_rows: int | None = None,
+    bins: int = 15,
+) -> dict[str, Any]:
+    """Summary of one split of a (complete or partial) store; `labels` (N,) adds accuracy and ECE.
+
+    chunk_rows: dask block rows (default: the store's shard rows); small values prove out-of-core.
+    """
+    path = Path(path)
+    target = path if path.exists() else partial_path(path)
+    if not target.exists():
+        raise FileNotFoundError(f"no store at {path} (nor {partial_path(path)})")
+    root = zarr.open_group(str(target), mode="r")
+    attrs = dict(root.attrs)
+    if split not in root:
+        raise KeyError(f"{target} has no split '{split}'; splits: {sorted(k for k, _ in root.groups())}")
+    g = root[split]
+    sa = dict(g.attrs)
+    n, v, c = sa["n"], sa["views"], sa["num_classes"]
+    done = g["done"][:]
+    rows = chunk_rows or sa["shard_rows"]
+    info: dict[str, Any] = {
+        "path": str(target),
+        "partial": target.name.endswith(PARTIAL_SUFFIX),
+        "complete": bool(attrs.get("complete")),
+        "schema_version": attrs.get("schema_version"),
+        "teacher": attrs.get("teacher"),
+        "dataset": attrs.get("dataset"),
+        "dtype": attrs.get("dtype"),
+        "layout": f"top-{attrs['topk']}" if attrs.get("topk") else "dense",
+        "compressor": attrs.get("compressor"),
+        "library": attrs.get("library"),
+        "created": attrs.get("created"),
+        "split": split,
+        "shape": {"N": n, "V": v, "C": c},
+        "view_recipe": sa.get("view_recipe"),
+        "shards_done": f"{int(done.sum())}/{len(done)}",
+        "budget": attrs.get("budget"),
+    }
+    queried = da.from_zarr(g["queried"], chunks=(rows, -1))
+    info["teacher_calls"] = int(queried.sum().compute())
+    disk = _disk_bytes(target / split)
+    info["disk_bytes"] = disk
+    info["bytes_per_sample_view"] = round(disk / max(1, info["teacher_calls"]), 3)
+    z = _dense_logits(g, rows, c)  # (N, C)
+    q0 = queried[:, 0]
+    p = _softmax(z)
+    ent = -(p * da.log(da.clip(p, 1e-12, None))).sum(axis=-1)  # (N,) nats
+    ent_q = ent[q0]
+    hist, edges = da.histogram(ent_q, bins=ENTROPY_BINS, range=(0.0, float(np.log(c))))
+    mean_ent, hist = da.compute(ent_q.mean(), hist)
+    info["entropy_mean"] = float(mean_ent)
+    info["entropy_hist"] = {"counts": hist.tolist(), "edges": [round(float(e), 4) for e in edges]}
+    if labels is not None:
+        if len(labels) != n:
+            raise ValueError(f"{len(labels)} labels for a store of N={n}")
+        y = da.from_array(np.asarray(labels), chunks=rows)
+        pred = z.argmax(axis=-1)
+        conf = p.max(axis=-1)
+        correct = (pred == y) & q0
+        # ECE (Guo et al. 2017) from per-bin sums: one streaming pass, then a tiny numpy reduction.
+        which = da.clip(da.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
+        sel = q0.astype(np.float64)
+        cnt = da.bincount(which, weights=sel, minlength=bins)
+        acc_sum = da.bincount(which, weights=correct.astype(np.float64), minlength=bins)
+        conf_sum = da.bincount(which, weights=conf * sel, minlength=bins)
+        cnt, acc_sum, conf_sum, n_correct = da.compute(cnt, acc_sum, conf_sum, correct.sum())
+        nq = max(1.0, cnt.sum())
+        info["teacher_top1"] = float(n_correct / nq)
+        info["ece"] = float(np.sum(np.abs(acc_sum - conf_sum)) / nq)
+    return info
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """Human-readable multi-line rendering for the CLI."""
+    lines = []
+    for k, val in info.items():
+        if k == "entropy_hist":
+            counts, edges = val["counts"], val["edges"]
+            peak = max(counts) or 1
+            lines.append("entropy histogram (nats):")
+            for cnt, lo, hi in zip(counts, edges[:-1], edges[1:], strict=False):
+                lines.append(f"  [{lo:6.3f}, {hi:6.3f}) {cnt:9d} {'#' * int(40 * cnt / peak)}")
+        else:
+            lines.append(f"{k}: {val}")
+    return "\n".join(lines)
