@@ -9,6 +9,8 @@ is the only thing on the critical path (torch, zlib and blosc release the GIL).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,12 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.budget import query_mask
 from pipeline.shards import Manifest, iter_shard, sample_key
-from pipeline.store import SplitSpec, StoreSpec, StoreWriter
+from pipeline.store import SplitSpec, StoreSpec, StoreWriter, _jsonable
 from pipeline.views import ViewRecipe, to_tensor
 
 log = logging.getLogger(__name__)
@@ -148,11 +151,13 @@ def run_teach(
     force: bool = False,
     shards: Iterable[tuple[str, int]] | None = None,
     finalize: bool = True,
+    previous: PreviousCalls | None = None,
 ) -> StoreWriter:
     """Fill the store at `out` (resuming a partial one) and finalize it.
 
     `shards` restricts the work to given (split, shard) pairs (dask tasks); `finalize=False` leaves
-    the partial store for a driver that finalizes after all tasks are done.
+    the partial store for a driver that finalizes after all tasks are done. `previous` supplies
+    teacher calls an earlier store already made (a smaller budget): only the new ones are computed.
     """
     device = device or torch.device("cpu")
     if isinstance(model, nn.Module):
@@ -172,9 +177,14 @@ def run_teach(
             nxt = reader.submit(read_shard, manifest, *todo[k + 1]) if k + 1 < len(todo) else None
             s = spec.splits[split]
             start, stop = s.shard_range(j)
-            logits = shard_logits(
-                model, batch, recipes[split], masks[split][start:stop], s.num_classes, batch_size, device
-            )
+            need = masks[split][start:stop]  # (n, V) sample-views this store must hold
+            old_logits, old_q = previous.block(split, start, stop) if previous else (None, None)
+            if old_q is not None:
+                need = need & ~old_q  # only calls the earlier budget did not make
+            logits = shard_logits(model, batch, recipes[split], need, s.num_classes, batch_size, device)
+            if old_q is not None:
+                keep = old_q & masks[split][start:stop]
+                logits[keep] = old_logits[keep]
             if pending_write is not None:
                 pending_write.result()  # surface write errors; keep at most one write in flight
             pending_write = wpool.submit(writer.write_shard, split, j, logits, masks[split][start:stop], batch.keys)
@@ -183,5 +193,64 @@ def run_teach(
             pending_write.result()
         bar.close()
     if finalize:
-        writer.finalize()
+        writer.finalize({"calls_reused": previous.reused(masks) if previous else 0})
+        if previous:
+            previous.discard()
     return writer
+
+
+class PreviousCalls:
+    """Teacher calls of an existing store that a new store with a larger budget can reuse.
+
+    Reusable only if everything but the budget size is identical (teacher weights, data set, views,
+    dtype, layout, selection strategy and seed): then the earlier selection is a prefix of the new
+    one and its logits are exactly what the teacher would return again. The old store is moved to
+    `<out>.previous` first (so a crash mid-run loses nothing) and deleted after the new one is final.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.group = zarr.open_group(str(path), mode="r")
+
+    @classmethod
+    def find(cls, out: str | Path, spec: StoreSpec) -> PreviousCalls | None:
+        out = Path(out)
+        prev = out.with_name(out.name + ".previous")
+        if out.exists():
+            if prev.exists():
+                shutil.rmtree(prev)
+            os.replace(out, prev)
+        if not prev.exists():
+            return None
+        try:
+            attrs = dict(zarr.open_group(str(prev), mode="r").attrs)
+        except Exception:  # not a store: nothing to reuse
+            shutil.rmtree(prev)
+            return None
+        old, new = attrs.get("identity", {}), _jsonable(spec.identity())
+        same = attrs.get("complete") and {k: v for k, v in old.items() if k != "extra"} == {
+            k: v for k, v in new.items() if k != "extra"
+        }
+        ob, nb = (old.get("extra") or {}).get("budget", {}), new["extra"].get("budget", {})
+        same = same and ob.get("strategy") == nb.get("strategy") and ob.get("seed") == nb.get("seed")
+        if not same:
+            log.info("existing store %s is not reusable (different teacher, data or recipe): recomputing", out)
+            shutil.rmtree(prev)
+            return None
+        log.info("reusing the teacher calls of the existing store %s", out)
+        return cls(prev)
+
+    def block(self, split: str, start: int, stop: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if split not in self.group:
+            return None, None
+        g = self.group[split]
+        logits = g["logits"][start:stop] if "logits" in g else None
+        if logits is None:  # top-k layout: reuse is exact only for dense stores
+            return None, None
+        return logits.astype(np.float32), g["queried"][start:stop]
+
+    def reused(self, masks: dict[str, np.ndarray]) -> int:
+        return int(sum((self.group[s]["queried"][:] & m).sum() for s, m in masks.items() if s in self.group))
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -17,7 +17,7 @@ from pipeline import modelio
 from pipeline.config import TeachConfig, from_dict, load_params, section
 from pipeline.runtime import pick_device, set_threads, setup_logging
 from pipeline.shards import load_manifest, sha256_file
-from pipeline.teach import build_spec, run_teach
+from pipeline.teach import PreviousCalls, build_spec, run_teach
 from pipeline.teach_dask import run_teach_dask, worker_threads
 from pipeline.views import ViewRecipe
 
@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", default=None, help="teacher checkpoint (default: data/teachers/<name>.pt)")
     ap.add_argument("--out", default=None, help="store path (default: data/logits/<name>.zarr)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing store / discard a partial one")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="replace an existing store, reusing the teacher calls it already made when only the budget grew "
+        "(what `dvc repro` runs: raising teach.budget calls the teacher only on the new sample-views)",
+    )
     args = ap.parse_args(argv)
     setup_logging()
     params = load_params(args.params)
@@ -59,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         budget=budget,
     )
     out = args.out or f"data/logits/{args.name}.zarr"
+    previous = PreviousCalls.find(out, spec) if args.reuse else None
     if cfg.cluster != "none":  # same store, computed by dask workers (pipeline/teach_dask.py)
         run_teach_dask(
             manifest,
@@ -73,7 +80,10 @@ def main(argv: list[str] | None = None) -> None:
             force=args.force,
         )
         return
-    run_teach(manifest, model, out, spec, recipes, batch_size=cfg.batch_size, device=pick_device(), force=args.force)
+    run_teach(
+        manifest, model, out, spec, recipes, batch_size=cfg.batch_size, device=pick_device(), force=args.force,
+        previous=previous,
+    )
 
 
 if __name__ == "__main__":
