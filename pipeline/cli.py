@@ -3,7 +3,7 @@
 kdcache inspect data/logits/cnn.zarr            what a logit store holds (out of core, dask)
 kdcache compare metrics/a.json metrics/b.json   metrics side by side
 kdcache import-logits ...                       a store from logits computed elsewhere
-kdcache prepare | train-teacher | teach | distill | evaluate | report [ARGS]
+kdcache prepare | train-teacher | teach | distill | corrupt | evaluate | report [ARGS]
                                                 run one pipeline stage by hand (what `dvc repro` runs)
 """
 
@@ -20,6 +20,7 @@ STAGES = {
     "train-teacher": "stages.train_teacher",
     "teach": "stages.teach",
     "distill": "stages.distill",
+    "corrupt": "stages.corrupt",
     "evaluate": "stages.evaluate",
     "report": "stages.report",
 }
@@ -49,12 +50,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def flat_numbers(d: dict, prefix: str = "") -> dict[str, int | float]:
+    """Numeric leaves of a (nested) metrics dict, nested keys joined by '.' as `dvc metrics show` does.
+
+    Lists (reliability bins, per-severity accuracies), strings and booleans are skipped.
+    """
+    out: dict[str, int | float] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_numbers(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    rows = [(Path(p).stem, json.loads(Path(p).read_text())) for p in args.metrics]
-    keys = sorted({k for _, m in rows for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    rows = [(Path(p).stem, flat_numbers(json.loads(Path(p).read_text()))) for p in args.metrics]
+    keys = sorted({k for _, m in rows for k in m})
     width = max(12, *(len(n) for n, _ in rows))
+    kw = max([16, *(len(k) + 2 for k in keys)])  # metric names like corrupt/gaussian_noise are longer than 16
     print(
-        f"{'metric':<16}"
+        f"{'metric':<{kw}}"
         + "".join(f"{n:>{width + 2}}" for n, _ in rows)
         + (f"{'diff (2-1)':>14}" if len(rows) == 2 else "")
     )
@@ -64,7 +80,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         diff = ""
         if len(rows) == 2 and all(isinstance(v, (int, float)) for v in vals):
             diff = f"{vals[1] - vals[0]:>+14.4f}"
-        print(f"{k:<16}{cells}{diff}")
+        print(f"{k:<{kw}}{cells}{diff}")
     return 0
 
 

@@ -1,6 +1,12 @@
 """DVC stage `evaluate@<student>`: test-split metrics of one student (and its teacher) -> metrics/<id>.json.
 
-python -m stages.evaluate --student cnn-kd-full-0 [--params params.yaml]
+    python -m stages.evaluate --student cnn-kd-full-0 [--params params.yaml]
+
+Writes `metrics/<id>.json` (accuracy, agreement, correlations, ECE + reliability bins, corruption
+accuracy; keys in `pipeline.evaluate.split_metrics` / `robustness_metrics`) and
+`plots/confusion/<id>.csv` (actual,predicted per test sample, for DVC's `confusion` template).
+Robustness metrics need the `corrupt` stage's output (data/corrupt/<dataset>); without it they are
+skipped with a warning.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ from pathlib import Path
 
 from pipeline import modelio
 from pipeline.config import EvaluateConfig, from_dict, load_params, section
-from pipeline.evaluate import agreement, expected_calibration_error, predict_split, topk_accuracy
+from pipeline.corruptions import load_corrupted
+from pipeline.evaluate import predict_split, robustness_metrics, split_metrics, write_confusion_csv
 from pipeline.loader import DistillDataset
 from pipeline.runtime import pick_device, setup_logging
 from pipeline.shards import load_manifest
@@ -28,31 +35,36 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shards", default=None)
     ap.add_argument("--model", default=None, help="default: data/students/<id>/model.pt")
     ap.add_argument("--out", default=None, help="default: metrics/<id>.json")
+    ap.add_argument("--corrupt", default=None, help="corrupted test set (default: data/corrupt/<dataset>)")
+    ap.add_argument("--confusion", default=None, help="default: plots/confusion/<id>.csv")
     args = ap.parse_args(argv)
     setup_logging()
     params = load_params(args.params)
     cfg = from_dict(EvaluateConfig, section(params, "evaluate"), "evaluate")
-    manifest = load_manifest(args.shards or f"data/shards/{params['prepare']['name']}")
+    dataset = params["prepare"]["name"]
+    manifest = load_manifest(args.shards or f"data/shards/{dataset}")
     model, meta = modelio.load(args.model or f"data/students/{args.student}/model.pt", manifest=manifest)
     device = pick_device()
-    logits, labels = predict_split(
-        model.to(device), DistillDataset(manifest, "test", shuffle=False), cfg.batch_size, device
-    )
+    model = model.to(device)
+    logits, labels = predict_split(model, DistillDataset(manifest, "test", shuffle=False), cfg.batch_size, device)
     metrics = {k: meta[k] for k in ("student_id", "teacher", "loss", "budget", "seed", "teacher_calls") if k in meta}
     metrics["student_arch"] = meta["arch"]
-    for k in cfg.topk:
-        metrics[f"top{k}"] = topk_accuracy(logits, labels, k)
-    metrics["ece"] = expected_calibration_error(logits, labels)
     store = Path(f"data/logits/{meta['teacher']}.zarr")
-    if store.exists():
-        t = LogitStore(store, "test", manifest).read_all()[:, 0]  # (N, C) view 0 = plain image
-        metrics["teacher_top1"] = topk_accuracy(t, labels, 1)
-        metrics["agreement"] = agreement(logits, t)
-        metrics["teacher_ece"] = expected_calibration_error(t, labels)
+    teacher = LogitStore(store, "test", manifest).read_all()[:, 0] if store.exists() else None  # (N, C) view 0
+    if teacher is None:
+        log.warning("no logit store %s: teacher-side metrics (agreement, correlations) skipped", store)
+    metrics.update(split_metrics(logits, labels, teacher, topk=cfg.topk))
+    corrupt_dir = Path(args.corrupt or f"data/corrupt/{dataset}")
+    if (corrupt_dir / "meta.json").exists():
+        metrics.update(robustness_metrics(model, load_corrupted(corrupt_dir, manifest), logits, cfg.batch_size, device))
+    else:
+        log.warning("no corrupted test set at %s (`dvc repro corrupt`): robustness metrics skipped", corrupt_dir)
+    confusion = args.confusion or f"plots/confusion/{args.student}.csv"
+    write_confusion_csv(confusion, labels, logits.argmax(1), manifest.classes)
     out = Path(args.out or f"metrics/{args.student}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-    log.info("%s: %s", args.student, {k: v for k, v in metrics.items() if isinstance(v, float)})
+    log.info("%s: %s", args.student, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
 
 
 if __name__ == "__main__":

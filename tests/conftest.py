@@ -70,6 +70,21 @@ TINY_PARAMS: dict = {
             "ckd": {"T": 4.0},
         },
     },
+    "corrupt": {
+        "corruptions": [
+            "gaussian_noise",
+            "shot_noise",
+            "gaussian_blur",
+            "contrast",
+            "brightness",
+            "haze",
+            "pixelate",
+            "jpeg",
+        ],
+        "severities": [1, 2, 3, 4, 5],
+        "seed": 0,
+        "limit": 32,
+    },
     "evaluate": {"batch_size": 128, "topk": [1, 2]},
     "report": {"title": "tiny"},
 }

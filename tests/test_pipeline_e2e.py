@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError
 from pipeline.store import LogitStore
-from stages import distill, evaluate, prepare, report, teach, train_teacher
+from stages import corrupt, distill, evaluate, prepare, report, teach, train_teacher
 from tests.conftest import make_project, tiny_params
 
 ALL_LOSSES = ["ce", "kd", "dkd", "dist", "cmkd", "ckd"]
@@ -36,6 +36,7 @@ def test_every_stage_on_tiny_data(tmp_path, monkeypatch):
     teach.main(["--name", "small"])
     store = LogitStore("data/logits/small.zarr", "train")
     assert store.views == 2 and np.isfinite(store.read_all()).all()
+    corrupt.main([])
     for loss in ALL_LOSSES:
         distill.main(["--teacher", "small", "--loss", loss])
         sid = f"small-{loss}-full-0"
@@ -43,6 +44,9 @@ def test_every_stage_on_tiny_data(tmp_path, monkeypatch):
         m = json.loads(Path(f"metrics/{sid}.json").read_text())
         assert 0.0 <= m["top1"] <= 1.0 and m["top1"] <= m["top2"]
         assert m["teacher_calls"] == 512 and 0 <= m["agreement"] <= 1
+        assert -1 <= m["spearman"] <= 1 and len(m["reliability"]["student"]["count"]) == 15
+        assert 0 <= m["corrupt_mean"] <= 1 and len(m["corrupt_severity"]["jpeg"]) == 5
+        assert len(Path(f"plots/confusion/{sid}.csv").read_text().splitlines()) == 1 + 256
         assert m["teacher_top1"] == pytest.approx(t["test_top1"], abs=0.02)  # fp16 cache vs fp32 eval
         curves = json.loads(Path(f"plots/curves/{sid}.json").read_text())
         assert curves[-1]["epoch"] == 1 and "test_acc" in curves[-1] and np.isfinite(curves[-1]["train_loss"])
