@@ -202,9 +202,9 @@ def run_teach(
 class PreviousCalls:
     """Teacher calls of an existing store that a new store with a larger budget can reuse.
 
-    Reusable only if everything but the budget size is identical (teacher weights, data set, views,
-    dtype, layout, selection strategy and seed): then the earlier selection is a prefix of the new
-    one and its logits are exactly what the teacher would return again. The old store is moved to
+    Reusable only if the budget grew and everything else is identical (teacher weights, data set,
+    views, dtype, layout, selection strategy and seed): then the earlier selection is a prefix of the
+    new one and its logits are exactly what the teacher would return again. The old store is moved to
     `<out>.previous` first (so a crash mid-run loses nothing) and deleted after the new one is final.
     """
 
@@ -233,8 +233,11 @@ class PreviousCalls:
         }
         ob, nb = (old.get("extra") or {}).get("budget", {}), new["extra"].get("budget", {})
         same = same and ob.get("strategy") == nb.get("strategy") and ob.get("seed") == nb.get("seed")
-        if not same:
-            log.info("existing store %s is not reusable (different teacher, data or recipe): recomputing", out)
+        # Only a *raised* budget reuses calls. Any other rerun (DVC reruns teach when its code or inputs
+        # change) recomputes everything, so a fix to the teach code path is never masked by old logits.
+        grew = isinstance(ob.get("n"), int) and (nb.get("n") in (None, "full") or int(nb["n"]) > ob["n"])
+        if not (same and grew):
+            log.info("existing store %s is not reusable (not a raised budget of the same teacher/data/recipe)", out)
             shutil.rmtree(prev)
             return None
         log.info("reusing the teacher calls of the existing store %s", out)

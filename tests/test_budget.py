@@ -124,3 +124,11 @@ def test_store_of_another_teacher_is_not_reused(tiny_manifest, tmp_path):
     )
     assert PreviousCalls.find(out, other) is None
     assert not out.exists()  # the stale store is gone; the caller recomputes everything
+
+
+def test_same_budget_rerun_recomputes(tiny_manifest, tmp_path):
+    """DVC reruns teach when its code changes: that must not silently keep the old logits."""
+    m = tiny_manifest
+    out = tmp_path / "t.zarr"
+    run_teach(m, linear_teacher(m), out, _spec(m, 100), RECIPES)
+    assert PreviousCalls.find(out, _spec(m, 100)) is None
