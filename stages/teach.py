@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             threads_per_worker=worker_threads(cfg.cluster, cfg.workers, cfg.threads),
             batch_size=cfg.batch_size,
             force=args.force,
+            previous=previous,
         )
         return
     run_teach(

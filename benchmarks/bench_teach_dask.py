@@ -1,0 +1,157 @@
+"""Teach-step throughput on dask: 2 worker processes vs 1, torch threads 1 per worker, side by side in one run.
+
+Caches a resnet8-class teacher's logits (random weights: the cost does not depend on them) for the
+first `--train-shards` train shards of the real Fashion-MNIST shards (data/shards/fashion_mnist;
+synthetic 28x28 shards in a temp dir if they are missing) with `run_teach_dask` on a LocalCluster
+of 1 and of 2 workers, plus the single-process `run_teach` (1 thread) as the no-dask reference.
+Each cluster is started and warmed up (torch imported, teacher loaded) before the clock starts, so
+the numbers are the steady teach step; cluster start-up is reported apart. Setups alternate order
+round by round so background load hits each alike; the median per setup is reported.
+
+Example::
+
+    python benchmarks/bench_teach_dask.py                     # 4 train shards x 2 views, 1 round
+    python benchmarks/bench_teach_dask.py --train-shards 2 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import modelio
+from pipeline.runtime import setup_logging
+from pipeline.shards import Manifest, load_manifest, sha256_file, write_dataset
+from pipeline.sources import load_split
+from pipeline.teach import build_spec, run_teach
+from pipeline.teach_dask import cached_teacher, local_cluster, run_teach_dask
+from pipeline.views import ViewRecipe
+
+log = logging.getLogger("bench_teach_dask")
+
+
+def get_manifest(shards: Path, tmp: Path, train_shards: int) -> tuple[Manifest, str]:
+    """The real shards if prepared, else synthetic Fashion-MNIST-shaped ones; cut to the first train shards."""
+    if (shards / "manifest.json").exists():
+        m, source = load_manifest(shards), str(shards)
+    else:
+        d = load_split("synthetic", None, "train", n=5000 * train_shards, size=28, channels=1, num_classes=10, seed=0)
+        m = write_dataset(tmp / "shards", "synthetic28", {"train": (d.images, d.labels)}, list(d.classes), 5000)
+        source = f"synthetic 28x28 ({shards} not prepared)"
+    train = m.split("train")
+    cut = train.shards[:train_shards]
+    sub = dataclasses.replace(train, n=cut[-1].stop, shards=tuple(cut))
+    return dataclasses.replace(m, splits={"train": sub}), source
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shards", type=Path, default=Path("data/shards/fashion_mnist"))
+    ap.add_argument("--arch", default="resnet8")
+    ap.add_argument("--train-shards", type=int, default=4, help="train shards to cache (5000 samples each)")
+    ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--no-baseline", action="store_true", help="skip the single-process run_teach reference")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    setup_logging("INFO" if args.verbose else "WARNING")
+    torch.set_num_threads(1)  # the driver only waits; the single-process reference gets 1 thread like a worker
+
+    from distributed import Client
+
+    if not args.verbose:  # distributed sets its loggers' levels itself at import: quiet them after it
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("distributed"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+
+    with tempfile.TemporaryDirectory(prefix="bench_teach_dask_") as tmp_dir:
+        tmp = Path(tmp_dir)
+        m, source = get_manifest(args.shards, tmp, args.train_shards)
+        torch.manual_seed(0)
+        ckpt = tmp / "teacher.pt"
+        modelio.save(ckpt, modelio.build_for(args.arch, m).eval(), args.arch)
+        sha = sha256_file(ckpt)
+        recipes = {"train": ViewRecipe(args.views, 0, 2, True)}
+        spec = build_spec(
+            m,
+            {"name": "bench", "arch": args.arch, "weights_sha256": sha},
+            recipes,
+            dtype="float16",
+            topk=0,
+            compressor="blosc-zstd",
+            chunk_rows=1000,
+            budget={"n": None},
+        )
+        views = m.split("train").n * args.views
+
+        clusters, startup = {}, {}
+        for k in (1, 2):
+            t0 = time.perf_counter()
+            lc = local_cluster(k)  # exactly the cluster run_teach_dask(cluster="local") starts
+            with Client(lc) as c:
+                c.run(cached_teacher, str(ckpt.resolve()), sha, m)  # warm-up: torch import + teacher load
+            startup[k] = time.perf_counter() - t0
+            clusters[k] = lc
+
+        def dask_run(k: int, r: int) -> float:
+            t0 = time.perf_counter()
+            run_teach_dask(
+                m,
+                ckpt,
+                tmp / f"w{k}-{r}.zarr",
+                spec,
+                recipes,
+                cluster=clusters[k].scheduler_address,
+                workers=k,
+                threads_per_worker=1,
+                batch_size=args.batch_size,
+            )
+            return time.perf_counter() - t0
+
+        def local_run(r: int) -> float:
+            model, _ = modelio.load(ckpt, manifest=m)
+            t0 = time.perf_counter()
+            run_teach(m, model, tmp / f"p-{r}.zarr", spec, recipes, batch_size=args.batch_size)
+            return time.perf_counter() - t0
+
+        setups = {"dask, 1 worker": lambda r: dask_run(1, r), "dask, 2 workers": lambda r: dask_run(2, r)}
+        if not args.no_baseline:
+            setups["1 process, no dask"] = local_run
+        times: dict[str, list[float]] = {name: [] for name in setups}
+        try:
+            for r in range(args.rounds):
+                order = list(setups) if r % 2 == 0 else list(reversed(setups))
+                for name in order:
+                    times[name].append(setups[name](r))
+                    log.info("round %d %s: %.1f s", r, name, times[name][-1])
+        finally:
+            for lc in clusters.values():
+                lc.close()
+
+    med = {name: statistics.median(t) for name, t in times.items()}
+    one = views / med["dask, 1 worker"]
+    print(
+        f"\nteach throughput: {args.arch} teacher, {source}, {m.split('train').n} train samples x {args.views} "
+        f"views = {views} sample-views, batch {args.batch_size}, torch threads 1 per worker, "
+        f"{torch.get_num_interop_threads()} interop; median of {args.rounds} round(s)\n"
+    )
+    print("| setup | workers | sample-views/s | seconds | vs dask 1 worker | cluster start-up s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, sec in med.items():
+        k = 2 if "2 workers" in name else 1
+        up = f"{startup[k]:.1f}" if name.startswith("dask") else "-"
+        print(f"| {name} | {k} | {views / sec:,.0f} | {sec:.1f} | {views / sec / one:.2f}x | {up} |")
+    ratio = med["dask, 1 worker"] / med["dask, 2 workers"]
+    print(f"\n2 workers / 1 worker: {ratio:.2f}x (target >= 1.6) -> {'PASS' if ratio >= 1.6 else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
