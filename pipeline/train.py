@@ -1,29 +1,40 @@
-"""One plain training loop for teachers and students alike.
+"""One plain training loop for teachers and students alike, on one device or many (DDP).
 
 SGD (momentum, optional Nesterov) with weight decay, linear warm-up then cosine / step / constant
 learning-rate schedule evaluated per step, optional gradient clipping, bf16 autocast on CUDA and
-channels_last memory format everywhere. Every epoch ends with a checkpoint (`last.pt`: model, optimizer, epoch,
-history, loss-sampler state) written atomically, so `resume=True` continues an interrupted run to
-the same weights as an uninterrupted one with the same seed (the data stream is a pure function of
-`(seed, epoch)`).
+channels_last memory format everywhere. Every epoch ends with a checkpoint (`last.pt`: model,
+optimizer, epoch, history, student architecture, per-rank RNG and loss-sampler state) written
+atomically, so `resume=True` continues an interrupted run to the same weights as an uninterrupted
+one with the same seed (the data stream is a pure function of `(seed, epoch)`).
 
 Teacher logits come from the batch (`"logits"`, cached) or from a live `teacher` module (online
 mode, for comparison); the student never sees a teacher object in cache mode.
+
+Under `torch.distributed` (world size > 1) the model is wrapped in DistributedDataParallel. DDP
+needs every rank to run the same number of forward/backward passes, but shards are split across
+ranks whole, so ranks can receive different sample counts. Every rank therefore computes the
+epoch's plan (batches per rank) from the manifest (`DistillDataset.plan`) and runs
+`max(batches)` steps; a rank that has run out does a zero-weight step (a dummy forward in eval
+mode, loss 0) so the gradient all-reduce and the optimizer stay in lockstep, and real ranks scale
+their loss by `world / active ranks`, so the averaged gradient is the mean over the ranks that had
+data. No sample is dropped or repeated. Only rank 0 writes checkpoints and curves and evaluates.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
 import math
 import os
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -68,7 +79,11 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 def _loss_state(loss_fn: nn.Module) -> dict[str, Any]:
     """Sampler state of losses that draw randomness (CKD's groups), so resume replays it exactly."""
-    gens = {name: m.generator.get_state() for name, m in loss_fn.named_modules() if isinstance(getattr(m, "generator", None), torch.Generator)}
+    gens = {
+        name: m.generator.get_state()
+        for name, m in loss_fn.named_modules()
+        if isinstance(getattr(m, "generator", None), torch.Generator)
+    }
     return {"generators": gens}
 
 
@@ -76,6 +91,57 @@ def _load_loss_state(loss_fn: nn.Module, state: dict[str, Any]) -> None:
     mods = dict(loss_fn.named_modules())
     for name, s in state.get("generators", {}).items():
         mods[name].generator.set_state(s)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def arch_label(model: nn.Module) -> str:
+    """A name for the model's architecture when the caller gives none: class + parameter-shape fingerprint.
+
+    Two different architectures of one class (cnn_tiny vs cnn_small are both PlainCNN) differ in
+    their parameter shapes, so the fingerprint tells them apart.
+    """
+    if isinstance(getattr(model, "arch", None), str):
+        return model.arch
+    net = getattr(model, "net", model)  # modelio.Normalized wraps the zoo network
+    shapes = ";".join(f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items())
+    return f"{type(net).__name__}#{hashlib.sha256(shapes.encode()).hexdigest()[:8]}"
+
+
+def _load_checkpoint(path: Path, model: nn.Module, arch: str, device: torch.device) -> dict[str, Any]:
+    """Read `path` and put its weights into `model`, refusing another architecture with both names."""
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint {path} to resume from (run without --resume)")
+    state = torch.load(path, map_location=device, weights_only=False)
+    found = state.get("arch")
+    if found is not None and found != arch:
+        raise ValueError(
+            f"--resume: checkpoint {path} is of student architecture '{found}', but this run trains '{arch}'; "
+            "use another output folder or drop --resume"
+        )
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # old checkpoint without `arch`, or a label that hides a shape change
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(
+            f"--resume: checkpoint {path} (architecture '{found or 'unrecorded'}') does not fit "
+            f"the model '{arch}': {first}"
+        ) from e
+    return state
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    """Every rank's `obj` (a one-element list without DDP)."""
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def train(
@@ -91,104 +157,190 @@ def train(
     teacher: nn.Module | None = None,
     desc: str = "train",
     stop_after_epoch: int | None = None,
+    arch: str | None = None,
+    on_batch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train `model` in place; returns the per-epoch history (also written to `out_dir/history.json`).
 
     loss_fn(student (B, C), teacher (B, C), target (B,), epoch=float) -> {"loss": ..., parts...}.
-    `stop_after_epoch` ends the run early after that epoch (used to test resume).
+    `stop_after_epoch` ends the run early after that (0-based) epoch (used to test resume).
+    `arch` names the architecture in the checkpoint (default: `arch_label(model)`); resuming a
+    checkpoint of another architecture is an error. `on_batch(epoch, batch)` sees every real batch
+    (tests use it to check which samples each rank trained on).
+    Under an initialised process group with world size > 1 the model trains with DDP (see module doc).
     """
     device = device or torch.device("cpu")
+    rank, world = dist_info()
+    main = rank == 0
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     cuda = device.type == "cuda"
     # channels_last on CPU too: ~1.6x faster convolutions and pooling here (oneDNN), and our
     # (B, H, W, C) -> (B, C, H, W) conversion already yields channels_last inputs.
     model.to(device, memory_format=torch.channels_last)
     if teacher is not None:
-        teacher.eval().to(device)
+        teacher.eval().to(device, memory_format=torch.channels_last)
     if isinstance(loss_fn, nn.Module):
         loss_fn.to(device)
+    arch = arch or arch_label(model)
     opt = make_optimizer(model, cfg.optim)
     history: list[dict[str, float]] = []
     start_epoch = 0
     ckpt_path = out_dir / CHECKPOINT
     if resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint {ckpt_path} to resume from (run without --resume)")
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
+        state = _load_checkpoint(ckpt_path, model, arch, device)  # before anything is written
         opt.load_state_dict(state["optimizer"])
+        ranks = state.get("ranks") or [{"torch_rng": state["torch_rng"], "loss": state.get("loss", {})}]
+        mine = ranks[rank] if len(ranks) == world else ranks[0]
+        if len(ranks) != world:
+            log.warning(
+                "checkpoint from %d rank(s), resuming with %d: RNG streams restart from rank 0's", len(ranks), world
+            )
         if isinstance(loss_fn, nn.Module):
-            _load_loss_state(loss_fn, state.get("loss", {}))
-        torch.set_rng_state(state["torch_rng"])
+            _load_loss_state(loss_fn, mine.get("loss", {}))
+        torch.set_rng_state(mine["torch_rng"])
         history = state["history"]
         start_epoch = state["epoch"] + 1
         log.info("resumed %s at epoch %d", ckpt_path, start_epoch)
     else:
         torch.manual_seed(cfg.seed)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
+    net: nn.Module = model
+    if world > 1:
+        # Broadcasts rank 0's weights at construction, then all-reduces (averages) gradients every step.
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     loader = make_loader(train_set, cfg.batch_size, cfg.workers)
-    steps_per_epoch = max(1, math.ceil(train_set.num_samples() / cfg.batch_size))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and cfg.amp) else None
+    h, w, c = train_set.manifest.image_shape
+    idle_x = torch.zeros(1, c, h, w, device=device).contiguous(memory_format=torch.channels_last)  # (1, C, H, W)
+    next_it: Any = None  # the next epoch's loader, started before this epoch's evaluation and checkpoint
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        train_set.set_epoch(epoch)
-        sums: dict[str, float] = defaultdict(float)
-        seen = correct = 0
+        if next_it is None:
+            train_set.set_epoch(epoch)
+        plan = train_set.plan(cfg.batch_size, loader.num_workers)
+        if len(plan.batches) != world:
+            raise RuntimeError(f"data set split for {len(plan.batches)} rank(s), but the process group has {world}")
+        steps, my_batches = plan.steps, plan.batches[rank]
+        if steps == 0:
+            raise RuntimeError(f"{desc}: epoch {epoch} has no samples (empty split or budget?)")
+        net.train()
+        sums: dict[str, torch.Tensor] = {}  # part -> sum over samples, on device (no per-step host sync)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen = 0
+        waited = 0.0  # seconds blocked on the loader: ~0 when the data path keeps up
         t0 = time.perf_counter()
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
-        for step, batch in enumerate(bar):
-            e = epoch + min(step / steps_per_epoch, 1.0)
+        it, next_it = (next_it if next_it is not None else iter(loader)), None
+        bar = tqdm(
+            range(steps), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if main else True
+        )
+        for step in bar:
+            e = epoch + step / steps
             lr = lr_at(cfg.optim, e, cfg.epochs)
             for g in opt.param_groups:
                 g["lr"] = lr
-            x = batch_to_float(batch["image"].to(device, non_blocking=True))  # (B, C, H, W), channels_last
-            y = batch["label"].to(device, non_blocking=True)  # (B,)
-            if teacher is not None:
-                with torch.no_grad():
-                    t = teacher(x).float()  # (B, C) live teacher (online mode)
-            elif "logits" in batch:
-                t = batch["logits"].to(device, non_blocking=True)  # (B, C) cached
+            t_wait = time.perf_counter()
+            batch = next(it, None) if step < my_batches else None
+            waited += time.perf_counter() - t_wait
+            if batch is None and step < my_batches:
+                raise RuntimeError(f"{desc}: the loader ended after {step} batches; the epoch plan said {my_batches}")
+            if batch is None:
+                # This rank is out of data: a zero-weight step keeps DDP's all-reduce and the optimizer in
+                # lockstep. Eval mode so the dummy input does not touch BatchNorm statistics.
+                net.eval()
+                with amp if amp is not None else _null():
+                    loss = net(idle_x).float().sum() * 0.0
+                net.train()
             else:
-                t = None
-            with amp if amp is not None else _null():
-                s = model(x)  # (B, C)
-            parts = _compute_loss(loss_fn, s, t, y, batch.get("has_teacher"), e, cfg.optim.label_smoothing)
+                if on_batch is not None:
+                    on_batch(epoch, batch)
+                x = batch_to_float(batch["image"].to(device, non_blocking=True))  # (B, C, H, W), channels_last
+                y = batch["label"].to(device, non_blocking=True)  # (B,)
+                if teacher is not None:
+                    with torch.no_grad(), amp if amp is not None else _null():
+                        t = teacher(x).float()  # (B, C) live teacher (online mode)
+                elif "logits" in batch:
+                    t = batch["logits"].to(device, non_blocking=True)  # (B, C) cached
+                else:
+                    t = None
+                with amp if amp is not None else _null():
+                    s = net(x)  # (B, C)
+                parts = _compute_loss(loss_fn, s, t, y, batch.get("has_teacher"), e, cfg.optim.label_smoothing)
+                loss = parts["loss"]
+                if world > 1:
+                    loss = loss * (world / plan.active(step))  # DDP averages over all ranks; idle ones add 0
+                b = len(y)
+                seen += b
+                correct += (s.detach().argmax(1) == y).sum()
+                for k, v in parts.items():
+                    sums[k] = sums[k] + v.detach() * b if k in sums else v.detach() * b
             opt.zero_grad(set_to_none=True)
-            parts["loss"].backward()
+            loss.backward()
             if cfg.optim.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             opt.step()
-            b = len(y)
-            seen += b
-            correct += int((s.argmax(1) == y).sum())
-            for k, v in parts.items():
-                sums[k] += float(v.detach()) * b
-        if seen == 0:
-            raise RuntimeError(f"{desc}: epoch {epoch} saw no samples (empty split or budget?)")
+        if next(it, None) is not None:
+            raise RuntimeError(f"{desc}: the loader yielded more than the {my_batches} batches the epoch plan said")
+        del it
+        if epoch + 1 < cfg.epochs and (stop_after_epoch is None or epoch < stop_after_epoch):
+            # Start the next epoch's workers now: their startup (fork, store open, shuffle-buffer fill,
+            # ~0.1 s) overlaps this epoch's evaluation and checkpoint. The workers take a copy of the
+            # data set as it is now, so setting the epoch early is safe.
+            train_set.set_epoch(epoch + 1)
+            next_it = iter(loader)
         dt_epoch = time.perf_counter() - t0
+        mine = (seen, int(correct), {k: float(v) for k, v in sums.items()})
+        seen_all, correct_all, sums_all = 0, 0, {}
+        for n, ok, sm in _gather(mine, world):
+            seen_all += n
+            correct_all += ok
+            for k, v in sm.items():
+                sums_all[k] = sums_all.get(k, 0.0) + v
         row: dict[str, float] = {"epoch": epoch + 1, "lr": lr_at(cfg.optim, epoch + 1, cfg.epochs)}
-        row.update({f"train_{k}": v / seen for k, v in sums.items()})
-        row["train_acc"] = correct / seen
-        row["samples_per_s"] = seen / dt_epoch
-        if test_set is not None and (epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
-            logits, labels = predict_split(model, test_set, cfg.batch_size * 2, device)
+        row.update({f"train_{k}": v / seen_all for k, v in sums_all.items()})
+        row["train_acc"] = correct_all / seen_all
+        row["samples_per_s"] = seen_all / dt_epoch
+        row["steps"] = steps
+        row["data_wait_s"] = waited  # rank 0's (or this process's) time blocked on the loader
+        if (
+            main
+            and test_set is not None
+            and (epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0))
+        ):
+            # On a copy: predict_split runs under inference_mode, where `.to(memory_format=...)` re-creates
+            # the (1, C, 1, 1) normalisation buffers as inference tensors, which DDP's buffer sync (an
+            # in-place broadcast) then refuses. The copy costs one model's memory, once per evaluation.
+            logits, labels = predict_split(copy.deepcopy(model), test_set, cfg.batch_size * 2, device)
             row["test_acc"] = topk_accuracy(logits, labels, 1)
+        if world > 1:  # every rank returns the same history (rank 0's has the test accuracy)
+            box = [row]
+            dist.broadcast_object_list(box, src=0)
+            row = box[0]
         history.append(row)
-        log.info("%s epoch %d/%d: %s", desc, epoch + 1, cfg.epochs, {k: round(v, 4) for k, v in row.items()})
-        state = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "epoch": epoch,
-            "history": history,
-            "torch_rng": torch.get_rng_state(),
-            "loss": _loss_state(loss_fn) if isinstance(loss_fn, nn.Module) else {},
-        }
-        _atomic_save(state, ckpt_path)
-        (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        if main:
+            log.info("%s epoch %d/%d: %s", desc, epoch + 1, cfg.epochs, {k: round(v, 4) for k, v in row.items()})
+        ranks = _gather({"torch_rng": torch.get_rng_state(), "loss": _rank_loss_state(loss_fn)}, world)
+        if main:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "epoch": epoch,
+                "history": history,
+                "arch": arch,
+                "world_size": world,
+                "torch_rng": ranks[0]["torch_rng"],
+                "loss": ranks[0]["loss"],
+                "ranks": ranks,
+            }
+            _atomic_save(state, ckpt_path)
+            (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
     return history
+
+
+def _rank_loss_state(loss_fn: Callable[..., Any]) -> dict[str, Any]:
+    return _loss_state(loss_fn) if isinstance(loss_fn, nn.Module) else {}
 
 
 class _null:

@@ -1,11 +1,16 @@
 """DVC stage `distill@<teacher>-<loss>-<budget>-<seed>`: train a student on shards + cached logits.
 
     python -m stages.distill --teacher cnn --loss kd [--budget full] [--seed 0] [--resume]
+    torchrun --nproc_per_node N -m stages.distill --teacher cnn --loss kd      # DDP (gloo on CPU, nccl on CUDA)
 
 Never builds the teacher (cache mode): its knowledge arrives as logits joined to the shards.
 Section `distill` of params.yaml holds the student, the training recipe and each loss's parameters
 (`distill.loss_params.<loss>`); `distill.teacher_source: online` runs the live teacher instead, for
 comparison.
+
+Under `torchrun` (WORLD_SIZE > 1) the stage joins the process group torchrun describes, every rank
+trains on its share of the shards (`pipeline.train` keeps the ranks in lockstep), and only rank 0
+evaluates and writes the checkpoint, model and curves.
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
 from pipeline import modelio
 from pipeline.budget import query_mask
@@ -50,7 +58,43 @@ def budget_mask(store: LogitStore, labels: np.ndarray, budget: str | int) -> np.
     return mask
 
 
+def init_distributed() -> torch.device | None:
+    """Join torchrun's process group when WORLD_SIZE > 1; returns this rank's device (None: single process).
+
+    gloo on CPU, nccl on CUDA (one GPU per local rank). The rendezvous (MASTER_ADDR/PORT, RANK,
+    WORLD_SIZE, LOCAL_RANK) comes from torchrun's environment.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if torch.cuda.is_available() and os.environ.get("KDCACHE_DEVICE", "cuda").startswith("cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    if dist.get_rank() != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # one rank tells the story
+    log.info("DDP: %d ranks, backend %s", dist.get_world_size(), backend)
+    return device
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, run one student (under torchrun: one rank of it), tear the process group down."""
+    args = _parse(argv)
+    setup_logging()
+    device = init_distributed()
+    try:
+        _run(args, device)
+    finally:
+        if device is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m stages.distill", description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", required=True)
     ap.add_argument("--loss", required=True, help="a loss name or a '+' combination, e.g. dkd+cmkd")
@@ -62,8 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", default=None, help="default: data/students/<id>")
     ap.add_argument("--curves", default=None, help="DVC plots file (default: plots/curves/<id>.json)")
     ap.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
-    args = ap.parse_args(argv)
-    setup_logging()
+    return ap.parse_args(argv)
+
+
+def _run(args: argparse.Namespace, device: torch.device | None) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
     params = load_params(args.params)
     cfg = from_dict(DistillConfig, section(params, "distill"), "distill")
     if args.loss not in cfg.loss_params:
@@ -82,10 +129,15 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(tcfg.threads)
     seed_everything(args.seed)
     train_set = DistillDataset(
-        manifest, "train", store_path, seed=args.seed, shuffle_buffer=tcfg.shuffle_buffer,
-        allowed=allowed, unqueried=cfg.unqueried,
+        manifest,
+        "train",
+        store_path,
+        seed=args.seed,
+        shuffle_buffer=tcfg.shuffle_buffer,
+        allowed=allowed,
+        unqueried=cfg.unqueried,
     )
-    test_set = DistillDataset(manifest, "test", shuffle=False)
+    test_set = DistillDataset(manifest, "test", shuffle=False, split_nodes=False)  # rank 0 evaluates it whole
     teacher = None
     if cfg.teacher_source == "online":
         teacher, _ = modelio.load(f"data/teachers/{args.teacher}.pt", manifest=manifest)
@@ -94,13 +146,29 @@ def main(argv: list[str] | None = None) -> None:
     model = modelio.build_for(cfg.student, manifest)
     out_dir = Path(args.out_dir or f"data/students/{sid}")
     history = train(
-        model, loss_fn, train_set, tcfg, out_dir, test_set=test_set, device=pick_device(),
-        resume=args.resume, teacher=teacher, desc=sid,
+        model,
+        loss_fn,
+        train_set,
+        tcfg,
+        out_dir,
+        test_set=test_set,
+        device=device or pick_device(),
+        resume=args.resume,
+        teacher=teacher,
+        desc=sid,
+        arch=cfg.student,
     )
+    if rank != 0:
+        return  # only rank 0 writes outputs
     calls = int(allowed.sum())
     extra = {
-        "student_id": sid, "teacher": args.teacher, "loss": args.loss, "budget": str(args.budget),
-        "seed": args.seed, "teacher_calls": calls, "train_samples": train_set.num_samples(),
+        "student_id": sid,
+        "teacher": args.teacher,
+        "loss": args.loss,
+        "budget": str(args.budget),
+        "seed": args.seed,
+        "teacher_calls": calls,
+        "train_samples": train_set.num_samples(),
         "store_teacher": store.teacher,
     }
     modelio.save(out_dir / "model.pt", model.cpu(), cfg.student, extra=extra)

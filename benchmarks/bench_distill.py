@@ -1,0 +1,310 @@
+"""Benchmark the student data path: is cached-logit distillation as fast as plain training?
+
+    python benchmarks/bench_distill.py [--pairs default cifar] [--shards 4] [--workers 1] [--repeats 2]
+
+For each teacher/student pair, measured side by side in one run (best of `--repeats`, interleaved,
+so a noisy neighbour hits every mode alike), all through the real `pipeline.train.train` loop on
+the real `DistillDataset` + `make_loader` path, one epoch each:
+
+- `ce`:      plain student training (no store joined; same shards, same augmentation views);
+- `kd`:      cached-logit distillation (shards joined with the logit store);
+- `online`:  the same KD loop with a live teacher forward per batch instead of the store;
+- `loader`:  the cached-logit loader alone, no model;
+- `t_s`, `t_t`: in-memory student training step (forward + KD loss + backward + SGD) and teacher
+  forward per sample on one fixed batch, for the ideal offline speed-up `(t_s + t_t) / t_s`.
+
+Ratios printed: (a) kd / ce (target >= 0.90); (b) (kd / online) / ideal (target >= 0.90);
+(c) loader / kd (must stay well above 1), with the worker count.
+
+Pairs: `default` = Fashion-MNIST 28x28x1 shards (data/shards/fashion_mnist, first `--shards`
+shards, with the pipeline's cnn_small teacher cache when it matches; otherwise synthetic 28x28x1),
+student cnn_tiny, teacher cnn_small. `cifar` = synthetic 32x32x3, student resnet8, teacher resnet32
+(~5.5x the student's FLOPs). Caches are built with `pipeline.teach.run_teach` in a temp folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import modelio  # noqa: E402
+from pipeline.config import OptimConfig, TrainConfig  # noqa: E402
+from pipeline.loader import DistillDataset, batch_to_float, make_loader  # noqa: E402
+from pipeline.losses import build_loss  # noqa: E402
+from pipeline.shards import Manifest, iter_shard, load_manifest, sha256_file, write_dataset  # noqa: E402
+from pipeline.sources import load_split  # noqa: E402
+from pipeline.store import LogitStore, StoreError  # noqa: E402
+from pipeline.teach import build_spec, run_teach  # noqa: E402
+from pipeline.train import make_optimizer, train  # noqa: E402
+from pipeline.views import ViewRecipe  # noqa: E402
+
+log = logging.getLogger("bench_distill")
+
+KD = {"T": 4.0, "a": 0.1, "b": 0.9}
+
+
+@dataclasses.dataclass
+class Pair:
+    name: str
+    desc: str
+    manifest: Manifest
+    store: Path
+    teacher: nn.Module
+    teacher_arch: str
+    student_arch: str
+    shards: int  # train shards used per epoch
+
+
+def mmacs(arch_or_model: str | nn.Module, m: Manifest) -> float:
+    """Forward multiply-accumulates per sample, in millions (torch's FLOP counter / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = modelio.build_for(arch_or_model, m) if isinstance(arch_or_model, str) else arch_or_model
+    h, w, c = m.image_shape
+    with FlopCounterMode(display=False) as f, torch.no_grad():
+        model.eval()(torch.zeros(1, c, h, w))
+    return f.get_total_flops() / 2e6
+
+
+def _teach(m: Manifest, teacher: nn.Module, arch: str, out: Path) -> Path:
+    recipes = {"train": ViewRecipe(2, 0, 2, True)}
+    spec = build_spec(
+        m,
+        {"name": arch, "arch": arch, "weights_sha256": "random-init"},
+        recipes,
+        dtype="float16",
+        topk=0,
+        compressor="blosc-zstd",
+        chunk_rows=1000,
+        budget={"n": None},
+    )
+    run_teach(m, teacher, out, spec, recipes, batch_size=500)
+    return out
+
+
+def _synthetic(tmp: Path, name: str, n: int, size: int, channels: int, shard_size: int) -> Manifest:
+    splits = {
+        "train": tuple(
+            getattr(load_split("synthetic", None, "train", n=n, size=size, channels=channels, num_classes=10), k)
+            for k in ("images", "labels")
+        )
+    }
+    return write_dataset(tmp / name, name, splits, [str(k) for k in range(10)], shard_size=shard_size)
+
+
+def default_pair(tmp: Path, shards: int) -> Pair:
+    """Fashion-MNIST shards + the pipeline's cnn_small cache when they match; else synthetic 28x28x1."""
+    root = ROOT / "data/shards/fashion_mnist"
+    store, ckpt = ROOT / "data/logits/cnn.zarr", ROOT / "data/teachers/cnn.pt"
+    if (root / "manifest.json").exists():
+        m = load_manifest(root)
+        try:
+            s = LogitStore(store, "train", m)
+            if s.teacher.get("arch") != "cnn_small" or s.teacher.get("weights_sha256") != sha256_file(ckpt):
+                raise StoreError(f"{store} is not the cache of {ckpt} (cnn_small)")
+            teacher, _ = modelio.load(ckpt, manifest=m)
+            return Pair("default", f"Fashion-MNIST shards, cache {store.name}", m, store, teacher, "cnn_small",
+                        "cnn_tiny", shards)  # fmt: skip
+        except (StoreError, FileNotFoundError, ValueError) as e:
+            log.warning("not using the pipeline's cache (%s): caching a subset in a temp folder", e)
+        # The first `shards` shards as their own data set, cached by a fresh cnn_small.
+        keep = m.split("train").shards[:shards]
+        imgs, labels = [], []
+        for info in keep:
+            for _, img, y in iter_shard(m.root / info.path):
+                imgs.append(img)
+                labels.append(y)
+        sub = write_dataset(
+            tmp / "fmnist", "fashion_mnist_subset", {"train": (np.stack(imgs), np.array(labels))},
+            list(m.classes), shard_size=m.shard_size,
+        )  # fmt: skip
+        desc = "Fashion-MNIST subset, fresh cache"
+    else:
+        sub = _synthetic(tmp, "synthetic28", shards * 5000, 28, 1, 5000)
+        desc = "synthetic 28x28x1 (no Fashion-MNIST shards), fresh cache"
+    torch.manual_seed(0)
+    teacher = modelio.build_for("cnn_small", sub).eval()
+    store = _teach(sub, teacher, "cnn_small", tmp / "cnn_small.zarr")
+    return Pair("default", desc, sub, store, teacher, "cnn_small", "cnn_tiny", len(sub.split("train").shards))
+
+
+def cifar_pair(tmp: Path, shards: int, teacher_arch: str, student_arch: str) -> Pair:
+    """Synthetic CIFAR-sized data (32x32x3), a ResNet teacher several times the student's FLOPs."""
+    m = _synthetic(tmp, "synthetic32", shards * 1000, 32, 3, 1000)
+    torch.manual_seed(0)
+    teacher = modelio.build_for(teacher_arch, m).eval()
+    store = _teach(m, teacher, teacher_arch, tmp / f"{teacher_arch}.zarr")
+    return Pair("cifar", "synthetic 32x32x3, fresh cache", m, store, teacher, teacher_arch, student_arch, shards)
+
+
+def dataset(p: Pair, cached: bool) -> DistillDataset:
+    """The train split joined with the cache (cached) or plain with the store's views (ce baseline)."""
+    if cached:
+        ds = DistillDataset(p.manifest, "train", p.store, seed=0, shuffle_buffer=2000)
+    else:
+        recipe = ViewRecipe.from_dict(LogitStore(p.store, "train").view_recipe)
+        ds = DistillDataset(p.manifest, "train", seed=0, shuffle_buffer=2000, recipe=recipe, augment=True)
+    ds.urls = ds.urls[: p.shards]  # benchmark-only: an epoch over the first shards
+    return ds
+
+
+def time_train(p: Pair, mode: str, cfg: TrainConfig, out: Path) -> float:
+    """Samples/s of one epoch of the real training loop in `mode` (ce | kd | online)."""
+    torch.manual_seed(0)
+    model = modelio.build_for(p.student_arch, p.manifest)
+    loss = build_loss("ce") if mode == "ce" else build_loss("kd", **KD)
+    teacher = p.teacher if mode == "online" else None
+    hist = train(model, loss, dataset(p, cached=mode != "ce"), cfg, out / mode, teacher=teacher, desc=mode)
+    return hist[-1]["samples_per_s"]
+
+
+def time_loader(p: Pair, batch_size: int, workers: int) -> float:
+    """Samples/s of the cached-logit loader alone (batches made and handed to the main process)."""
+    ds = dataset(p, cached=True)
+    ds.set_epoch(0)
+    n = 0
+    t0 = time.perf_counter()
+    for batch in make_loader(ds, batch_size, workers):
+        n += len(batch["label"])
+    return n / (time.perf_counter() - t0)
+
+
+def time_steps(p: Pair, batch_size: int, seconds: float) -> tuple[float, float]:
+    """Seconds per sample of (student training step with KD, teacher forward), on one in-memory batch."""
+    h, w, c = p.manifest.image_shape
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (batch_size, h, w, c), dtype=torch.uint8, generator=g)  # (B, H, W, C) as loaded
+    x = batch_to_float(raw)  # (B, C, H, W) channels_last
+    y = torch.randint(0, p.manifest.num_classes, (batch_size,), generator=g)
+    torch.manual_seed(0)
+    model = modelio.build_for(p.student_arch, p.manifest).to(memory_format=torch.channels_last).train()
+    teacher = p.teacher.eval().to(memory_format=torch.channels_last)
+    loss_fn = build_loss("kd", **KD)
+    opt = make_optimizer(model, OptimConfig())
+    with torch.no_grad():
+        t = teacher(x).float()  # (B, C)
+
+    def student_step() -> None:
+        # The uint8 -> float conversion is student-side work of every step (offline and online alike).
+        parts = loss_fn(model(batch_to_float(raw)).float(), t, y, epoch=0.0)
+        opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        opt.step()
+
+    def teacher_fwd() -> None:
+        with torch.no_grad():
+            teacher(x)
+
+    out = []
+    for fn in (student_step, teacher_fwd):
+        for _ in range(3):  # warm-up: oneDNN primitive creation
+            fn()
+        # As long a window as a training measurement's, so a noisy neighbour cannot favour either side.
+        iters, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            fn()
+            iters += 1
+        out.append((time.perf_counter() - t0) / (iters * batch_size))
+    return out[0], out[1]
+
+
+def bench(p: Pair, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
+    cfg = TrainConfig(
+        epochs=1, batch_size=args.batch_size, workers=args.workers, shuffle_buffer=2000, seed=0,
+        threads=args.threads, optim=OptimConfig(lr=0.05), eval_every=0,
+    )  # fmt: skip
+    load0 = os.getloadavg()[0]
+    runs: dict[str, list[float]] = {k: [] for k in ("ce", "kd", "online", "loader", "t_s", "t_t")}
+    for r in range(args.repeats):  # interleaved: noise from neighbours hits every mode alike
+        for mode in ("ce", "kd", "online"):
+            runs[mode].append(time_train(p, mode, cfg, tmp / f"{p.name}-{r}"))
+        runs["loader"].append(time_loader(p, args.batch_size, args.workers))
+        window = sum(c.count for c in p.manifest.split("train").shards[: p.shards]) / runs["kd"][-1]
+        t_s, t_t = time_steps(p, args.batch_size, window)
+        runs["t_s"].append(t_s)
+        runs["t_t"].append(t_t)
+        log.info("%s repeat %d: %s", p.name, r, {k: v[-1] for k, v in runs.items()})
+    best = {k: max(v) for k, v in runs.items() if not k.startswith("t_")}  # best samples/s
+    best.update({k: min(v) for k, v in runs.items() if k.startswith("t_")})  # best seconds/sample
+    best["spread"] = max((max(v) - min(v)) / statistics.mean(v) for v in runs.values())
+    best["load0"], best["load1"] = load0, os.getloadavg()[0]
+    return best
+
+
+def report(p: Pair, r: dict[str, float], args: argparse.Namespace) -> None:
+    n = sum(c.count for c in p.manifest.split("train").shards[: p.shards])
+    s_mac, t_mac = mmacs(p.student_arch, p.manifest), mmacs(p.teacher, p.manifest)
+    h, w, c = p.manifest.image_shape
+    ideal = (r["t_s"] + r["t_t"]) / r["t_s"]
+    speedup = r["kd"] / r["online"]
+    print(f"\n== pair '{p.name}': {p.desc}; {h}x{w}x{c}, {n} samples/epoch")
+    print(f"   student {p.student_arch} ({s_mac:.1f} MMAC/sample), teacher {p.teacher_arch} ({t_mac:.1f} MMAC, "
+          f"{t_mac / s_mac:.1f}x); batch {args.batch_size}, torch threads {args.threads}, DataLoader workers "
+          f"{args.workers}; best of {args.repeats} (max spread {r['spread']:.0%})")  # fmt: skip
+    print(
+        f"   load average before/after: {r['load0']:.2f} / {r['load1']:.2f} on {os.cpu_count()} cores"
+        + ("  (others were busy too: this run uses ~1.3)" if max(r["load0"], r["load1"]) > 2.0 else "")
+    )
+    step_ms = 1e3 * args.batch_size * (1 / r["kd"] - r["t_s"])
+    print(f"   kd loop time per batch beyond the in-memory student step: {step_ms:.2f} ms "
+          f"(step itself {1e3 * args.batch_size * r['t_s']:.1f} ms)")  # fmt: skip
+    print(f"   {'mode':<44}{'samples/s':>12}")
+    rows = [
+        ("ce: plain student training (no store)", r["ce"]),
+        ("kd: cached-logit distillation", r["kd"]),
+        ("online: KD with a live teacher", r["online"]),
+        ("loader alone (cached logits, no model)", r["loader"]),
+        ("student step in memory (1 / t_s)", 1 / r["t_s"]),
+        ("teacher forward in memory (1 / t_t)", 1 / r["t_t"]),
+    ]
+    for name, v in rows:
+        print(f"   {name:<44}{v:>12.0f}")
+    print(f"   (a) kd / ce                                   {r['kd'] / r['ce']:6.3f}   target >= 0.90")
+    print(f"   (b) offline speed-up kd/online = {speedup:5.2f}, ideal (t_s+t_t)/t_s = {ideal:5.2f}: "
+          f"ratio {speedup / ideal:6.3f}   target >= 0.90")  # fmt: skip
+    print(f"   (c) loader / kd                               {r['loader'] / r['kd']:6.2f}   "
+          f"(>> 1; {args.workers} worker(s))")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", nargs="+", default=["default", "cifar"], choices=["default", "cifar"])
+    ap.add_argument("--shards", type=int, default=4, help="default pair: 5000-sample shards per epoch")
+    ap.add_argument("--cifar-shards", type=int, default=5, help="cifar pair: 1000-sample shards per epoch")
+    ap.add_argument("--cifar-teacher", default="resnet32")
+    ap.add_argument("--cifar-student", default="resnet8")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("KDCACHE_LOG", "WARNING"), format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench_distill_") as d:
+        tmp = Path(d)
+        for name in args.pairs:
+            t0 = time.perf_counter()
+            if name == "default":
+                p = default_pair(tmp, args.shards)
+            else:
+                p = cifar_pair(tmp, args.cifar_shards, args.cifar_teacher, args.cifar_student)
+            log.warning("pair %s ready in %.1f s; timing", name, time.perf_counter() - t0)
+            report(p, bench(p, args, tmp), args)
+
+
+if __name__ == "__main__":
+    main()

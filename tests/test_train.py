@@ -1,0 +1,194 @@
+"""The training loop: interrupted + resumed == uninterrupted, curves, checkpoint errors, online teacher mode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import modelio
+from pipeline.config import OptimConfig, TrainConfig
+from pipeline.loader import DistillDataset, batch_to_float, make_loader
+from pipeline.losses import build_loss
+from pipeline.shards import Manifest, write_dataset
+from pipeline.teach import build_spec, run_teach
+from pipeline.train import CHECKPOINT, train
+from pipeline.views import ViewRecipe
+from tests.conftest import linear_teacher, make_project, synthetic_splits, tiny_params
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Manifest, Path, torch.nn.Module]:
+    """5 train shards (the last one short) cached by a fixed random cnn_tiny teacher, 2 views, float16."""
+    root = tmp_path_factory.mktemp("train")
+    splits, classes = synthetic_splits(n_train=300, n_test=64)
+    m = write_dataset(root / "shards", "tiny", splits, classes, shard_size=64)
+    teacher = linear_teacher(m, seed=1)
+    recipes = {"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}
+    spec = build_spec(
+        m,
+        {"name": "lin", "arch": "cnn_tiny", "weights_sha256": "0"},
+        recipes,
+        dtype="float16",
+        topk=0,
+        compressor="blosc-zstd",
+        chunk_rows=64,
+        budget={"n": None},
+    )
+    run_teach(m, teacher, root / "lin.zarr", spec, recipes, batch_size=256)
+    return m, root / "lin.zarr", teacher
+
+
+def cfg(epochs: int = 2, workers: int = 0) -> TrainConfig:
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=32,
+        workers=workers,
+        shuffle_buffer=40,
+        seed=0,
+        threads=1,
+        optim=OptimConfig(lr=0.05, warmup_epochs=0.5, grad_clip=5.0, label_smoothing=0.0),
+        eval_every=1,
+    )
+
+
+def student(m: Manifest, arch: str = "cnn_tiny", dropout: float = 0.0) -> torch.nn.Module:
+    torch.manual_seed(123)
+    model = modelio.build_for(arch, m)
+    # Dropout on the logits draws from the global torch RNG every step: resume must restore that stream.
+    return torch.nn.Sequential(model, torch.nn.Dropout(dropout)) if dropout else model
+
+
+def run(data, out: Path, loss: str, workers: int, **kw) -> tuple[torch.nn.Module, list[dict]]:
+    """Train a fresh seeded student (kw["arch"] names it and picks the zoo network, default cnn_tiny)."""
+    m, store, _ = data
+    model = student(m, kw.get("arch") or "cnn_tiny", kw.pop("dropout", 0.0))
+    loss_fn = build_loss(loss, **({"T": 4.0} if loss != "ce" else {}))
+    train_set = DistillDataset(m, "train", store, seed=0, shuffle_buffer=40)
+    test_set = DistillDataset(m, "test", shuffle=False)
+    hist = train(model, loss_fn, train_set, cfg(workers=workers), out, test_set=test_set, **kw)
+    return model, hist
+
+
+@pytest.mark.parametrize(
+    ("loss", "workers", "dropout"), [("kd", 0, 0.0), ("kd", 1, 0.0), ("ckd", 0, 0.0), ("ckd", 1, 0.0), ("kd", 1, 0.2)]
+)
+def test_interrupted_and_resumed_equals_uninterrupted(data, tmp_path, loss, workers, dropout):
+    full, hist_full = run(data, tmp_path / "full", loss, workers, dropout=dropout)
+    run(data, tmp_path / "cut", loss, workers, stop_after_epoch=0, dropout=dropout)
+    first = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert [r["epoch"] for r in first] == [1]
+    # A fresh process would build the model from scratch: the checkpoint must carry everything else.
+    torch.manual_seed(999)  # the global RNG state at resume must not matter either
+    resumed, hist_res = run(data, tmp_path / "cut", loss, workers, resume=True, dropout=dropout)
+    want, got = full.state_dict(), resumed.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], msg=k)
+    assert [r["epoch"] for r in hist_res] == [1, 2]
+    for a, b in zip(hist_full, hist_res, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["test_acc"] == b["test_acc"]
+
+
+def test_curves_have_loss_parts_accuracy_and_lr(data, tmp_path):
+    _, hist = run(data, tmp_path / "kd", "kd", 0)
+    on_disk = json.loads((tmp_path / "kd" / "history.json").read_text())
+    assert on_disk == hist and [r["epoch"] for r in hist] == [1, 2]
+    for row in hist:
+        for key in ("lr", "train_loss", "train_ce", "train_kd", "train_acc", "test_acc", "steps", "samples_per_s"):
+            assert key in row and np.isfinite(row[key]), key
+        assert 0 <= row["train_acc"] <= 1 and 0 <= row["test_acc"] <= 1
+    assert hist[0]["lr"] > hist[1]["lr"] >= 0  # cosine decays to 0 at the end
+    # steps: 5 shards of 64/64/64/64/44 at batch 32 -> 2+2+2+2+2 batches
+    assert hist[0]["steps"] == 10
+    state = torch.load(tmp_path / "kd" / CHECKPOINT, weights_only=False)
+    assert state["arch"] == "cnn_tiny" or state["arch"].startswith("PlainCNN#")
+    assert state["epoch"] == 1 and state["world_size"] == 1
+
+
+def test_resume_without_checkpoint_is_a_clear_error(data, tmp_path):
+    out = tmp_path / "nothing"
+    with pytest.raises(FileNotFoundError, match=r"--resume: no checkpoint .*last.pt.*run without --resume"):
+        run(data, out, "kd", 0, resume=True)
+    assert not out.exists()  # nothing written
+
+
+def test_checkpoint_of_another_architecture_is_refused_naming_both(data, tmp_path):
+    out = tmp_path / "s"
+    run(data, out, "kd", 0, arch="cnn_tiny", stop_after_epoch=0)
+    before = (out / CHECKPOINT).read_bytes()
+    with pytest.raises(ValueError, match=r"architecture 'cnn_tiny', but this run trains 'cnn_small'"):
+        run(data, out, "kd", 0, arch="cnn_small", resume=True)
+    # Without explicit names the fingerprint labels still tell the two apart (and name both).
+    out2 = tmp_path / "s2"
+    m = data[0]
+    model = student(m, "cnn_tiny")
+    train_set = DistillDataset(m, "train", data[1], seed=0, shuffle_buffer=40)
+    train(model, build_loss("ce"), train_set, cfg(epochs=1), out2)
+    with pytest.raises(ValueError, match=r"architecture 'PlainCNN#\w+', but this run trains 'PlainCNN#\w+'"):
+        train(student(m, "cnn_small"), build_loss("ce"), train_set, cfg(epochs=1), out2, resume=True)
+    assert (out / CHECKPOINT).read_bytes() == before  # nothing overwritten
+
+
+# ---------------------------------------------------------------------------------------------
+# online mode
+
+
+def test_online_teacher_logits_equal_cached_ones_for_the_same_views(data):
+    m, store, teacher = data
+    ds = DistillDataset(m, "train", store, seed=4, shuffle_buffer=40)
+    teacher = teacher.eval().to(memory_format=torch.channels_last)
+    views = set()
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        for batch in make_loader(ds, 64, workers=0):
+            with torch.no_grad():
+                live = teacher(batch_to_float(batch["image"]))  # (B, C) on the very view the cache holds
+            torch.testing.assert_close(batch["logits"], live, rtol=2e-3, atol=2e-3)  # float16 store
+            views |= set(batch["view"].tolist())
+    assert views == {0, 1}  # augmented views were compared too
+
+
+def test_online_mode_trains_like_cached_mode(data, tmp_path):
+    m, store, teacher = data
+    _, cached = run(data, tmp_path / "cache", "kd", 0)
+    _, online = run(data, tmp_path / "online", "kd", 0, teacher=linear_teacher(m, seed=1))
+    for a, b in zip(cached, online, strict=True):
+        assert np.isfinite(b["train_loss"])
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-2)  # only float16 rounding differs
+        assert b["train_kd"] == pytest.approx(a["train_kd"], rel=2e-2)
+
+
+def test_distill_stage_online_mode_and_resume_errors(tmp_path, monkeypatch):
+    """`distill.teacher_source: online` end to end through the stage, and its --resume errors."""
+    from stages import distill, prepare, teach
+
+    params = tiny_params()
+    params["distill"]["teacher_source"] = "online"
+    make_project(tmp_path, params)
+    monkeypatch.chdir(tmp_path)
+    prepare.main([])
+    from pipeline.shards import load_manifest
+
+    m = load_manifest("data/shards/tiny")
+    Path("data/teachers").mkdir(parents=True)
+    modelio.save("data/teachers/small.pt", linear_teacher(m).cpu(), "cnn_tiny")
+    teach.main(["--name", "small"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        distill.main(["--teacher", "small", "--loss", "kd", "--resume"])
+    assert not Path("data/students/small-kd-full-0/model.pt").exists()
+    distill.main(["--teacher", "small", "--loss", "kd"])
+    curves = json.loads(Path("plots/curves/small-kd-full-0.json").read_text())
+    assert np.isfinite(curves[-1]["train_loss"]) and "test_acc" in curves[-1]
+    state = torch.load("data/students/small-kd-full-0/last.pt", weights_only=False)
+    assert state["arch"] == "cnn_tiny"
+    # The same student folder with another student architecture: refused, naming both.
+    p = tiny_params()
+    p["distill"]["student"] = "cnn_small"
+    make_project(tmp_path, p)
+    with pytest.raises(ValueError, match=r"'cnn_tiny', but this run trains 'cnn_small'"):
+        distill.main(["--teacher", "small", "--loss", "kd", "--resume"])
