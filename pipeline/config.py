@@ -186,6 +186,7 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     unqueried: str = "drop"  # drop | ce  (budget runs: what to do with rows the teacher never saw)
+    pool_epoch_samples: int | None = None  # budget runs (queried pool): draws per epoch (None: the split's N)
     teacher_source: str = "cache"  # cache | online
 
 

@@ -12,6 +12,7 @@ fresh random draws from the whole pool, cover all O(n^2) pairs over training.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from pipeline.loader import EpochPlan
 from pipeline.shards import Manifest, iter_shard
 from pipeline.store import LogitStore
 from pipeline.views import ViewRecipe, hash_u64
@@ -81,10 +83,15 @@ class QueriedPool(IterableDataset):
                     self.labels[p] = label
         self.epoch_samples = int(epoch_samples or manifest.split(split).n)
         self.shuffle = True  # an epoch is a random draw (predict_split must not use a pool)
+        self.recipe = recipe
         log.info("queried pool: %d sample-views of %d rows in memory", len(rows), len(wanted))
 
     def __len__(self) -> int:
         return self.epoch_samples
+
+    # -- the interface `pipeline.train.train` and `pipeline.loader.make_loader` use ----------------
+
+    urls: tuple[str, ...] = ()  # nothing to stream: make_loader then runs in-process (workers=0)
 
     def pool_size(self) -> int:
         return len(self.index)
@@ -95,24 +102,42 @@ class QueriedPool(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def world(self) -> int:
+        return self._node()[1]
+
+    @staticmethod
+    def _node() -> tuple[int, int]:
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+
     def draws(self, epoch: int) -> np.ndarray:
-        """Pool positions drawn in `epoch` (all ranks/workers together), with replacement."""
+        """Pool positions drawn in `epoch` (all ranks together), uniformly with replacement."""
         seed = int(hash_u64(self.seed, _TAG_POOL, epoch)[()])
         return np.random.default_rng(seed).integers(0, len(self.index), self.epoch_samples)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        picks = self.draws(self.epoch)
-        info = torch.utils.data.get_worker_info()
-        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
-        workers, wid = (info.num_workers, info.id) if info else (1, 0)
-        for p in picks[rank * workers + wid :: world * workers]:
+    def plan(self, batch_size: int, workers: int, drop_last: bool = False, epoch: int | None = None) -> EpochPlan:
+        """Samples and batches per rank: rank r takes draws r, r + world, ..."""
+        world = self.world()
+        n = self.epoch_samples
+        samples = tuple(len(range(r, n, world)) for r in range(world))
+        rnd = math.floor if drop_last else math.ceil
+        return EpochPlan(samples, tuple(rnd(k / batch_size) for k in samples))
+
+    def _np_batches(self, batch_size: int, drop_last: bool) -> Iterator[dict[str, np.ndarray]]:
+        rank, world = self._node()
+        picks = self.draws(self.epoch)[rank::world]
+        stop = len(picks) - len(picks) % batch_size if drop_last else len(picks)
+        for k in range(0, stop, batch_size):
+            p = picks[k : k + batch_size]
             yield {
-                "image": torch.from_numpy(self.images[p]),
-                "label": int(self.labels[p]),
-                "index": int(self.index[p]),
-                "view": int(self.view[p]),
-                "logits": torch.from_numpy(self.logits[p]),
-                "has_teacher": True,
-                "pool_id": int(p),
+                "image": self.images[p],  # (B, H, W, C) uint8, view already applied
+                "label": self.labels[p],
+                "index": self.index[p],
+                "view": self.view[p],
+                "logits": self.logits[p],  # (B, C) float32
+                "has_teacher": np.ones(len(p), dtype=bool),
+                "pool_id": p.astype(np.int64),  # sample-view identity, for counting CKD comparisons
             }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        raise TypeError("QueriedPool yields whole batches: use pipeline.loader.make_loader(pool, batch_size)")

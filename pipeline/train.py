@@ -211,6 +211,7 @@ def train(
         # Broadcasts rank 0's weights at construction, then all-reduces (averages) gradients every step.
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     loader = make_loader(train_set, cfg.batch_size, cfg.workers)
+    comparisons = ComparisonTracker(loss_fn)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and cfg.amp) else None
     h, w, c = train_set.manifest.image_shape
     idle_x = torch.zeros(1, c, h, w, device=device).contiguous(memory_format=torch.channels_last)  # (1, C, H, W)
@@ -265,7 +266,10 @@ def train(
                     t = None
                 with amp if amp is not None else _null():
                     s = net(x)  # (B, C)
-                parts = _compute_loss(loss_fn, s, t, y, batch.get("has_teacher"), e, cfg.optim.label_smoothing)
+                groups = comparisons.draw(batch)  # CKD groups, identified by pool sample-view ids
+                parts = _compute_loss(
+                    loss_fn, s, t, y, batch.get("has_teacher"), e, cfg.optim.label_smoothing, groups=groups
+                )
                 loss = parts["loss"]
                 if world > 1:
                     loss = loss * (world / plan.active(step))  # DDP averages over all ranks; idle ones add 0
@@ -297,6 +301,8 @@ def train(
             for k, v in sm.items():
                 sums_all[k] = sums_all.get(k, 0.0) + v
         row: dict[str, float] = {"epoch": epoch + 1, "lr": lr_at(cfg.optim, epoch + 1, cfg.epochs)}
+        if comparisons.active:
+            row["distinct_comparisons"] = comparisons.distinct  # this rank's, so far
         row.update({f"train_{k}": v / seen_all for k, v in sums_all.items()})
         row["train_acc"] = correct_all / seen_all
         row["samples_per_s"] = seen_all / dt_epoch
@@ -351,6 +357,35 @@ class _null:
         return None
 
 
+class ComparisonTracker:
+    """Counts the distinct comparisons a CKD student sees over training (budget runs, issue 6).
+
+    With a queried pool (batches carry `pool_id`, the sample-view's identity), the loop draws CKD's
+    groups from the loss's own seeded sampler, the same draw the loss would make itself, so the stream
+    and resume state are unchanged, and records each group as its tuple of pool ids (A first, then B:
+    an ordered comparison). Inactive for losses without comparisons or without a pool.
+    """
+
+    def __init__(self, loss_fn: Any) -> None:
+        mods = loss_fn.modules() if isinstance(loss_fn, nn.Module) else []
+        samplers = (m for m in mods if getattr(m, "accepts_groups", False) and hasattr(m, "sample_groups"))
+        self.sampler = next(samplers, None)
+        self.seen: set[tuple[int, ...]] = set()
+        self.active = False
+
+    def draw(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        if self.sampler is None or "pool_id" not in batch:
+            return None
+        self.active = True
+        groups = self.sampler.sample_groups(len(batch["label"]))  # (G, k) row indices
+        self.seen.update(map(tuple, batch["pool_id"][groups.cpu()].tolist()))
+        return groups
+
+    @property
+    def distinct(self) -> int:
+        return len(self.seen)
+
+
 def _compute_loss(
     loss_fn: Callable[..., dict[str, torch.Tensor]],
     s: torch.Tensor,
@@ -359,6 +394,7 @@ def _compute_loss(
     has_teacher: torch.Tensor | None,
     epoch: float,
     label_smoothing: float,
+    groups: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The loss on rows with teacher logits; plain CE on rows without (budget `unqueried: ce`)."""
     s = s.float()
@@ -366,6 +402,8 @@ def _compute_loss(
         ce = nn.functional.cross_entropy(s, y, label_smoothing=label_smoothing)
         return {"loss": ce, "ce": ce}
     if has_teacher is None or bool(has_teacher.all()):
+        if groups is not None:
+            return loss_fn(s, t, y, epoch=epoch, groups=groups)
         return loss_fn(s, t, y, epoch=epoch)
     m = has_teacher.to(s.device)
     n_t = int(m.sum())

@@ -31,6 +31,7 @@ from pipeline.budget import query_mask
 from pipeline.config import ConfigError, DistillConfig, from_dict, load_params, section
 from pipeline.loader import DistillDataset
 from pipeline.losses import build_loss
+from pipeline.pool import QueriedPool
 from pipeline.runtime import pick_device, seed_everything, set_threads, setup_logging
 from pipeline.shards import load_manifest
 from pipeline.store import LogitStore
@@ -128,15 +129,22 @@ def _run(args: argparse.Namespace, device: torch.device | None) -> None:
     tcfg = dataclasses.replace(cfg.train, seed=args.seed)
     set_threads(tcfg.threads)
     seed_everything(args.seed)
-    train_set = DistillDataset(
-        manifest,
-        "train",
-        store_path,
-        seed=args.seed,
-        shuffle_buffer=tcfg.shuffle_buffer,
-        allowed=allowed,
-        unqueried=cfg.unqueried,
-    )
+    if args.budget != "full" and cfg.unqueried == "drop":
+        # Budget run: the few queried sample-views live in memory; every epoch draws the same number
+        # of samples as a full run would, so small budgets train for the same schedule.
+        train_set = QueriedPool(
+            manifest, "train", store_path, allowed, seed=args.seed, epoch_samples=cfg.pool_epoch_samples
+        )
+    else:
+        train_set = DistillDataset(
+            manifest,
+            "train",
+            store_path,
+            seed=args.seed,
+            shuffle_buffer=tcfg.shuffle_buffer,
+            allowed=allowed,
+            unqueried=cfg.unqueried,
+        )
     test_set = DistillDataset(manifest, "test", shuffle=False, split_nodes=False)  # rank 0 evaluates it whole
     teacher = None
     if cfg.teacher_source == "online":
@@ -168,7 +176,8 @@ def _run(args: argparse.Namespace, device: torch.device | None) -> None:
         "budget": str(args.budget),
         "seed": args.seed,
         "teacher_calls": calls,
-        "train_samples": train_set.num_samples(),
+        "train_samples": train_set.pool_size() if isinstance(train_set, QueriedPool) else train_set.num_samples(),
+        "distinct_comparisons": history[-1].get("distinct_comparisons"),
         "store_teacher": store.teacher,
     }
     modelio.save(out_dir / "model.pt", model.cpu(), cfg.student, extra=extra)

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device()
     model = model.to(device)
     logits, labels = predict_split(model, DistillDataset(manifest, "test", shuffle=False), cfg.batch_size, device)
-    metrics = {k: meta[k] for k in ("student_id", "teacher", "loss", "budget", "seed", "teacher_calls") if k in meta}
+    keys = ("student_id", "teacher", "loss", "budget", "seed", "teacher_calls", "train_samples", "distinct_comparisons")
+    metrics = {k: meta[k] for k in keys if meta.get(k) is not None}
     metrics["student_arch"] = meta["arch"]
     store = Path(f"data/logits/{meta['teacher']}.zarr")
     teacher = LogitStore(store, "test", manifest).read_all()[:, 0] if store.exists() else None  # (N, C) view 0

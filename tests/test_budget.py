@@ -132,3 +132,34 @@ def test_same_budget_rerun_recomputes(tiny_manifest, tmp_path):
     out = tmp_path / "t.zarr"
     run_teach(m, linear_teacher(m), out, _spec(m, 100), RECIPES)
     assert PreviousCalls.find(out, _spec(m, 100)) is None
+
+
+def test_budget_students_train_on_the_queried_pool(tmp_path, monkeypatch):
+    """distill --budget n: n teacher calls, pool in memory, CKD counts its distinct comparisons."""
+    import json
+    from pathlib import Path
+
+    from stages import distill, evaluate, prepare, teach, train_teacher
+    from tests.conftest import make_project, tiny_params
+
+    params = tiny_params(distill={"losses": ["kd", "ckd"], "budgets": [40], "pool_epoch_samples": 128})
+    params["distill"]["loss_params"]["ckd"] = {"T": 4.0, "groups_per_step": 16}
+    make_project(tmp_path, params)
+    monkeypatch.chdir(tmp_path)
+    prepare.main([])
+    train_teacher.main(["--name", "small"])
+    teach.main(["--name", "small"])
+    for loss in ("kd", "ckd"):
+        distill.main(["--teacher", "small", "--loss", loss, "--budget", "40"])
+        evaluate.main(["--student", f"small-{loss}-40-0"])
+        m = json.loads(Path(f"metrics/small-{loss}-40-0.json").read_text())
+        assert m["teacher_calls"] == 40 and m["train_samples"] == 40
+    curves = json.loads(Path("plots/curves/small-ckd-40-0.json").read_text())
+    n = curves[-1]["distinct_comparisons"]
+    assert 16 < n <= 40 * 39  # many distinct ordered pairs out of 40 calls, never more than exist
+    assert m["distinct_comparisons"] == n
+    # unqueried: ce trains on every sample (the queried ones with the loss, the rest with CE)
+    params["distill"]["unqueried"] = "ce"
+    make_project(tmp_path, params)
+    distill.main(["--teacher", "small", "--loss", "kd", "--budget", "40", "--out-dir", "s2", "--curves", "c2.json"])
+    assert json.loads(Path("c2.json").read_text())[-1]["train_ce_unqueried"] > 0
