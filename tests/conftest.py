@@ -59,6 +59,7 @@ TINY_PARAMS: dict = {
         "seeds": [0],
         "student": "cnn_tiny",
         "unqueried": "drop",
+        "pool_epoch_samples": None,
         "teacher_source": "cache",
         "train": {"epochs": 1, "batch_size": 32, "workers": 0, "shuffle_buffer": 64, "threads": 1},
         "loss_params": {
