@@ -1,0 +1,48 @@
+"""Profiles are complete, valid params files: every section parses, every architecture and loss exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import DistillConfig, PrepareConfig, TeachConfig, TrainTeacherConfig, from_dict, teachers_section
+from pipeline.losses import build_loss
+from pipeline.models import canonical_arch
+from pipeline.sources import SOURCES
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = [ROOT / "params.yaml", *sorted((ROOT / "profiles").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_profile_is_valid(path):
+    p = yaml.safe_load(path.read_text())
+    assert set(p) == set(yaml.safe_load((ROOT / "params.yaml").read_text()))  # same sections as params.yaml
+    prep = from_dict(PrepareConfig, p["prepare"], "prepare")
+    assert prep.source in SOURCES
+    from_dict(TrainTeacherConfig, p["train_teacher"], "train_teacher")
+    from_dict(TeachConfig, p["teach"], "teach")
+    d = from_dict(DistillConfig, p["distill"], "distill")
+    zoo = teachers_section(p)
+    for spec in zoo.values():
+        canonical_arch(spec.arch)
+    canonical_arch(d.student)
+    assert set(d.teachers) <= set(zoo)
+    for loss in d.losses:
+        build_loss(loss, **(d.loss_params[loss] or {}))
+
+
+def test_cifar100_profile_is_the_papers_recipe():
+    p = yaml.safe_load((ROOT / "profiles/cifar100.yaml").read_text())
+    o = p["distill"]["train"]["optim"]
+    assert p["distill"]["train"]["epochs"] == 240 and p["distill"]["train"]["batch_size"] == 64
+    assert (o["lr"], o["momentum"], o["weight_decay"], o["milestones"], o["gamma"]) == (
+        0.05,
+        0.9,
+        5.0e-4,
+        [150, 180, 210],
+        0.1,
+    )
+    assert p["teach"]["augment"] == {"pad": 4, "flip": True}
