@@ -52,9 +52,10 @@ class CMKDLoss(DistillationLoss):
 
     Defaults and their provenance: ``T=4`` (CIFAR-100), ``scale=4`` (the paper tunes the scaling
     coefficient over 1..5 and reports 4 best), ``regularization="l2"`` with strength 1.0.
-    ``w_major=0.7, w_minor=0.3`` and ``spearman_heavy_when="low_entropy"`` are PLACEHOLDERS: the
-    paper's text is not consistent about which entropy side is Spearman-heavy and the exact weights
-    could not be confirmed, so both are parameters to be settled by the ablation benchmark.
+    ``w_major=0.7, w_minor=0.3`` could not be confirmed from the paper. Its text is not consistent about
+    which entropy side is Spearman-heavy, so that is a parameter; the default ``high_entropy`` is the
+    direction with the higher mean in our ablation (benchmarks/ablation_cmkd.py, Fashion-MNIST, 3 seeds:
+    88.02 ± 0.14 vs 87.99 ± 0.06 for ``low_entropy``), a difference well inside the noise.
 
     Parts: ``pearson`` = ``mean_i L_P,i`` and ``spearman`` = ``mean_i L_S,i`` (unweighted; only the
     enabled ones are reported).
@@ -85,7 +86,7 @@ class CMKDLoss(DistillationLoss):
         regularization_strength: float = 1.0,
         w_major: float = 0.7,
         w_minor: float = 0.3,
-        spearman_heavy_when: str = "low_entropy",
+        spearman_heavy_when: str = "high_entropy",
         use_pearson: bool = True,
         use_spearman: bool = True,
         use_zscore: bool = True,
