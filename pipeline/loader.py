@@ -278,6 +278,11 @@ class _ShardJoin:
                 sample = next(it)
             except StopIteration:
                 break
+            except FileNotFoundError as e:
+                raise ShardError(
+                    f"shard {url} is listed in the manifest {self.info.path!r} but missing ({e}); "
+                    "re-run `dvc repro prepare` (or `dvc pull`)"
+                ) from e
             except Exception as e:  # EOFError, tarfile.ReadError, OSError...: name the shard and the last good sample
                 raise ShardError(
                     f"corrupt or truncated shard {url} after sample {last!r}: {e}; re-run `dvc repro prepare`"

@@ -257,6 +257,14 @@ def test_garbage_shard_is_named(small):
         _drain(DistillDataset(m, "train", store, shuffle=False), 0)
 
 
+def test_missing_shard_is_named(small):
+    m, store = small
+    shard = m.root / m.split("train").shards[1].path
+    shard.unlink()
+    with pytest.raises(ShardError, match=rf"shard {shard} is listed in the manifest .* but missing"):
+        _drain(DistillDataset(m, "train", store, shuffle=False), 0)
+
+
 def test_store_of_another_data_set_is_refused(small, odd):
     m_small, _ = small
     _, store_odd = odd
