@@ -3,8 +3,8 @@
 Under a teacher-call budget (CKD's few-teacher-inference setting, arXiv 2311.02253) the usable data
 is small by construction: n sample-views. Streaming all shards to find them every epoch would cost a
 full pass for a handful of rows, so the pool decodes them once (each with its cached view already
-applied) and every epoch draws `epoch_samples` rows from it with replacement, seeded by
-`(seed, epoch)`. The number of optimizer steps therefore does not shrink with the budget: every
+applied) and every epoch draws `epoch_samples` rows from it, seeded by `(seed, epoch)` (back-to-back
+permutations). The number of optimizer steps therefore does not shrink with the budget: every
 budget trains for the same schedule (as in the paper), and CKD's groups, drawn from batches that are
 fresh random draws from the whole pool, cover all O(n^2) pairs over training.
 """
@@ -35,7 +35,7 @@ class QueriedPool(IterableDataset):
     """In-memory (image, logits) pairs of every allowed sample-view; yields DistillDataset-style dicts.
 
     allowed: (N, V) bool of usable sample-views (a subset of the store's `queried`).
-    epoch_samples: rows per epoch (drawn with replacement); default N of the split.
+    epoch_samples: rows per epoch (back-to-back permutations of the pool); default N of the split.
     """
 
     def __init__(
@@ -111,9 +111,14 @@ class QueriedPool(IterableDataset):
         return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
 
     def draws(self, epoch: int) -> np.ndarray:
-        """Pool positions drawn in `epoch` (all ranks together), uniformly with replacement."""
+        """Pool positions drawn in `epoch` (all ranks together): back-to-back seeded permutations of the
+        pool, so every sample-view is used equally often and a batch repeats one only when the pool is
+        smaller than the batch."""
         seed = int(hash_u64(self.seed, _TAG_POOL, epoch)[()])
-        return np.random.default_rng(seed).integers(0, len(self.index), self.epoch_samples)
+        rng = np.random.default_rng(seed)
+        p = len(self.index)
+        passes = -(-self.epoch_samples // p)  # ceil
+        return np.concatenate([rng.permutation(p) for _ in range(passes)])[: self.epoch_samples]
 
     def plan(self, batch_size: int, workers: int, drop_last: bool = False, epoch: int | None = None) -> EpochPlan:
         """Samples and batches per rank: rank r takes draws r, r + world, ..."""

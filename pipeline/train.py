@@ -362,8 +362,9 @@ class ComparisonTracker:
 
     With a queried pool (batches carry `pool_id`, the sample-view's identity), the loop draws CKD's
     groups from the loss's own seeded sampler, the same draw the loss would make itself, so the stream
-    and resume state are unchanged, and records each group as its tuple of pool ids (A first, then B:
-    an ordered comparison). Inactive for losses without comparisons or without a pool.
+    and resume state are unchanged, drops groups that hold one sample-view twice, and records each
+    group as its tuple of pool ids (A first, then B: an ordered comparison). Inactive for losses
+    without comparisons or without a pool.
     """
 
     def __init__(self, loss_fn: Any) -> None:
@@ -378,7 +379,12 @@ class ComparisonTracker:
             return None
         self.active = True
         groups = self.sampler.sample_groups(len(batch["label"]))  # (G, k) row indices
-        self.seen.update(map(tuple, batch["pool_id"][groups.cpu()].tolist()))
+        ids = batch["pool_id"][groups.cpu()]  # (G, k) pool sample-view ids
+        # A small pool repeats a sample-view within a batch; a group holding one twice compares a sample
+        # with itself (zero difference, no signal): drop those, count the rest.
+        ok = (ids.sort(dim=1).values.diff(dim=1) != 0).all(dim=1)  # (G,)
+        groups, ids = groups[ok.to(groups.device)], ids[ok]
+        self.seen.update(map(tuple, ids.tolist()))
         return groups
 
     @property

@@ -163,3 +163,23 @@ def test_budget_students_train_on_the_queried_pool(tmp_path, monkeypatch):
     make_project(tmp_path, params)
     distill.main(["--teacher", "small", "--loss", "kd", "--budget", "40", "--out-dir", "s2", "--curves", "c2.json"])
     assert json.loads(Path("c2.json").read_text())[-1]["train_ce_unqueried"] > 0
+
+
+def test_pool_draws_cover_the_pool_evenly_and_ckd_groups_never_repeat_a_sample(tiny_manifest, tmp_path):
+    from pipeline.losses import build_loss
+    from pipeline.pool import QueriedPool
+    from pipeline.train import ComparisonTracker
+
+    m = tiny_manifest
+    run_teach(m, linear_teacher(m), tmp_path / "t.zarr", _spec(m, 30), RECIPES)
+    allowed = LogitStore(tmp_path / "t.zarr", "train").queried()
+    pool = QueriedPool(m, "train", tmp_path / "t.zarr", allowed, seed=0, epoch_samples=95)
+    d = pool.draws(0)
+    assert len(d) == 95 and np.bincount(d, minlength=30).min() == 3  # 3 full passes + 5 extra
+    assert not np.array_equal(d, pool.draws(1))
+    batch = next(pool._np_batches(64, False))  # pool of 30 < batch of 64: repeats are unavoidable
+    tracker = ComparisonTracker(build_loss("ckd", groups_per_step=200))
+    groups = tracker.draw({k: torch.from_numpy(v) for k, v in batch.items()})
+    ids = torch.from_numpy(batch["pool_id"])[groups]
+    assert len(groups) > 0 and (ids[:, 0] != ids[:, 1]).all()
+    assert tracker.distinct <= 30 * 29
