@@ -162,14 +162,19 @@ def dataset(p: Pair, cached: bool) -> DistillDataset:
     return ds
 
 
-def time_train(p: Pair, mode: str, cfg: TrainConfig, out: Path) -> float:
-    """Samples/s of one epoch of the real training loop in `mode` (ce | kd | online)."""
+def time_train(p: Pair, mode: str, cfg: TrainConfig, out: Path) -> tuple[float, float, float]:
+    """One epoch of the real training loop in `mode` (ce | kd | online): samples/s, and per sample the
+    main thread's CPU seconds (what the loop itself costs, whatever else runs on the machine) and
+    seconds blocked on the loader."""
     torch.manual_seed(0)
     model = modelio.build_for(p.student_arch, p.manifest)
     loss = build_loss("ce") if mode == "ce" else build_loss("kd", **KD)
     teacher = p.teacher if mode == "online" else None
-    hist = train(model, loss, dataset(p, cached=mode != "ce"), cfg, out / mode, teacher=teacher, desc=mode)
-    return hist[-1]["samples_per_s"]
+    ds = dataset(p, cached=mode != "ce")
+    cpu0 = time.thread_time()
+    row = train(model, loss, ds, cfg, out / mode, teacher=teacher, desc=mode)[-1]
+    n = ds.num_samples()
+    return row["samples_per_s"], (time.thread_time() - cpu0) / n, row["data_wait_s"] / n
 
 
 def time_loader(p: Pair, batch_size: int, workers: int) -> float:
@@ -229,9 +234,12 @@ def bench(p: Pair, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     )  # fmt: skip
     load0 = os.getloadavg()[0]
     runs: dict[str, list[float]] = {k: [] for k in ("ce", "kd", "online", "loader", "t_s", "t_t")}
+    diag: dict[str, list[tuple[float, float]]] = {"ce": [], "kd": [], "online": []}
     for r in range(args.repeats):  # interleaved: noise from neighbours hits every mode alike
         for mode in ("ce", "kd", "online"):
-            runs[mode].append(time_train(p, mode, cfg, tmp / f"{p.name}-{r}"))
+            sps, cpu, wait = time_train(p, mode, cfg, tmp / f"{p.name}-{r}")
+            runs[mode].append(sps)
+            diag[mode].append((cpu, wait))
         runs["loader"].append(time_loader(p, args.batch_size, args.workers))
         window = sum(c.count for c in p.manifest.split("train").shards[: p.shards]) / runs["kd"][-1]
         t_s, t_t = time_steps(p, args.batch_size, window)
@@ -242,6 +250,9 @@ def bench(p: Pair, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     best.update({k: min(v) for k, v in runs.items() if k.startswith("t_")})  # best seconds/sample
     best["spread"] = max((max(v) - min(v)) / statistics.mean(v) for v in runs.values())
     best["load0"], best["load1"] = load0, os.getloadavg()[0]
+    for mode, v in diag.items():  # medians: main-thread CPU and loader wait per sample
+        best[f"cpu_{mode}"] = statistics.median(c for c, _ in v)
+        best[f"wait_{mode}"] = statistics.median(w for _, w in v)
     return best
 
 
@@ -262,6 +273,15 @@ def report(p: Pair, r: dict[str, float], args: argparse.Namespace) -> None:
     step_ms = 1e3 * args.batch_size * (1 / r["kd"] - r["t_s"])
     print(f"   kd loop time per batch beyond the in-memory student step: {step_ms:.2f} ms "
           f"(step itself {1e3 * args.batch_size * r['t_s']:.1f} ms)")  # fmt: skip
+    print(
+        "   main-thread CPU per sample (median; immune to other processes): "
+        + ", ".join(f"{m} {1e6 * r[f'cpu_{m}']:.0f} us" for m in ("ce", "kd", "online"))
+        + f"; kd/ce by CPU {r['cpu_ce'] / r['cpu_kd']:.3f}"
+    )
+    print(
+        "   blocked on the loader per sample (median): "
+        + ", ".join(f"{m} {1e6 * r[f'wait_{m}']:.1f} us" for m in ("ce", "kd", "online"))
+    )
     print(f"   {'mode':<44}{'samples/s':>12}")
     rows = [
         ("ce: plain student training (no store)", r["ce"]),
