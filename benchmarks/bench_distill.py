@@ -82,16 +82,7 @@ def mmacs(arch_or_model: str | nn.Module, m: Manifest) -> float:
 
 def _teach(m: Manifest, teacher: nn.Module, arch: str, out: Path) -> Path:
     recipes = {"train": ViewRecipe(2, 0, 2, True)}
-    spec = build_spec(
-        m,
-        {"name": arch, "arch": arch, "weights_sha256": "random-init"},
-        recipes,
-        dtype="float16",
-        topk=0,
-        compressor="blosc-zstd",
-        chunk_rows=1000,
-        budget={"n": None},
-    )
+    spec = build_spec(m, {"name": arch, "arch": arch, "weights_sha256": "random-init"}, recipes)
     run_teach(m, teacher, out, spec, recipes, batch_size=500)
     return out
 

@@ -125,16 +125,7 @@ def bench_teach(tmp: Path, n: int, repeats: int, threads: int) -> None:
     m = write_dataset(tmp / "shards", "bench", {"train": (d.images, d.labels)}, d.classes, shard_size=5000)
     model = modelio.build_for("cnn_small", m).eval().to(memory_format=torch.channels_last)
     recipes = {"train": ViewRecipe(2, 0, 2, True)}
-    spec = build_spec(
-        m,
-        {"name": "b", "arch": "cnn_small", "weights_sha256": "0"},
-        recipes,
-        dtype="float16",
-        topk=0,
-        compressor="blosc-zstd",
-        chunk_rows=1000,
-        budget={"n": None},
-    )
+    spec = build_spec(m, {"name": "b", "arch": "cnn_small", "weights_sha256": "0"}, recipes)
     batches = [read_shard(m, "train", j) for j in range(len(m.split("train").shards))]
     views = []
     for b in batches:  # the exact inputs the teach stage feeds the teacher, prepared outside the timing

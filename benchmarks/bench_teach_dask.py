@@ -85,16 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         modelio.save(ckpt, modelio.build_for(args.arch, m).eval(), args.arch)
         sha = sha256_file(ckpt)
         recipes = {"train": ViewRecipe(args.views, 0, 2, True)}
-        spec = build_spec(
-            m,
-            {"name": "bench", "arch": args.arch, "weights_sha256": sha},
-            recipes,
-            dtype="float16",
-            topk=0,
-            compressor="blosc-zstd",
-            chunk_rows=1000,
-            budget={"n": None},
-        )
+        spec = build_spec(m, {"name": "bench", "arch": args.arch, "weights_sha256": sha}, recipes)
         views = m.split("train").n * args.views
 
         # The no-dask reference runs in its own process, like `python -m stages.teach` with cluster: none,

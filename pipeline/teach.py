@@ -99,13 +99,14 @@ def build_spec(
     teacher: dict[str, Any],
     splits: dict[str, ViewRecipe],
     *,
-    dtype: str,
-    topk: int,
-    compressor: str,
-    chunk_rows: int,
-    budget: dict[str, Any],
+    dtype: str = "float16",
+    topk: int = 0,
+    compressor: str = "blosc-zstd",
+    chunk_rows: int = 1000,
+    budget: dict[str, Any] | None = None,
 ) -> StoreSpec:
-    """The store's identity for this teacher x data set x view recipe x budget."""
+    """The store's identity for this teacher x data set x view recipe x budget (defaults: params.yaml's)."""
+    budget = budget if budget is not None else {"n": None}
     return StoreSpec(
         teacher=teacher,
         dataset={"name": manifest.dataset, "manifest_sha256": manifest.sha256},
