@@ -7,8 +7,9 @@ of 1 and of 2 workers, plus the single-process `run_teach` (1 thread, in its own
 no-dask reference. Each cluster is started and warmed up (torch imported, teacher loaded) before
 the clock starts, so the numbers are the steady teach step; cluster start-up is reported apart.
 Setups alternate order round by round (1 and 2 workers always adjacent in time); the ratio is the
-median of the per-round ratios, so a burst of background load on this shared machine spoils one
-round, not the result.
+median of the per-round ratios. Each run also measures the CPU that *other* processes used meanwhile
+(machine-wide busy time minus this process tree's): rounds where that exceeds --max-background cores
+are struck through and left out, since on a shared 2-core machine they measure the neighbours.
 
 Example::
 
@@ -19,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -28,6 +30,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import psutil
 import torch
 
 from pipeline import modelio
@@ -65,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-baseline", action="store_true", help="skip the single-process run_teach reference")
+    ap.add_argument(
+        "--max-background", type=float, default=0.15, help="rounds where other processes used more cores are set aside"
+    )
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     setup_logging("INFO" if args.verbose else "WARNING")
@@ -123,38 +129,70 @@ def main(argv: list[str] | None = None) -> None:
                     solo_run, m, ckpt, tmp / f"p-{r}.zarr", spec, recipes, args.batch_size
                 ).result()
             times: dict[str, list[float]] = {name: [] for name in setups}
+            background: dict[str, list[float]] = {name: [] for name in setups}
             try:
                 for r in range(args.rounds):
                     # Alternate the order so 1 and 2 workers are always adjacent in time and load drifts
                     # hit both alike; the ratio is taken per round.
                     order = list(setups) if r % 2 == 0 else list(reversed(setups))
                     for name in order:
+                        busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
                         times[name].append(setups[name](r))
-                        log.info("round %d %s: %.1f s", r, name, times[name][-1])
+                        others = (busy_cpu_seconds() - busy0) - (own_cpu_seconds() - own0)
+                        background[name].append(max(0.0, others) / times[name][-1])
+                        t, bg = times[name][-1], background[name][-1]
+                        log.info("round %d %s: %.1f s (background %.2f cores)", r, name, t, bg)
             finally:
                 for lc in clusters.values():
                     lc.close()
 
-    med = {name: statistics.median(t) for name, t in times.items()}
+    # A round counts if no other process took more than --max-background cores during any of its runs:
+    # a scaling benchmark on a shared 2-core machine measures the neighbours otherwise.
+    clean = [r for r in range(args.rounds) if all(background[n][r] <= args.max_background for n in setups)]
+    used = clean or list(range(args.rounds))
+    med = {name: statistics.median(t[r] for r in used) for name, t in times.items()}
     one = views / med["dask, 1 worker"]
     print(
         f"\nteach throughput: {args.arch} teacher, {source}, {m.split('train').n} train samples x {args.views} "
-        f"views = {views} sample-views per run, batch {args.batch_size}, torch threads 1 per worker; "
-        f"median of {args.rounds} round(s)\n"
+        f"views = {views} sample-views per run, batch {args.batch_size}, torch threads 1 per worker; median of "
+        f"{len(used)} {'quiet ' if clean else ''}round(s) of {args.rounds}"
+        + ("" if clean else f" (no round had background load <= {args.max_background} cores: numbers are contended)")
+        + "\n"
     )
-    print("| setup | workers | sample-views/s | seconds | vs dask 1 worker | per round s | cluster start-up s |")
+    print("| setup | workers | sample-views/s | seconds | vs dask 1 worker | per round s (bg cores) | start-up s |")
     print("|---|---:|---:|---:|---:|---|---:|")
     for name, sec in med.items():
         k = 2 if "2 workers" in name else 1
         up = f"{startup[k]:.1f}" if name.startswith("dask") else "-"
-        rounds = " / ".join(f"{t:.1f}" for t in times[name])
+        rounds = " / ".join(
+            f"{'' if r in used else '~~'}{t:.1f} ({b:.2f}){'' if r in used else '~~'}"
+            for r, (t, b) in enumerate(zip(times[name], background[name], strict=True))
+        )
         print(f"| {name} | {k} | {views / sec:,.0f} | {sec:.1f} | {views / sec / one:.2f}x | {rounds} | {up} |")
-    ratios = [a / b for a, b in zip(times["dask, 1 worker"], times["dask, 2 workers"], strict=True)]
-    ratio = statistics.median(ratios)
+    ratios = [times["dask, 1 worker"][r] / times["dask, 2 workers"][r] for r in range(args.rounds)]
+    ratio = statistics.median(ratios[r] for r in used)
     print(
-        f"\n2 workers / 1 worker throughput: {ratio:.2f}x, median of per-round ratios "
-        f"{' / '.join(f'{x:.2f}' for x in ratios)} (target >= 1.6) -> {'PASS' if ratio >= 1.6 else 'FAIL'}"
+        f"\n2 workers / 1 worker throughput: {ratio:.2f}x = median of per-round ratios over the rounds used "
+        f"(all rounds: {' / '.join(f'{x:.2f}' for x in ratios)}); target >= 1.6 -> {'PASS' if ratio >= 1.6 else 'FAIL'}"
     )
+
+
+def busy_cpu_seconds() -> float:
+    """Machine-wide non-idle CPU seconds so far (steal included: a neighbour VM is load too)."""
+    t = psutil.cpu_times()
+    guest = getattr(t, "guest", 0.0) + getattr(t, "guest_nice", 0.0)  # already counted in user/nice
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - guest
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and its children (nannies live here; workers and the reference are children)."""
+    me = psutil.Process()
+    total = 0.0
+    for p in (me, *me.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            c = p.cpu_times()
+            total += c.user + c.system
+    return total
 
 
 def solo_run(m: Manifest, ckpt: Path, out: Path, spec: StoreSpec, recipes: dict, batch_size: int) -> float:
