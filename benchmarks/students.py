@@ -68,6 +68,18 @@ def run_student(
     distill.main(args)
     metrics = workdir / "metrics" / f"{name}.json"
     sid = distill.student_id(teacher, loss, budget, seed)
-    evaluate.main(["--student", sid, "--params", str(p), "--model", str(out / "model.pt"), "--out", str(metrics),
-                   "--confusion", str(workdir / "confusion" / f"{name}.csv")])
+    evaluate.main(
+        [
+            "--student",
+            sid,
+            "--params",
+            str(p),
+            "--model",
+            str(out / "model.pt"),
+            "--out",
+            str(metrics),
+            "--confusion",
+            str(workdir / "confusion" / f"{name}.csv"),
+        ]
+    )
     return json.loads(metrics.read_text())

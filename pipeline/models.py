@@ -284,8 +284,9 @@ class _WideStage(nn.Module):
 
     def __init__(self, n: int, in_planes: int, out_planes: int, stride: int) -> None:
         super().__init__()
-        blocks = [WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
-                  for i in range(n)]
+        blocks = [
+            WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1) for i in range(n)
+        ]
         self.layer = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -529,8 +530,14 @@ class ShuffleNetV1(nn.Module):
     The CIFAR variant replaces the ImageNet 3x3/2 stem conv and max pool by a 1x1 conv, so 32x32 ends at 4x4.
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 3, out_planes: Sequence[int] = (240, 480, 960),
-                 num_blocks: Sequence[int] = (4, 8, 4), groups: int = 3) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        out_planes: Sequence[int] = (240, 480, 960),
+        num_blocks: Sequence[int] = (4, 8, 4),
+        groups: int = 3,
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
@@ -586,8 +593,9 @@ class ShuffleV2DownUnit(nn.Module):
         super().__init__()
         mid = out_channels // 2
         # left branch: depthwise 3x3/2, then 1x1
-        self.conv1 = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=1, groups=in_channels,
-                               bias=False)
+        self.conv1 = nn.Conv2d(
+            in_channels, in_channels, kernel_size=3, stride=2, padding=1, groups=in_channels, bias=False
+        )
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv2 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
         self.bn2 = nn.BatchNorm2d(mid)
@@ -614,8 +622,13 @@ class ShuffleNetV2(nn.Module):
     As in the CRD reference each stage is one down-sampling unit followed by ``num_blocks`` basic units.
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 3, out_channels: Sequence[int] = (116, 232, 464, 1024),
-                 num_blocks: Sequence[int] = (3, 7, 3)) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        out_channels: Sequence[int] = (116, 232, 464, 1024),
+        num_blocks: Sequence[int] = (3, 7, 3),
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 24, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
@@ -703,7 +716,7 @@ def canonical_arch(arch: str) -> str:
         raise ValueError(f"architecture must be a non-empty string; got {arch!r}")
     name = arch.strip()
     if name.lower().startswith(TORCHVISION_PREFIX):
-        tv_name = name[len(TORCHVISION_PREFIX):].strip().lower()
+        tv_name = name[len(TORCHVISION_PREFIX) :].strip().lower()
         available = _torchvision_names()
         if tv_name not in available:
             raise ValueError(f"unknown torchvision model {tv_name!r} in {arch!r}; available: {available}")
@@ -744,8 +757,17 @@ def _replace_first_conv(model: nn.Module, name: str, in_channels: int) -> None:
         if isinstance(module, nn.Conv2d):
             if module.groups != 1:
                 break
-            new = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                            module.dilation, 1, module.bias is not None, module.padding_mode)
+            new = nn.Conv2d(
+                in_channels,
+                module.out_channels,
+                module.kernel_size,
+                module.stride,
+                module.padding,
+                module.dilation,
+                1,
+                module.bias is not None,
+                module.padding_mode,
+            )
             parent_name, _, attr = module_name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
             return
@@ -764,7 +786,7 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
         raise ValueError(f"in_channels must be a positive int; got {in_channels!r}")
     name = canonical_arch(arch)
     if name.startswith(TORCHVISION_PREFIX):
-        return _build_torchvision(name[len(TORCHVISION_PREFIX):], num_classes, in_channels)
+        return _build_torchvision(name[len(TORCHVISION_PREFIX) :], num_classes, in_channels)
     return MODELS[name](num_classes=num_classes, in_channels=in_channels)
 
 
@@ -809,8 +831,14 @@ def _check_plain(value: Any, where: str) -> None:
     )
 
 
-def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, arch: str, num_classes: int, in_channels: int,
-                    extra: Mapping[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    arch: str,
+    num_classes: int,
+    in_channels: int,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``{"arch", "num_classes", "in_channels", "state_dict", **extra}`` to ``path`` atomically.
 
     The file is written to a temporary name in the same directory and ``os.replace``-d into place, so a crash
@@ -828,8 +856,13 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, arch: str, n
             raise TypeError(f"checkpoint extra keys must be str; got {key!r}")
         _check_plain(value, repr(key))
     state_dict = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
-    payload = {"arch": name, "num_classes": int(num_classes), "in_channels": int(in_channels),
-               "state_dict": state_dict, **extra}
+    payload = {
+        "arch": name,
+        "num_classes": int(num_classes),
+        "in_channels": int(in_channels),
+        "state_dict": state_dict,
+        **extra,
+    }
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -874,9 +907,11 @@ def _load_strict(model: nn.Module, state_dict: Mapping[str, Any], path: Path, ar
     if unexpected:
         problems.append(f"unexpected keys {_first(unexpected)}")
     if not problems:
-        mismatched = [f"{k}: file {tuple(getattr(state_dict[k], 'shape', ()))} vs model {tuple(v.shape)}"
-                      for k, v in expected.items()
-                      if not isinstance(state_dict[k], torch.Tensor) or state_dict[k].shape != v.shape]
+        mismatched = [
+            f"{k}: file {tuple(getattr(state_dict[k], 'shape', ()))} vs model {tuple(v.shape)}"
+            for k, v in expected.items()
+            if not isinstance(state_dict[k], torch.Tensor) or state_dict[k].shape != v.shape
+        ]
         if mismatched:
             problems.append(f"shape mismatches [{'; '.join(mismatched[:5])}] ({len(mismatched)} in total)")
     if problems:
@@ -887,8 +922,9 @@ def _load_strict(model: nn.Module, state_dict: Mapping[str, Any], path: Path, ar
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_checkpoint(path: str | os.PathLike[str], expected_arch: str | None = None,
-                    map_location: Any = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_checkpoint(
+    path: str | os.PathLike[str], expected_arch: str | None = None, map_location: Any = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
     """Load a :func:`save_checkpoint` file: rebuild the stored architecture, load its weights, return it in eval mode.
 
     Returns ``(model, meta)`` where ``meta`` is everything in the file but ``state_dict``. The model is put in
@@ -948,12 +984,13 @@ def _extract_state_dict(payload: Any, path: Path) -> dict[str, torch.Tensor]:
         )
     for prefix in _KEY_PREFIXES:
         if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
-def load_state_dict_checkpoint(path: str | os.PathLike[str], arch: str, num_classes: int, in_channels: int = 3,
-                               map_location: Any = "cpu") -> nn.Module:
+def load_state_dict_checkpoint(
+    path: str | os.PathLike[str], arch: str, num_classes: int, in_channels: int = 3, map_location: Any = "cpu"
+) -> nn.Module:
     """Build ``arch`` and load a user's own weights file into it; return the model in eval mode (it is a teacher).
 
     Accepts a bare ``state_dict``, one wrapped under ``"state_dict"``/``"model"``/``"model_state_dict"``/``"net"``
@@ -962,9 +999,7 @@ def load_state_dict_checkpoint(path: str | os.PathLike[str], arch: str, num_clas
     """
     path = Path(path)
     if not path.is_file():
-        raise _missing_file_error(
-            path, "Set teachers.<name>.checkpoint in params.yaml to an existing state_dict file."
-        )
+        raise _missing_file_error(path, "Set teachers.<name>.checkpoint in params.yaml to an existing state_dict file.")
     payload = _torch_load(path, map_location)
     name = canonical_arch(arch)
     if isinstance(payload, dict) and isinstance(payload.get("arch"), str) and "state_dict" in payload:

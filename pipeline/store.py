@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
@@ -427,8 +428,8 @@ class LogitStore:
                 + ". Re-run `dvc repro teach@<teacher>` on these shards."
             )
 
-    def _dense(self, start: int, stop: int) -> np.ndarray:
-        if self.topk:
+    def _dense(self, start: int, stop: int, dtype: npt.DTypeLike | None = np.float32) -> np.ndarray:
+        if self.topk:  # the expansion computes in float32 anyway
             g = self.group
             return topk_expand(
                 g["topk_values"][start:stop],
@@ -436,13 +437,19 @@ class LogitStore:
                 g["tail_mass"][start:stop],
                 self.num_classes,
             )
-        return self.group["logits"][start:stop].astype(np.float32)
+        block = self.group["logits"][start:stop]  # (n, V, C) stored dtype
+        return block if dtype is None else block.astype(dtype, copy=False)
 
-    def read_block(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as dense float32 logits (n, V, C); NaN where not queried."""
+    def read_block(self, start: int, stop: int, dtype: npt.DTypeLike | None = np.float32) -> np.ndarray:
+        """Rows [start, stop) as dense logits (n, V, C); NaN where not queried.
+
+        dtype: float32 by default. ``None`` keeps the stored dtype (float16 by default): half the
+        memory and no conversion pass over all V views; the loader converts only the (B, C) rows and
+        views it batches, which is where half of a float32 block read's time went (BENCHMARKS.md).
+        """
         if not 0 <= start <= stop <= self.n:
             raise IndexError(f"rows [{start}, {stop}) outside [0, {self.n}) of {self.path}/{self.split}")
-        return self._dense(start, stop)
+        return self._dense(start, stop, dtype)
 
     def queried(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """(n, V) bool: which sample-views the teacher saw."""
@@ -461,7 +468,7 @@ class LogitStore:
             block = self._cache.get(int(j))
             if block is None:
                 start = int(j) * self.shard_rows
-                block = self._dense(start, min(start + self.shard_rows, self.n))
+                block = self._dense(start, min(start + self.shard_rows, self.n), dtype=None)  # stored dtype
                 self._cache[int(j)] = block
                 if len(self._cache) > cache_shards:
                     self._cache.popitem(last=False)

@@ -19,7 +19,7 @@ from pipeline import modelio
 from pipeline.config import TrainTeacherConfig, from_dict, load_params, section, teacher_spec
 from pipeline.evaluate import predict_split, topk_accuracy
 from pipeline.loader import DistillDataset
-from pipeline.losses import build_loss
+from pipeline.losses.ce import CELoss
 from pipeline.runtime import pick_device, seed_everything, set_threads, setup_logging
 from pipeline.shards import load_manifest
 from pipeline.train import train
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         history = train(
             model,
-            build_loss("ce"),
+            CELoss(),
             train_set,
             tcfg,
             out_dir / f"{args.name}.run",

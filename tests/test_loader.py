@@ -135,9 +135,9 @@ def test_logits_join_is_one_block_read_per_shard(odd, monkeypatch):
     calls: list[tuple[int, int]] = []
     orig = LogitStore.read_block
 
-    def counting(self, start, stop):
+    def counting(self, start, stop, **kw):
         calls.append((start, stop))
-        return orig(self, start, stop)
+        return orig(self, start, stop, **kw)
 
     monkeypatch.setattr(LogitStore, "read_block", counting)
     ds = DistillDataset(m, "train", store, seed=0, shuffle_buffer=40)
@@ -146,6 +146,7 @@ def test_logits_join_is_one_block_read_per_shard(odd, monkeypatch):
     for batch in make_loader(ds, 32, workers=0):
         for i, v, z in zip(batch["index"].tolist(), batch["view"].tolist(), batch["logits"], strict=True):
             rows[(i, v)] = z
+        assert batch["logits"].dtype == torch.float32  # read as stored float16, converted per batch
     assert sorted(calls) == [(s.start, s.stop) for s in m.split("train").shards]
     full = LogitStore(store, "train").read_all()  # (N, V, C)
     for (i, v), z in rows.items():
@@ -283,27 +284,26 @@ def test_sample_keys_are_rows():
 def test_fast_tar_reader_equals_webdataset(odd, tmp_path):
     from webdataset.tariterators import tarfile_samples
 
-    from pipeline.loader import _tar_samples
+    from pipeline.shards import tar_samples
 
     m, _ = odd
     url = str(m.root / m.split("train").shards[4].path)
     want = list(tarfile_samples([{"url": url}]))
-    assert list(_tar_samples(url)) == want
+    assert list(tar_samples(url)) == want
     # A member name too long for ustar makes tarfile write a PAX header: handed to webdataset's reader.
     keys, samples = _read_shard(Path(url))
     long = "x" * 120
     samples[long] = samples.pop(keys[-1])
     odd_tar = tmp_path / "pax.tar"
     _rewrite_shard(odd_tar, [*keys[:-1], long], samples)
-    assert list(_tar_samples(str(odd_tar))) == list(tarfile_samples([{"url": str(odd_tar)}]))
+    assert list(tar_samples(str(odd_tar))) == list(tarfile_samples([{"url": str(odd_tar)}]))
 
 
 @pytest.mark.parametrize("channels", [1, 3, 4])
 def test_fast_png_decode_equals_pil(channels):
     from PIL import Image
 
-    from pipeline.loader import decode_png_fast
-    from pipeline.shards import decode_png, encode_png
+    from pipeline.shards import decode_png, decode_png_fast, encode_png
 
     rng = np.random.default_rng(channels)
     for h, w in [(28, 28), (32, 32), (7, 13)]:

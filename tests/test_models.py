@@ -110,9 +110,16 @@ def test_count_parameters_trainable_only() -> None:
 
 @pytest.mark.parametrize(
     ("alias", "canonical"),
-    [("wrn-40-2", "wrn_40_2"), ("WRN-16-2", "wrn_16_2"), ("ResNet8x4", "resnet8x4"), ("ShuffleV1", "shufflenetv1"),
-     ("ShuffleV2", "shufflenetv2"), ("mobile_half", "mobilenetv2"), ("vgg13_bn", "vgg13"),
-     ("tv:ResNet18", "tv:resnet18")],
+    [
+        ("wrn-40-2", "wrn_40_2"),
+        ("WRN-16-2", "wrn_16_2"),
+        ("ResNet8x4", "resnet8x4"),
+        ("ShuffleV1", "shufflenetv1"),
+        ("ShuffleV2", "shufflenetv2"),
+        ("mobile_half", "mobilenetv2"),
+        ("vgg13_bn", "vgg13"),
+        ("tv:ResNet18", "tv:resnet18"),
+    ],
 )
 def test_aliases_resolve(alias: str, canonical: str) -> None:
     assert canonical_arch(alias) == canonical
@@ -167,13 +174,25 @@ def _trained_like(arch: str = "cnn_tiny", num_classes: int = 10, in_channels: in
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     model = _trained_like()
-    path = save_checkpoint(tmp_path / "teachers" / "t.pt", model, "cnn-tiny", 10, 1,
-                           {"test_acc": 0.91, "epochs": 3, "params": {"lr": 0.1, "tags": ["a", None]}})
+    path = save_checkpoint(
+        tmp_path / "teachers" / "t.pt",
+        model,
+        "cnn-tiny",
+        10,
+        1,
+        {"test_acc": 0.91, "epochs": 3, "params": {"lr": 0.1, "tags": ["a", None]}},
+    )
     assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["t.pt"]  # no temp file left behind
 
     loaded, meta = load_checkpoint(path, expected_arch="cnn_tiny")
-    assert meta == {"arch": "cnn_tiny", "num_classes": 10, "in_channels": 1, "test_acc": 0.91, "epochs": 3,
-                    "params": {"lr": 0.1, "tags": ["a", None]}}
+    assert meta == {
+        "arch": "cnn_tiny",
+        "num_classes": 10,
+        "in_channels": 1,
+        "test_acc": 0.91,
+        "epochs": 3,
+        "params": {"lr": 0.1, "tags": ["a", None]},
+    }
     assert not loaded.training  # teachers come back in eval mode
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
@@ -272,4 +291,3 @@ def test_unreadable_or_foreign_files(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "lr": 0.1}, junk)
     with pytest.raises(CheckpointError, match="holds no state_dict"):
         load_state_dict_checkpoint(junk, "cnn_tiny", 10, 1)
-

@@ -140,3 +140,63 @@ def test_teach_deps_exclude_student_code():
                 dep = m.replace(".", "/") + ".py"
                 assert dep in teach_deps or m == "pipeline.config" or m == "pipeline.runtime", (path.name, m)
     assert torch.__version__  # torch importable in the test env
+
+
+def _pipeline_imports(root: Path, module: str, seen: set[str]) -> set[str]:
+    """Transitive closure of the project modules (pipeline.*, stages.*) that `module` imports."""
+    import ast
+
+    if module in seen:
+        return seen
+    seen.add(module)
+    path = root / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        path = root / module.replace(".", "/") / "__init__.py"
+    def exists(m: str) -> bool:
+        return (root / (m.replace(".", "/") + ".py")).exists() or (root / m.replace(".", "/")).is_dir()
+
+    tree = ast.parse(path.read_text())
+    typing_only = {  # `if TYPE_CHECKING:` blocks never run
+        id(x)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING"
+        for b in n.body
+        for x in ast.walk(b)
+    }
+    for n in ast.walk(tree):
+        if id(n) in typing_only:
+            continue
+        names: list[str] = []
+        if isinstance(n, ast.ImportFrom) and n.module:
+            base = n.module
+            if n.level:  # relative import inside a package (pipeline.losses)
+                pkg = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+                for _ in range(n.level - 1):
+                    pkg = pkg.rsplit(".", 1)[0]
+                base = f"{pkg}.{n.module}"
+            subs = [f"{base}.{a.name}" for a in n.names if exists(f"{base}.{a.name}")]
+            # `from pkg import submodule` runs that submodule; `from pkg import name` runs pkg/__init__.py.
+            names = subs if len(subs) == len(n.names) else [base, *subs]
+        elif isinstance(n, ast.Import):
+            names = [a.name for a in n.names]
+        for m in names:
+            if m.split(".")[0] in ("pipeline", "stages") and exists(m):
+                _pipeline_imports(root, m, seen)
+    return seen
+
+
+def test_stage_deps_cover_the_code_each_stage_imports():
+    """Every project module a stage's command imports (transitively) is one of its DVC deps, so editing it reruns
+    the stage. config.py and runtime.py are exempt by design: params are tracked as params, and device/logging
+    set-up does not change results."""
+    root = Path(__file__).resolve().parents[1]
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    exempt = {"pipeline", "stages", "pipeline.config", "pipeline.runtime"}
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        module = body["cmd"].split("-m", 1)[1].split()[0]  # python -m stages.<name> ...
+        deps = [d for d in body["deps"] if d.startswith(("pipeline", "stages"))]
+        for m in sorted(_pipeline_imports(root, module, set()) - exempt):
+            file = m.replace(".", "/") + ".py"
+            covered = any(file == d or file.startswith(d.rstrip("/") + "/") or m.replace(".", "/") == d for d in deps)
+            assert covered, f"stage {name}: imports {m} but {file} is not in its dvc.yaml deps"
