@@ -16,6 +16,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy
 import torch
@@ -40,13 +41,20 @@ def time_round_robin(candidates: dict[str, Callable[[], None]], rounds: int, war
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def loss_step(name: str, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, **params) -> Callable:
-    """One forward+backward of a loss on a leaf ``student`` (B, C)."""
+def loss_step(
+    name: str, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, precomputed: bool = False, **params
+) -> Callable:
+    """One forward+backward of a loss on a leaf ``student`` (B, C).
+
+    precomputed: the loss's teacher side (``teacher_features``) is handed in, as the training loop does
+    with cached logits (the loader's worker computes it); it is timed separately.
+    """
     loss = build_loss(name, **params)
+    kw = {"teacher_features": loss.teacher_features(teacher)} if precomputed else {}
 
     def step() -> None:
         student.grad = None
-        loss(student, teacher, target, epoch=30.0)["loss"].backward()
+        loss(student, teacher, target, epoch=30.0, **kw)["loss"].backward()
 
     return step
 
@@ -144,6 +152,11 @@ def main(argv: list[str] | None = None) -> None:
         teacher = torch.randn(args.batch, C).mul_(3)
         target = torch.randint(0, C, (args.batch,))
         candidates = {name: loss_step(name, student, teacher, target) for name in LOSS_NAMES}
+        for name in ("cmkd", "dkd+cmkd"):  # what the training step pays with cached logits
+            candidates[f"{name}, teacher side from the loader"] = loss_step(
+                name, student, teacher, target, precomputed=True
+            )
+        candidates["cmkd teacher side alone (loader worker)"] = partial(build_loss("cmkd").teacher_features, teacher)
         step_fn = student_step(args.student, args.batch, C, args.image_size) if args.student else None
         if step_fn is not None:
             candidates[f"student step ({args.student}, {args.image_size}px)"] = step_fn

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -290,6 +290,9 @@ class DistillDataset(IterableDataset):
             self.num_classes = manifest.num_classes
             self.allowed = None
         self.augment = augment
+        # The loss's teacher side (`DistillationLoss.teacher_features`), computed per batch in the loader's
+        # worker and shipped as "tf/<name>" arrays; set by the distill stage for losses that have one.
+        self.teacher_features: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None
         # Rank/world are fixed in the main process (and shipped to DataLoader workers with the
         # pickled dataset), so workers split exactly as `plan` predicts even where they cannot see
         # the process group (spawned workers).
@@ -409,7 +412,7 @@ class DistillDataset(IterableDataset):
         Same batches as `DataLoader(self, batch_size)` would make per worker (a partial batch last
         unless `drop_last`), with ~10x less per-sample overhead than collating tensor dicts.
         """
-        return (_to_tensors(b) for b in self._np_batches(batch_size, drop_last))
+        return (_to_tensors(b) for b in with_teacher_features(self, self._np_batches(batch_size, drop_last)))
 
     def _np_batches(self, batch_size: int, drop_last: bool) -> Iterator[dict[str, np.ndarray]]:
         pad = self.recipe.pad
@@ -447,6 +450,31 @@ def _nbytes(batch: dict[str, np.ndarray]) -> int:
     return sum(a.nbytes for a in batch.values())
 
 
+#: batch keys of the loss's teacher features precomputed by the loader: "tf/<name>" (see `with_teacher_features`)
+FEATURE_PREFIX = "tf/"
+
+
+def with_teacher_features(dataset: Any, batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """Add `dataset.teacher_features(logits)` to each numpy batch as "tf/<name>" arrays.
+
+    The teacher side of a loss (CMKD: z-score, softmax, soft ranks, entropy of the teacher logits) is a
+    function of the cached logits alone, so the loader's worker computes it next to the batch, off the
+    training step. Rows without a teacher answer (NaN logits, budget `unqueried: ce`) get the features
+    of a zero row; the training loop drops them with the logits.
+    """
+    fn = getattr(dataset, "teacher_features", None)
+    for batch in batches:
+        logits = batch.get("logits")
+        if fn is not None and logits is not None:
+            t = torch.from_numpy(logits)  # (B, C) float32
+            has = batch.get("has_teacher")
+            if has is not None and not has.all():
+                t = torch.where(torch.from_numpy(has)[:, None], t, torch.zeros(()))
+            for k, v in fn(t).items():
+                batch[FEATURE_PREFIX + k] = v.numpy()
+        yield batch
+
+
 class _Batches(IterableDataset):
     """`dataset.iter_batches(...)` as an iterable data set, so DataLoader workers each batch their share.
 
@@ -460,7 +488,7 @@ class _Batches(IterableDataset):
         self.drop_last = drop_last
 
     def __iter__(self) -> Iterator[Any]:
-        batches = self.dataset._np_batches(self.batch_size, self.drop_last)
+        batches = with_teacher_features(self.dataset, self.dataset._np_batches(self.batch_size, self.drop_last))
         if torch.utils.data.get_worker_info() is None:
             yield from (_to_tensors(b) for b in batches)
             return

@@ -66,6 +66,7 @@ class QueriedPool(IterableDataset):
         self.index = rows.astype(np.int64)
         self.view = views.astype(np.int64)
         self.logits = store.read_rows(rows)[np.arange(len(rows)), views]  # (P, C)
+        self.teacher_features: Any = None  # as DistillDataset.teacher_features: the loader adds them per batch
         shape = manifest.image_shape
         self.images = np.empty((len(rows), *shape), dtype=np.uint8)  # (P, H, W, C), views applied
         self.labels = np.empty(len(rows), dtype=np.int64)

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import OptimConfig, TrainConfig
 from pipeline.evaluate import predict_split, topk_accuracy
-from pipeline.loader import DistillDataset, batch_to_float, make_loader
+from pipeline.loader import FEATURE_PREFIX, DistillDataset, batch_to_float, make_loader
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +267,21 @@ def train(
                 with amp if amp is not None else _null():
                     s = net(x)  # (B, C)
                 groups = comparisons.draw(batch)  # CKD groups, identified by pool sample-view ids
+                feats = {  # the loss's teacher side, precomputed by the loader (cached logits only)
+                    k[len(FEATURE_PREFIX) :]: v.to(device, non_blocking=True)
+                    for k, v in batch.items()
+                    if k.startswith(FEATURE_PREFIX) and teacher is None
+                }
                 parts = _compute_loss(
-                    loss_fn, s, t, y, batch.get("has_teacher"), e, cfg.optim.label_smoothing, groups=groups
+                    loss_fn,
+                    s,
+                    t,
+                    y,
+                    batch.get("has_teacher"),
+                    e,
+                    cfg.optim.label_smoothing,
+                    groups=groups,
+                    features=feats or None,
                 )
                 loss = parts["loss"]
                 if world > 1:
@@ -401,22 +414,31 @@ def _compute_loss(
     epoch: float,
     label_smoothing: float,
     groups: torch.Tensor | None = None,
+    features: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The loss on rows with teacher logits; plain CE on rows without (budget `unqueried: ce`)."""
+    """The loss on rows with teacher logits; plain CE on rows without (budget `unqueried: ce`).
+
+    features: the loss's `teacher_features` of `t`, precomputed by the loader (rows as `t`).
+    """
     s = s.float()
     if t is None:
         ce = nn.functional.cross_entropy(s, y, label_smoothing=label_smoothing)
         return {"loss": ce, "ce": ce}
+    kw: dict[str, Any] = {}
+    if features is not None:
+        kw["teacher_features"] = features
     if has_teacher is None or bool(has_teacher.all()):
         if groups is not None:
-            return loss_fn(s, t, y, epoch=epoch, groups=groups)
-        return loss_fn(s, t, y, epoch=epoch)
+            kw["groups"] = groups
+        return loss_fn(s, t, y, epoch=epoch, **kw)
     m = has_teacher.to(s.device)
     n_t = int(m.sum())
     ce_rest = nn.functional.cross_entropy(s[~m], y[~m], label_smoothing=label_smoothing)
     if n_t == 0:
         return {"loss": ce_rest, "ce_unqueried": ce_rest}
-    parts = loss_fn(s[m], t[m], y[m], epoch=epoch)
+    if features is not None:
+        kw["teacher_features"] = {k: v[m] for k, v in features.items()}
+    parts = loss_fn(s[m], t[m], y[m], epoch=epoch, **kw)
     frac = n_t / len(y)
     parts = dict(parts)
     parts["loss"] = frac * parts["loss"] + (1 - frac) * ce_rest

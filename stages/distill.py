@@ -145,6 +145,10 @@ def _run(args: argparse.Namespace, device: torch.device | None) -> None:
             allowed=allowed,
             unqueried=cfg.unqueried,
         )
+    if getattr(loss_fn, "uses_teacher_features", False) and cfg.teacher_source == "cache":
+        # The loss's teacher side (CMKD's soft ranks...) depends on the cached logits alone: the loader's
+        # worker computes it per batch, off the training step (identical results, tested).
+        train_set.teacher_features = loss_fn.teacher_features
     test_set = DistillDataset(manifest, "test", shuffle=False, split_nodes=False)  # rank 0 evaluates it whole
     teacher = None
     if cfg.teacher_source == "online":

@@ -618,3 +618,37 @@ def test_bad_input_shapes():
         loss(s[0], t[0], y[:1])
     with pytest.raises(ValueError):
         loss(s, t, y.float())
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("cmkd", {}),
+        ("cmkd", {"spearman_heavy_when": "low_entropy"}),
+        ("cmkd", {"entropy_weighting": False}),
+        ("cmkd", {"use_spearman": False, "entropy_weighting": False}),
+        ("cmkd", {"use_pearson": False, "entropy_weighting": False, "use_zscore": False}),
+        ("dkd+cmkd", {}),
+        ("kd", {}),
+    ],
+)
+def test_precomputed_teacher_features_give_the_same_loss_and_gradient(name, params):
+    """forward(..., teacher_features=loss.teacher_features(t)) == forward(...) bit for bit (the loader's path)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(12, 7, generator=g, requires_grad=True)
+    t = 3 * torch.randn(12, 7, generator=g)
+    y = torch.randint(0, 7, (12,), generator=g)
+    loss = build_loss(name, **params)
+    feats = loss.teacher_features(t)
+    assert sorted(feats) == sorted(loss.feature_names)
+    assert all(v.shape[0] == 12 for v in feats.values())
+    a = loss(s, t, y, epoch=1.0)
+    b = loss(s, t, y, epoch=1.0, teacher_features=feats)
+    (ga,) = torch.autograd.grad(a["loss"], s)
+    (gb,) = torch.autograd.grad(b["loss"], s)
+    assert torch.equal(a["loss"], b["loss"]) and torch.equal(ga, gb)
+    if feats:  # wrong features are errors, not silent garbage
+        with pytest.raises(ValueError, match="lack"):
+            loss(s, t, y, epoch=1.0, teacher_features={})
+        with pytest.raises(ValueError, match="rows"):
+            loss(s, t, y, epoch=1.0, teacher_features={k: v[:5] for k, v in feats.items()})

@@ -152,6 +152,7 @@ def _pipeline_imports(root: Path, module: str, seen: set[str]) -> set[str]:
     path = root / (module.replace(".", "/") + ".py")
     if not path.exists():
         path = root / module.replace(".", "/") / "__init__.py"
+
     def exists(m: str) -> bool:
         return (root / (m.replace(".", "/") + ".py")).exists() or (root / m.replace(".", "/")).is_dir()
 

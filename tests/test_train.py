@@ -192,3 +192,47 @@ def test_distill_stage_online_mode_and_resume_errors(tmp_path, monkeypatch):
     make_project(tmp_path, p)
     with pytest.raises(ValueError, match=r"'cnn_tiny', but this run trains 'cnn_small'"):
         distill.main(["--teacher", "small", "--loss", "kd", "--resume"])
+
+
+@pytest.mark.parametrize(
+    ("loss", "workers", "unqueried"), [("cmkd", 0, None), ("dkd+cmkd", 1, None), ("cmkd", 1, "ce")]
+)
+def test_loader_precomputed_teacher_features_train_exactly_like_inline_ones(
+    data, tmp_path, monkeypatch, loss, workers, unqueried
+):
+    """CMKD's teacher side computed by the loader's worker ("tf/*" batch keys) == computed inside the loss."""
+    m, store, _ = data
+    kw: dict = {}
+    if unqueried:  # half the rows have no teacher answer: features must be masked like the logits
+        allowed = np.zeros((m.split("train").n, 2), dtype=bool)
+        allowed[::2] = True
+        kw = {"allowed": allowed, "unqueried": unqueried}
+    import pipeline.train as train_mod
+
+    used: list[bool] = []
+    orig = train_mod._compute_loss
+
+    def spy(*a, **k):
+        used.append(k.get("features") is not None)
+        return orig(*a, **k)
+
+    monkeypatch.setattr(train_mod, "_compute_loss", spy)
+    models = []
+    for precompute in (False, True):
+        used.clear()
+        model = student(m)
+        loss_fn = build_loss(loss)
+        train_set = DistillDataset(m, "train", store, seed=0, shuffle_buffer=40, **kw)
+        if precompute:
+            train_set.teacher_features = loss_fn.teacher_features
+            batch = next(iter(make_loader(train_set, 32, workers)))
+            feats = {k[3:]: v for k, v in batch.items() if k.startswith("tf/")}
+            assert sorted(feats) == sorted(loss_fn.feature_names) and feats
+            logits = torch.where(batch["has_teacher"][:, None], batch["logits"], 0.0)
+            for k, v in loss_fn.teacher_features(logits).items():
+                assert torch.equal(feats[k], v), k
+        train(model, loss_fn, train_set, cfg(epochs=1, workers=workers), tmp_path / f"{loss}-{precompute}")
+        assert used and all(u == precompute for u in used)  # the loss got the loader's features, or computed its own
+        models.append(model.state_dict())
+    for k in models[0]:
+        assert torch.equal(models[0][k], models[1][k]), k

@@ -9,6 +9,7 @@ the output. Keeping CE out of ``distill`` is what lets a combination (``dkd+cmkd
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
@@ -84,6 +85,8 @@ class DistillationLoss(nn.Module):
     accepts_groups: ClassVar[bool] = False
     #: whether :meth:`distill` needs ``epoch`` (DKD's warm-up)
     needs_epoch: ClassVar[bool] = False
+    #: whether :meth:`teacher_features` returns anything (:meth:`distill` then takes ``features=``)
+    uses_teacher_features: ClassVar[bool] = False
 
     def __init__(self, ce_weight: float, ce_param: str = "ce_weight") -> None:
         super().__init__()
@@ -99,15 +102,38 @@ class DistillationLoss(nn.Module):
         """
         raise NotImplementedError
 
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The keys :meth:`teacher_features` returns (with this configuration)."""
+        return ()
+
+    def teacher_features(self, teacher: Tensor) -> dict[str, Tensor]:
+        """Per-sample quantities that depend on the teacher logits alone, each ``(B, ...)``.
+
+        ``teacher (B, C)`` in the compute dtype. Because the teacher is a fixed target, these can be
+        computed away from the training step (the data loader's worker does it for cached logits, see
+        ``pipeline.loader``) and handed to :meth:`forward` as ``teacher_features``; row ``i`` of every
+        feature depends on row ``i`` of ``teacher`` only, so features can be batched and masked like
+        the logits. The default loss has none.
+        """
+        return {}
+
     def forward(
         self,
         student_logits: Tensor,
         teacher_logits: Tensor,
         target: Tensor,
         epoch: float | None = None,
+        teacher_features: Mapping[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
+        """See the class docstring; ``teacher_features``: :meth:`teacher_features` of these teacher
+        logits, computed elsewhere (e.g. by the loader); omitted, they are computed here. Equal results."""
         student, teacher, target = prepare_inputs(student_logits, teacher_logits, target)
-        total, parts = self.distill(student, teacher, target, epoch)
+        if self.uses_teacher_features:
+            features = resolve_features(self, teacher, teacher_features)
+            total, parts = self.distill(student, teacher, target, epoch, features=features)
+        else:
+            total, parts = self.distill(student, teacher, target, epoch)
         return assemble(student, target, self.ce_weight, total, parts)
 
     def extra_repr(self) -> str:
@@ -116,6 +142,23 @@ class DistillationLoss(nn.Module):
     def hparams(self) -> dict[str, object]:
         """The constructor parameters, for logging."""
         return {}
+
+
+def resolve_features(loss: nn.Module, teacher: Tensor, given: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+    """``loss.teacher_features(teacher)``, or the precomputed ``given`` checked against it (keys, batch size)."""
+    if given is None:
+        return loss.teacher_features(teacher)
+    missing = set(loss.feature_names) - set(given)
+    if missing:
+        who = getattr(loss, "name", "") or type(loss).__name__
+        raise ValueError(f"teacher_features for {who} lack {sorted(missing)} (got {sorted(given)})")
+    out = {}
+    for k in loss.feature_names:
+        v = given[k]
+        if v.shape[0] != teacher.shape[0]:
+            raise ValueError(f"teacher_features[{k!r}] has {v.shape[0]} rows for a batch of {teacher.shape[0]}")
+        out[k] = v.to(device=teacher.device, dtype=teacher.dtype if v.is_floating_point() else v.dtype)
+    return out
 
 
 def prepare_inputs(student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -77,6 +77,7 @@ class CMKDLoss(DistillationLoss):
     """
 
     name = "cmkd"
+    uses_teacher_features = True
 
     def __init__(
         self,
@@ -113,8 +114,29 @@ class CMKDLoss(DistillationLoss):
                 "use_pearson=True and use_spearman=True (set entropy_weighting=False for a single part)"
             )
 
-    def part_weights(self, teacher: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-sample ``(w_P, w_S)``, each ``(B,)``, from the teacher logits ``(B, C)``."""
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        names = ("q",) if self.use_pearson else ()
+        names += ("rank",) if self.use_spearman else ()
+        return names + (("entropy",) if self.entropy_weighting else ())
+
+    def teacher_features(self, teacher: Tensor) -> dict[str, Tensor]:
+        """The teacher side of CMKD, a function of each teacher row alone (so the loader can precompute it):
+        ``q`` = softmax(zs(z_t) / T) ``(B, C)``, ``rank`` = soft_rank(zs(z_t)) ``(B, C)``, ``entropy`` = H(softmax(z_t))
+        ``(B,)`` (only the enabled parts). Together ~40% of the loss's time at C=100 (BENCHMARKS.md)."""
+        feats: dict[str, Tensor] = {}
+        with torch.no_grad():  # a fixed target: no autograd bookkeeping
+            z_t = zscore(teacher) if self.use_zscore else teacher  # (B, C)
+            if self.use_pearson:
+                feats["q"] = (z_t / self.T).softmax(dim=1)  # (B, C)
+            if self.use_spearman:
+                feats["rank"] = soft_rank(z_t, self.regularization, self.regularization_strength).to(teacher.dtype)
+            if self.entropy_weighting:
+                feats["entropy"] = entropy(teacher)  # (B,) nats, teacher at T = 1
+        return feats
+
+    def part_weights(self, teacher: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Per-sample ``(w_P, w_S)``, each ``(B,)``, from the teacher logits ``(B, C)`` or their entropy ``h (B,)``."""
         B = teacher.shape[0]
         total = self.w_major + self.w_minor
         if not (self.use_pearson and self.use_spearman):
@@ -124,7 +146,7 @@ class CMKDLoss(DistillationLoss):
         if not self.entropy_weighting:
             half = teacher.new_full((B,), total / 2)
             return half, half
-        h = entropy(teacher)  # (B,) nats, teacher at T = 1
+        h = entropy(teacher) if h is None else h  # (B,) nats, teacher at T = 1
         h_mean = h.mean()
         heavy = h < h_mean if self.spearman_heavy_when == "low_entropy" else h > h_mean  # (B,) Spearman-heavy
         w_s = torch.where(heavy, self.w_major, self.w_minor).to(teacher.dtype)
@@ -132,24 +154,26 @@ class CMKDLoss(DistillationLoss):
         return w_p, w_s
 
     def distill(
-        self, student: Tensor, teacher: Tensor, target: Tensor, epoch: float | None
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        target: Tensor,
+        epoch: float | None,
+        features: dict[str, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        feats = self.teacher_features(teacher) if features is None else features
         z_s = zscore(student) if self.use_zscore else student  # (B, C)
-        z_t = zscore(teacher) if self.use_zscore else teacher  # (B, C)
-        w_p, w_s = self.part_weights(teacher)  # (B,), (B,)
+        w_p, w_s = self.part_weights(teacher, feats.get("entropy"))  # (B,), (B,)
         per_sample = student.new_zeros(student.shape[0])  # (B,)
         parts: dict[str, Tensor] = {}
         if self.use_pearson:
             q_s = (z_s / self.T).softmax(dim=1)  # (B, C)
-            q_t = (z_t / self.T).softmax(dim=1)  # (B, C)
-            l_p = 1.0 - pearson(q_s, q_t, dim=1)  # (B,)
+            l_p = 1.0 - pearson(q_s, feats["q"], dim=1)  # (B,)
             parts["pearson"] = l_p.mean()
             per_sample = per_sample + w_p * l_p
         if self.use_spearman:
             r_s = soft_rank(z_s, self.regularization, self.regularization_strength)  # (B, C)
-            with torch.no_grad():  # the teacher's ranks are a fixed target: skip the autograd bookkeeping
-                r_t = soft_rank(z_t, self.regularization, self.regularization_strength)  # (B, C)
-            l_s = 1.0 - pearson(r_s, r_t.to(r_s.dtype), dim=1)  # (B,)
+            l_s = 1.0 - pearson(r_s, feats["rank"].to(r_s.dtype), dim=1)  # (B,)
             parts["spearman"] = l_s.mean()
             per_sample = per_sample + w_s * l_s.to(per_sample.dtype)
         return self.scale * per_sample.mean(), parts

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from .base import DistillationLoss, assemble, check_number, prepare_inputs
+from .base import DistillationLoss, assemble, check_number, prepare_inputs, resolve_features
 
 __all__ = ["CombinedLoss"]
 
@@ -36,6 +36,18 @@ class CombinedLoss(nn.Module):
         }
         self.ce_weight = check_number("weights.ce", ce_weight, nonnegative=True)
 
+    @property
+    def uses_teacher_features(self) -> bool:
+        return any(c.uses_teacher_features for c in self.components.values())
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(f"{n}.{k}" for n, c in self.components.items() for k in c.feature_names)
+
+    def teacher_features(self, teacher: Tensor) -> dict[str, Tensor]:
+        """Every component's :meth:`DistillationLoss.teacher_features`, keys prefixed ``<component>.``."""
+        return {f"{n}.{k}": v for n, c in self.components.items() for k, v in c.teacher_features(teacher).items()}
+
     def forward(
         self,
         student_logits: Tensor,
@@ -43,8 +55,10 @@ class CombinedLoss(nn.Module):
         target: Tensor,
         epoch: float | None = None,
         groups: Tensor | None = None,
+        teacher_features: Mapping[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         student, teacher, target = prepare_inputs(student_logits, teacher_logits, target)
+        features = resolve_features(self, teacher, teacher_features) if self.uses_teacher_features else {}
         if groups is not None and not any(c.accepts_groups for c in self.components.values()):
             raise ValueError(f"groups were given but no component of {'+'.join(self.components)} uses them")
         total = student.new_zeros(())
@@ -52,6 +66,9 @@ class CombinedLoss(nn.Module):
         for name, component in self.components.items():
             if component.accepts_groups:
                 value, comp_parts = component.distill(student, teacher, target, epoch, groups=groups)
+            elif component.uses_teacher_features:
+                mine = {k.split(".", 1)[1]: v for k, v in features.items() if k.startswith(f"{name}.")}
+                value, comp_parts = component.distill(student, teacher, target, epoch, features=mine)
             else:
                 value, comp_parts = component.distill(student, teacher, target, epoch)
             total = total + self.weights[name] * value
