@@ -119,6 +119,10 @@ def test_dvc_reruns_only_what_a_change_touches(tmp_path):
     p["distill"]["loss_params"]["kd"]["T"] = 4.0
     (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     assert _stale(proj) == set()
+    # 3. How teach runs (threads, dask cluster) is not what it makes: nothing reruns.
+    p["teach"]["threads"], p["teach"]["cluster"] = 2, "local"
+    (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    assert _stale(proj) == set()
 
 
 def test_teach_deps_exclude_student_code():
@@ -201,3 +205,19 @@ def test_stage_deps_cover_the_code_each_stage_imports():
             file = m.replace(".", "/") + ".py"
             covered = any(file == d or file.startswith(d.rstrip("/") + "/") or m.replace(".", "/") == d for d in deps)
             assert covered, f"stage {name}: imports {m} but {file} is not in its dvc.yaml deps"
+
+
+def test_teach_params_are_what_shapes_the_store():
+    """teach's DVC params: every TeachConfig field except how it runs (threads, cluster, workers)."""
+    import dataclasses
+
+    from pipeline.config import TeachConfig
+
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["teach"]["do"]["params"]
+    want = {f"teach.{f.name}" for f in dataclasses.fields(TeachConfig)} - {
+        "teach.threads",
+        "teach.cluster",
+        "teach.workers",
+    }
+    assert set(params) == want
