@@ -20,7 +20,7 @@ import mmap
 import os
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -307,71 +307,166 @@ def iter_shard(path: str | Path, decode: bool = True) -> Iterator[tuple[str, np.
         ) from e
 
 
-def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std of (N, H, W, C) uint8 in [0, 1] units, computed in float64 blocks."""
-    c = images.shape[-1]
-    s = np.zeros(c)
-    ss = np.zeros(c)
+class ChannelStats:
+    """Per-channel mean/std in [0, 1] units, accumulated image by image with exact integer sums.
+
+    Integer sums make the result independent of how the pixels are grouped (one array or a stream of
+    images), so streamed and in-memory preparation write the same manifest.
+    """
+
+    def __init__(self) -> None:
+        self.s: np.ndarray | None = None  # (C,) int64 sum of pixel values
+        self.ss: np.ndarray | None = None  # (C,) int64 sum of squared pixel values
+        self.n = 0  # pixels per channel
+
+    def add(self, images: np.ndarray) -> None:
+        """images: (..., C) uint8 (one image (H, W, C) or a block (B, H, W, C))."""
+        px = images.reshape(-1, images.shape[-1]).astype(np.int64)  # (P, C)
+        s, ss = px.sum(0), (px * px).sum(0)
+        self.s = s if self.s is None else self.s + s
+        self.ss = ss if self.ss is None else self.ss + ss
+        self.n += len(px)
+
+    def result(self) -> tuple[list[float], list[float]]:
+        if self.s is None or self.ss is None or self.n == 0:
+            raise ValueError("no images to compute channel statistics from")
+        mean = self.s / (255.0 * self.n)
+        std = np.sqrt(np.maximum(self.ss / (255.0**2 * self.n) - mean**2, 1e-12))
+        return [round(float(x), 6) for x in mean], [round(float(x), 6) for x in std]
+
+
+#: what `write_split` / `write_dataset` take per split: (images (N, H, W, C) uint8, labels (N,)) arrays, or
+#: an iterable of (image (H, W, C) uint8, label) pairs, e.g. `sources.SplitStream` (constant memory).
+Samples = tuple[np.ndarray, np.ndarray] | Iterable[tuple[np.ndarray, int]]
+
+
+def _sample_iter(split: str, samples: Samples, num_classes: int) -> Iterator[tuple[np.ndarray, int]]:
+    if isinstance(samples, tuple) and len(samples) == 2 and isinstance(samples[0], np.ndarray):
+        imgs, labels = samples
+        if imgs.dtype != np.uint8 or imgs.ndim != 4:
+            raise ValueError(f"split {split}: images must be (N, H, W, C) uint8, got {imgs.shape} {imgs.dtype}")
+        if len(imgs) != len(labels):
+            raise ValueError(f"split {split}: {len(imgs)} images but {len(labels)} labels")
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"split {split}: labels outside [0, {num_classes})")
+        return zip(imgs, (int(y) for y in labels), strict=True)
+    return iter(samples)
+
+
+def write_split(
+    out_dir: Path,
+    split: str,
+    samples: Samples,
+    shard_size: int,
+    num_classes: int,
+    *,
+    stats: ChannelStats | None = None,
+    limit: int | None = None,
+    total: int | None = None,
+) -> tuple[SplitManifest, tuple[int, ...]]:
+    """Write one split as deterministic tar shards, sample by sample (memory: one image at a time).
+
+    Returns the split's manifest entry and its image shape. `stats` accumulates channel statistics;
+    `limit` stops after that many samples; `total` (samples expected) only sizes the progress bar.
+    """
+    shards: list[ShardInfo] = []
+    counts = np.zeros(num_classes, dtype=np.int64)
+    shape: tuple[int, ...] | None = None
+    writer: Any = None
+    f: Any = None
     n = 0
-    for i in range(0, len(images), 10000):
-        block = images[i : i + 10000].reshape(-1, c).astype(np.float64) / 255.0
-        s += block.sum(0)
-        ss += (block**2).sum(0)
-        n += len(block)
-    mean = s / n
-    std = np.sqrt(np.maximum(ss / n - mean**2, 1e-12))
-    return [round(float(x), 6) for x in mean], [round(float(x), 6) for x in std]
+    start = 0
 
+    def close_shard() -> None:
+        writer.close()
+        f.close()
+        name = f"{split}-{len(shards):06d}.tar"
+        shards.append(ShardInfo(path=name, start=start, stop=n, sha256=sha256_file(out_dir / name)))
 
-def write_split(out_dir: Path, split: str, images: np.ndarray, labels: np.ndarray, shard_size: int) -> SplitManifest:
-    """Write one split as deterministic tar shards; returns its manifest entry."""
-    n = len(images)
-    shards = []
-    counts = np.bincount(labels, minlength=int(labels.max()) + 1 if n else 0)
-    for j, start in enumerate(tqdm(range(0, n, shard_size), desc=f"prepare {split}", unit="shard", disable=None)):
-        stop = min(start + shard_size, n)
-        name = f"{split}-{j:06d}.tar"
-        with open(out_dir / name, "wb") as f:
-            # Fixed mtime/owner: identical inputs give identical bytes (and sha256) on every run.
-            writer = wds.TarWriter(f, user="kdcache", group="kdcache", mtime=0)
-            for i in range(start, stop):
-                writer.write({"__key__": sample_key(i), "png": encode_png(images[i]), "cls": int(labels[i])})
-            writer.close()
-        shards.append(ShardInfo(path=name, start=start, stop=stop, sha256=sha256_file(out_dir / name)))
-    return SplitManifest(n=n, shards=tuple(shards), label_counts=tuple(int(c) for c in counts))
+    bar_total = min(x for x in (total, limit) if x is not None) if total is not None or limit is not None else None
+    bar = tqdm(total=bar_total, desc=f"prepare {split}", unit="img", disable=None, leave=False)
+    try:
+        for img, label in _sample_iter(split, samples, num_classes):
+            if limit is not None and n >= limit:
+                break
+            if shape is None:
+                shape = tuple(img.shape)
+                if img.dtype != np.uint8 or img.ndim != 3:
+                    raise ValueError(f"split {split}: images must be (H, W, C) uint8, got {img.shape} {img.dtype}")
+            elif tuple(img.shape) != shape:
+                raise ValueError(
+                    f"split {split}: image {n} has shape {tuple(img.shape)}, the first had {shape}; "
+                    "all images must share one size (set the source's resize option)"
+                )
+            if not 0 <= label < num_classes:
+                raise ValueError(f"split {split}: image {n} has label {label} outside [0, {num_classes})")
+            if writer is None:
+                start = n
+                f = open(out_dir / f"{split}-{len(shards):06d}.tar", "wb")  # noqa: SIM115 (closed in close_shard)
+                # Fixed mtime/owner: identical inputs give identical bytes (and sha256) on every run.
+                writer = wds.TarWriter(f, user="kdcache", group="kdcache", mtime=0)
+            writer.write({"__key__": sample_key(n), "png": encode_png(img), "cls": int(label)})
+            if stats is not None:
+                stats.add(img)
+            counts[label] += 1
+            n += 1
+            bar.update(1)
+            if n - start == shard_size:
+                close_shard()
+                writer = None
+        if writer is not None:
+            close_shard()
+    finally:
+        bar.close()
+        if f is not None and not f.closed:
+            f.close()
+    if shape is None:
+        raise ValueError(f"split {split}: no images")
+    used = int(np.flatnonzero(counts).max()) + 1  # label counts up to the largest label seen, as before
+    return SplitManifest(n=n, shards=tuple(shards), label_counts=tuple(int(c) for c in counts[:used])), shape
 
 
 def write_dataset(
     out_dir: str | Path,
     dataset: str,
-    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    splits: dict[str, Samples],
     classes: list[str],
     shard_size: int,
+    *,
+    limit: int | None = None,
 ) -> Manifest:
     """Write all splits + manifest into `out_dir` atomically (a `.partial` folder renamed at the end).
 
-    `splits` maps split name -> (images (N, H, W, C) uint8, labels (N,) int64). The first split
-    named `train` (else the first one) provides the normalisation statistics.
+    `splits` maps split name -> (images (N, H, W, C) uint8, labels (N,) int64) arrays, or an iterable of
+    (image, label) pairs written as it is consumed (constant memory). The first split named `train`
+    (else the first one) provides the normalisation statistics. `limit`: at most that many per split.
     """
     out_dir = Path(out_dir)
     if shard_size <= 0:
         raise ValueError(f"prepare.shard_size must be positive, got {shard_size}")
-    shapes = {name: imgs.shape[1:] for name, (imgs, _) in splits.items()}
-    if len(set(shapes.values())) != 1:
-        raise ValueError(f"splits have different image shapes {shapes}; set a resize option for the source")
-    for name, (imgs, labels) in splits.items():
-        if imgs.dtype != np.uint8 or imgs.ndim != 4:
-            raise ValueError(f"split {name}: images must be (N, H, W, C) uint8, got {imgs.shape} {imgs.dtype}")
-        if len(imgs) != len(labels):
-            raise ValueError(f"split {name}: {len(imgs)} images but {len(labels)} labels")
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise ValueError(f"split {name}: labels outside [0, {len(classes)}) for classes {classes}")
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     stats_split = "train" if "train" in splits else next(iter(splits))
-    mean, std = _channel_stats(splits[stats_split][0])
-    entries = {name: write_split(tmp, name, imgs, labels, shard_size) for name, (imgs, labels) in splits.items()}
+    stats = ChannelStats()
+    entries, shapes = {}, {}
+    for name, samples in splits.items():
+        total = len(samples) if hasattr(samples, "__len__") and not isinstance(samples, tuple) else None
+        if isinstance(samples, tuple):
+            total = len(samples[1])
+        entries[name], shapes[name] = write_split(
+            tmp,
+            name,
+            samples,
+            shard_size,
+            len(classes),
+            stats=stats if name == stats_split else None,
+            limit=limit,
+            total=total,
+        )
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"splits have different image shapes {shapes}; set a resize option for the source")
+    mean, std = stats.result()
     manifest = {
         "version": MANIFEST_VERSION,
         "dataset": dataset,

@@ -26,7 +26,7 @@ import posixpath
 import struct
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -515,78 +515,120 @@ def _check_classes(tree: _Tree, folder: str) -> list[str]:
     return classes
 
 
-def _decode_entries(
-    entries: list[_Entry], mode: str | None, resize: int | None, on_corrupt: str, desc: str
-) -> tuple[list[np.ndarray], list[int], list[str], list[str]]:
-    """Decode images in order. Returns arrays ((H, W) for gray, (H, W, 3) for RGB), labels, names, skipped names."""
+def _decode(entry: _Entry, mode: str | None, resize: int | None) -> np.ndarray:
+    """One image file -> (H, W) for gray or (H, W, 3) uint8; ``mode=None``: ``L`` for gray images, else RGB."""
     from PIL import Image
 
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # progress bars are a nicety, never a reason to fail
+    with Image.open(entry.path if entry.path is not None else io.BytesIO(entry.data or b"")) as im:
+        im.load()  # decode now: Image.open only reads the header, truncation shows up here
+        target = mode or ("L" if im.mode in _GRAY_MODES else "RGB")
+        out = im.convert(target) if im.mode != target else im
+        if resize is not None:
+            # Square resize: a split must share one size; bilinear with Pillow's antialiasing on shrink.
+            out = out.resize((resize, resize), Image.Resampling.BILINEAR)
+        return np.asarray(out, dtype=np.uint8)
 
-        def tqdm(it: Any, **_: Any) -> Any:  # type: ignore[no-redef]
-            return it
 
-    arrays: list[np.ndarray] = []
-    labels: list[int] = []
-    names: list[str] = []
-    skipped: list[str] = []
-    first: tuple[str, tuple[int, ...]] | None = None
-    for entry in tqdm(entries, desc=desc, unit="img", disable=None, leave=False):
+@dataclass
+class SplitStream:
+    """One ImageFolder split as a stream of decoded ``(image (H, W, C) uint8, label)`` pairs.
+
+    Images are decoded one at a time as the stream is consumed, so preparing a split takes memory for
+    one image, not for the split (ImageNet-scale folders; an archive still holds its compressed bytes,
+    so extract very large archives first). Undecodable images raise (naming the file) or, with
+    ``on_corrupt="skip"``, are dropped and listed in ``skipped``; every image must have the size of
+    the first one (else pass ``resize``).
+    """
+
+    classes: list[str]
+    entries: list[_Entry]
+    mode: str | None
+    resize: int | None
+    on_corrupt: str
+    location: str
+    folder: str
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def permute(self, seed: int) -> None:
+        """Reorder the images by ``default_rng(seed).permutation`` (before decoding; what prepare's shuffle does)."""
+        perm = np.random.default_rng(seed).permutation(len(self.entries))
+        self.entries = [self.entries[i] for i in perm]
+
+    def resolve_mode(self) -> None:
+        """``mode=None``: ``L`` if every image is grayscale, else ``RGB`` (reads headers only)."""
+        if self.mode is not None:
+            return
+        from PIL import Image
+
+        self.mode = "L"
+        for entry in self.entries:
+            try:
+                with Image.open(entry.path if entry.path is not None else io.BytesIO(entry.data or b"")) as im:
+                    if im.mode not in _GRAY_MODES:
+                        self.mode = "RGB"
+                        return
+            except Exception:  # corrupt: reported (or skipped) when decoded
+                continue
+
+    def decoded(self) -> Iterator[tuple[np.ndarray, int, str]]:
+        """``(image (H, W) or (H, W, 3), label, name)`` in order; shapes checked against the first image."""
         try:
-            with Image.open(entry.path if entry.path is not None else io.BytesIO(entry.data or b"")) as im:
-                im.load()  # decode now: Image.open only reads the header, truncation shows up here
-                target = mode or ("L" if im.mode in _GRAY_MODES else "RGB")
-                out = im.convert(target) if im.mode != target else im
-                if resize is not None:
-                    # Square resize: a split must share one size; bilinear with Pillow's antialiasing on shrink.
-                    out = out.resize((resize, resize), Image.Resampling.BILINEAR)
-                arr = np.asarray(out, dtype=np.uint8)
-        except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
-            if on_corrupt == "error":
+            from tqdm.auto import tqdm
+        except ImportError:  # progress bars are a nicety, never a reason to fail
+
+            def tqdm(it: Any, **_: Any) -> Any:  # type: ignore[no-redef]
+                return it
+
+        first: tuple[str, tuple[int, ...]] | None = None
+        for entry in tqdm(self.entries, desc=f"decode {self.folder}", unit="img", disable=None, leave=False):
+            try:
+                arr = _decode(entry, self.mode, self.resize)
+            except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
+                if self.on_corrupt == "error":
+                    raise ValueError(
+                        f"cannot decode image {entry.name}: {type(e).__name__}: {e}. Fix or delete it, or pass "
+                        "on_corrupt='skip' to drop undecodable images"
+                    ) from e
+                self.skipped.append(entry.name)
+                continue
+            hw = arr.shape[:2]
+            if first is None:
+                first = (entry.name, hw)
+            elif hw != first[1]:
                 raise ValueError(
-                    f"cannot decode image {entry.name}: {type(e).__name__}: {e}. Fix or delete it, or pass "
-                    "on_corrupt='skip' to drop undecodable images"
-                ) from e
-            skipped.append(entry.name)
-            continue
-        hw = arr.shape[:2]
+                    f"image {entry.name} is {hw[1]}x{hw[0]} (WxH) but {first[0]} is {first[1][1]}x{first[1][0]}; "
+                    f"images of a split must share one size: pass resize=<int> (e.g. resize={first[1][0]})"
+                )
+            yield arr, entry.label, entry.name
+        if self.skipped:
+            logger.warning(
+                "%s: skipped %d undecodable image(s) of %d in %s/ (first: %s)",
+                self.location, len(self.skipped), len(self.entries), self.folder, ", ".join(self.skipped[:3]),
+            )  # fmt: skip
         if first is None:
-            first = (entry.name, hw)
-        elif hw != first[1]:
             raise ValueError(
-                f"image {entry.name} is {hw[1]}x{hw[0]} (WxH) but {first[0]} is {first[1][1]}x{first[1][0]}; "
-                f"images of a split must share one size: pass resize=<int> (e.g. resize={first[1][0]})"
+                f"{self.location}: no decodable image in {self.folder}/ ({len(self.skipped)} skipped as corrupt)"
             )
-        arrays.append(arr)
-        labels.append(entry.label)
-        names.append(entry.name)
-    return arrays, labels, names, skipped
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
+        """``(image (H, W, C), label)`` with one channel count for the whole split (the mode is resolved first)."""
+        self.resolve_mode()
+        for arr, label, _ in self.decoded():
+            yield (arr[..., None] if arr.ndim == 2 else arr), label
 
 
-def load_imagefolder(
+def open_imagefolder(
     root: Path,
     split: str,
     *,
     mode: str | None = None,
     resize: int | None = None,
     on_corrupt: str = "error",
-) -> SplitData:
-    """An ImageFolder (``root/train/<class>/*``, ``root/test/<class>/*`` or ``root/val/<class>/*``).
-
-    ``root`` is a directory or a tar archive (``.tar``, ``.tar.gz``, ``.tgz``, ...) of one, read without
-    extracting; in both cases the splits may sit under one top folder. Classes are the sorted class
-    folder names (as torchvision's ``ImageFolder``; hidden folders are ignored) and must be the same in
-    every split. Images are ordered by class, then path, as torchvision orders them.
-
-    Args:
-        mode: ``"RGB"``, ``"L"``, or ``None`` = ``"L"`` if every image is grayscale, else ``"RGB"``.
-        resize: resize every image to ``resize x resize`` (needed when sizes differ; an error names the
-            first image whose size differs from the first image's).
-        on_corrupt: ``"error"`` (raise, naming the file) or ``"skip"`` (drop undecodable images, log a
-            warning with their count, report it in ``SplitData.skipped``).
-    """
+) -> SplitStream:
+    """Index an ImageFolder split without decoding it: the streaming form of :func:`load_imagefolder`."""
     _check_split("imagefolder", split, _IMAGEFOLDER_SPLITS)
     _check_choice("mode", mode, ("RGB", "L", None))
     _check_choice("on_corrupt", on_corrupt, ("error", "skip"))
@@ -616,20 +658,44 @@ def load_imagefolder(
         for entry in tree.splits[folder][c]:
             entry.label = label
             entries.append(entry)
-    arrays, labels, names, skipped = _decode_entries(entries, mode, resize, on_corrupt, f"decode {folder}")
-    if skipped:
-        logger.warning(
-            "%s: skipped %d undecodable image(s) of %d in %s/ (first: %s)",
-            tree.location, len(skipped), len(entries), folder, ", ".join(skipped[:3]),
-        )  # fmt: skip
-    if not arrays:
-        raise ValueError(f"{tree.location}: no decodable image in {folder}/ ({len(skipped)} skipped as corrupt)")
+    return SplitStream(classes, entries, mode, resize, on_corrupt, tree.location, folder)
+
+
+def load_imagefolder(
+    root: Path,
+    split: str,
+    *,
+    mode: str | None = None,
+    resize: int | None = None,
+    on_corrupt: str = "error",
+) -> SplitData:
+    """An ImageFolder (``root/train/<class>/*``, ``root/test/<class>/*`` or ``root/val/<class>/*``), decoded in memory.
+
+    ``root`` is a directory or a tar archive (``.tar``, ``.tar.gz``, ``.tgz``, ...) of one, read without
+    extracting; in both cases the splits may sit under one top folder. Classes are the sorted class
+    folder names (as torchvision's ``ImageFolder``; hidden folders are ignored) and must be the same in
+    every split. Images are ordered by class, then path, as torchvision orders them. ``prepare``
+    streams the same images instead (:func:`open_imagefolder`), so large folders need not fit in memory.
+
+    Args:
+        mode: ``"RGB"``, ``"L"``, or ``None`` = ``"L"`` if every image is grayscale, else ``"RGB"``.
+        resize: resize every image to ``resize x resize`` (needed when sizes differ; an error names the
+            first image whose size differs from the first image's).
+        on_corrupt: ``"error"`` (raise, naming the file) or ``"skip"`` (drop undecodable images, log a
+            warning with their count, report it in ``SplitData.skipped``).
+    """
+    stream = open_imagefolder(root, split, mode=mode, resize=resize, on_corrupt=on_corrupt)
+    arrays, labels, names = [], [], []
+    for arr, label, name in stream.decoded():
+        arrays.append(arr)
+        labels.append(label)
+        names.append(name)
     if all(a.ndim == 2 for a in arrays):
         images = np.stack(arrays)[..., None]
     else:
         # Mixed gray and colour with mode=None: replicate gray to 3 channels (what Pillow's L->RGB does).
         images = np.stack([np.repeat(a[..., None], 3, axis=2) if a.ndim == 2 else a for a in arrays])
-    return SplitData(images, np.asarray(labels, dtype=np.int64), classes, names, skipped=len(skipped))
+    return SplitData(images, np.asarray(labels, dtype=np.int64), stream.classes, names, skipped=len(stream.skipped))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -695,6 +761,14 @@ def source_options(source: str) -> dict[str, Any]:
     return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+def check_options(source: str, options: dict[str, Any]) -> None:
+    """Raise TypeError naming any option ``source`` does not take, with the valid ones."""
+    valid = source_options(source)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"source {source!r} got unknown option(s) {unknown}; valid options: {sorted(valid)}")
+
+
 def _reader(source: str) -> Callable[..., SplitData]:
     try:
         return SOURCES[source]
@@ -717,10 +791,7 @@ def load_split(source: str, root: str | Path | None, split: str, **options: Any)
         FileNotFoundError: missing files (the message says how to get them).
     """
     reader = _reader(source)
-    valid = source_options(source)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise TypeError(f"source {source!r} got unknown option(s) {unknown}; valid options: {sorted(valid)}")
+    check_options(source, options)
     if root is None and source != "synthetic":
         default = DEFAULT_ROOTS.get(source)
         if default is None:

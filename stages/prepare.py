@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import PrepareConfig, load_section
 from pipeline.runtime import setup_logging
-from pipeline.shards import write_dataset
-from pipeline.sources import load_split
+from pipeline.shards import Samples, write_dataset
+from pipeline.sources import SplitData, SplitStream, check_options, load_split, open_imagefolder
 
 log = logging.getLogger("stages.prepare")
 
@@ -26,22 +27,37 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     cfg = load_section(PrepareConfig, "prepare", args.params)
     out = args.out or f"data/shards/{cfg.name}"
-    splits, classes = {}, None
+    splits: dict[str, Samples] = {}
+    classes: list[str] | None = None
     for split in cfg.splits:
-        data = load_split(cfg.source, cfg.root, split, **cfg.options)
+        if cfg.source == "imagefolder":
+            # Streamed: indexed now, decoded while the shards are written (memory: one image, any folder size).
+            if cfg.root is None:
+                raise ValueError("source 'imagefolder' needs a root: set `prepare.root` to the folder or archive")
+            check_options(cfg.source, cfg.options)
+            data: SplitData | SplitStream = open_imagefolder(Path(cfg.root), split, **cfg.options)
+        else:
+            data = load_split(cfg.source, cfg.root, split, **cfg.options)
         if classes is not None and list(data.classes) != list(classes):
             raise ValueError(f"split {split} has classes {data.classes}, other splits have {classes}")
-        classes = data.classes
-        images, labels = data.images, data.labels.astype("int64")
-        if split == "train" and cfg.shuffle_seed is not None:
-            # Sources like ImageFolder come sorted by class; shards must mix classes for the loader's
-            # shard-level + buffer shuffle to give well-mixed batches. A fixed seed keeps it reproducible.
-            perm = np.random.default_rng(cfg.shuffle_seed).permutation(len(labels))
-            images, labels = images[perm], labels[perm]
-        n = len(labels) if cfg.limit is None else min(cfg.limit, len(labels))
-        splits[split] = (images[:n], labels[:n])
-        log.info("%s/%s: %d images of shape %s", cfg.source, split, n, data.images.shape[1:])
-    write_dataset(out, cfg.name, splits, list(classes), cfg.shard_size)
+        classes = list(data.classes)
+        shuffle = split == "train" and cfg.shuffle_seed is not None
+        # Sources like ImageFolder come sorted by class; shards must mix classes for the loader's shard-level
+        # + buffer shuffle to give well-mixed batches. A fixed seed keeps it reproducible.
+        if isinstance(data, SplitStream):
+            if shuffle:
+                data.permute(cfg.shuffle_seed)
+            splits[split] = data
+            log.info("%s/%s: streaming %d images from %s", cfg.source, split, len(data), data.location)
+        else:
+            images, labels = data.images, data.labels.astype("int64")
+            if shuffle:
+                perm = np.random.default_rng(cfg.shuffle_seed).permutation(len(labels))
+                images, labels = images[perm], labels[perm]
+            splits[split] = (images, labels)
+            log.info("%s/%s: %d images of shape %s", cfg.source, split, len(labels), images.shape[1:])
+    assert classes is not None
+    write_dataset(out, cfg.name, splits, classes, cfg.shard_size, limit=cfg.limit)
 
 
 if __name__ == "__main__":

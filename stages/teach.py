@@ -82,7 +82,14 @@ def main(argv: list[str] | None = None) -> None:
         )
         return
     run_teach(
-        manifest, model, out, spec, recipes, batch_size=cfg.batch_size, device=pick_device(), force=args.force,
+        manifest,
+        model,
+        out,
+        spec,
+        recipes,
+        batch_size=cfg.batch_size,
+        device=pick_device(),
+        force=args.force,
         previous=previous,
     )
 

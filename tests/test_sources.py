@@ -22,6 +22,7 @@ from pipeline.sources import (
     SOURCES,
     SplitData,
     load_split,
+    open_imagefolder,
     read_idx,
     source_options,
 )
@@ -367,6 +368,60 @@ def test_imagefolder_corrupt_error_and_skip(tmp_path: Path, caplog: pytest.LogCa
     archive = make_tar(root, tmp_path / "ds.tar.gz", "ds")
     with pytest.raises(ValueError, match=r"ds\.tar\.gz::ds/test/cat/broken\.png"):
         load_split("imagefolder", archive, "test")
+
+
+def test_streamed_imagefolder_shards_equal_in_memory_ones(tmp_path: Path) -> None:
+    """prepare streams ImageFolders (decode while writing); the shards are those of the in-memory path."""
+    import json
+
+    import yaml
+
+    from pipeline.shards import write_dataset
+    from stages import prepare
+
+    root = make_imagefolder(tmp_path / "ds")
+    save_image(root / "train" / "ant" / "gray.png", 90, mode="L")  # mode None + a gray image: RGB for all
+    params = {"prepare": {"name": "ds", "source": "imagefolder", "root": str(root), "shard_size": 3, "shuffle_seed": 1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    prepare.main(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "streamed")])
+    splits = {}
+    for split in ("train", "test"):
+        d = load_split("imagefolder", root, split)
+        perm = np.random.default_rng(1).permutation(len(d)) if split == "train" else np.arange(len(d))
+        splits[split] = (d.images[perm], d.labels[perm])
+    write_dataset(tmp_path / "memory", "ds", splits, d.classes, 3)
+    a = json.loads((tmp_path / "streamed" / "manifest.json").read_text())
+    b = json.loads((tmp_path / "memory" / "manifest.json").read_text())
+    assert a == b and a["image_shape"] == [6, 8, 3] and a["splits"]["train"]["n"] == 8
+    # limit and on_corrupt=skip: keys stay contiguous, the corrupt file is not a sample
+    (root / "train" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
+    params["prepare"].update(limit=6, options={"on_corrupt": "skip"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    prepare.main(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "limited")])
+    m = json.loads((tmp_path / "limited" / "manifest.json").read_text())
+    assert m["splits"]["train"]["n"] == 6 and m["splits"]["test"]["n"] == 6
+    assert [(s["start"], s["stop"]) for s in m["splits"]["train"]["shards"]] == [(0, 3), (3, 6)]
+
+
+def test_streamed_split_is_decoded_while_shards_are_written(tmp_path: Path) -> None:
+    """Memory is one image, not the split: the first shard is on disk before the later images are decoded."""
+    from pipeline.shards import write_split
+
+    root = make_imagefolder(tmp_path / "ds")
+    stream = open_imagefolder(root, "train")
+    assert len(stream) == 7 and stream.classes == ["ant", "cat", "dog"]
+    out = tmp_path / "out"
+    out.mkdir()
+    seen = []
+
+    def watched():
+        for k, sample in enumerate(stream):
+            seen.append((k, (out / "train-000000.tar").exists()))
+            yield sample
+
+    entry, shape = write_split(out, "train", watched(), 2, 3)
+    assert entry.n == 7 and shape == (6, 8, 3) and len(entry.shards) == 4
+    assert seen[2] == (2, True)  # image 2 was decoded after shard 0 (images 0-1) was closed
 
 
 def test_imagefolder_empty_class_names_it(tmp_path: Path) -> None:
