@@ -162,22 +162,22 @@ class _SoftRankL2CPU(torch.autograd.Function):
     def forward(ctx, values: Tensor, strength: float) -> Tensor:  # type: ignore[override]
         from torchsort.isotonic_cpu import isotonic_l2
 
-        theta = values / strength  # (B, n)
+        theta = values / strength if strength != 1.0 else values  # (B, n)
         n = theta.shape[1]
         perm = torch.from_numpy(numpy.argsort(-theta.detach().numpy(), axis=1))  # (B, n) descending order
         s = theta.gather(1, perm)  # (B, n) sorted descending
         w = torch.arange(n, 0, -1, dtype=theta.dtype).expand_as(s)  # (n, ..., 1)
         dual = isotonic_l2(s - w)  # (B, n)
-        inv = torch.empty_like(perm).scatter_(1, perm, torch.arange(n).expand_as(perm))  # inverse permutation
-        ctx.save_for_backward(s, dual, perm, inv)
+        ctx.save_for_backward(s, dual, perm)
         ctx.strength = strength
-        return (s - dual).gather(1, inv)
+        # Back to input order: scattering by perm is gathering by the inverse permutation, without building it.
+        return torch.empty_like(s).scatter_(1, perm, s - dual)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         from torchsort.isotonic_cpu import isotonic_l2_backward
 
-        s, dual, perm, inv = ctx.saved_tensors
-        grad = grad_output.clone()
-        grad -= isotonic_l2_backward(s, dual, grad.gather(1, perm)).gather(1, inv)
-        return grad / ctx.strength, None
+        s, dual, perm = ctx.saved_tensors
+        g_sorted = isotonic_l2_backward(s, dual, grad_output.gather(1, perm))  # (B, n) in sorted order
+        grad = grad_output - torch.empty_like(g_sorted).scatter_(1, perm, g_sorted)
+        return (grad / ctx.strength if ctx.strength != 1.0 else grad), None
