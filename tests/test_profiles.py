@@ -46,3 +46,10 @@ def test_cifar100_profile_is_the_papers_recipe():
         0.1,
     )
     assert p["teach"]["augment"] == {"pad": 4, "flip": True}
+
+
+def test_cifar10_benchmark_skips_cleanly_without_the_archive(tmp_path, capsys):
+    from benchmarks import cifar10_profile
+
+    assert cifar10_profile.main(["--archive", str(tmp_path / "absent.tar.gz"), "--workdir", str(tmp_path / "w")]) == 0
+    assert "skip:" in capsys.readouterr().out and not (tmp_path / "w").exists()
