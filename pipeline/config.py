@@ -205,6 +205,22 @@ class ReportConfig:
     title: str = "kdcache report"
 
 
+def student_id(teacher: str, loss: str, budget: str | int, seed: int) -> str:
+    """The name of one distill matrix item: `<teacher>-<loss>-<budget>-<seed>` (as dvc.yaml spells it)."""
+    return f"{teacher}-{loss}-{budget}-{seed}"
+
+
+def student_ids(distill: DistillConfig) -> set[str]:
+    """Every student of the distill matrix (teachers x losses x budgets x seeds)."""
+    return {
+        student_id(t, loss, b, seed)
+        for t in distill.teachers
+        for loss in distill.losses
+        for b in distill.budgets
+        for seed in distill.seeds
+    }
+
+
 def teachers_section(params: dict[str, Any]) -> dict[str, TeacherSpec]:
     """The shared teacher zoo: name -> TeacherSpec."""
     raw = section(params, "teachers")

@@ -36,9 +36,20 @@ FULL = "full"
 NO_TEACHER_LOSS = "ce"  # the baseline: trained on labels only, the teacher's logits unused
 
 
-def load_metrics(folder: Path) -> list[dict[str, Any]]:
-    """Every metrics JSON in `folder` (sorted by file name); an empty folder is an error naming the fix."""
-    rows = [json.loads(p.read_text()) for p in sorted(Path(folder).glob("*.json"))]
+def load_metrics(folder: Path, only: set[str] | None = None) -> list[dict[str, Any]]:
+    """Every metrics JSON in `folder` (sorted by file name); an empty folder is an error naming the fix.
+
+    only: student ids to keep (files are `<student id>.json`); others are left out with a log line, so a
+    folder holding metrics of an earlier configuration (another data set, a removed loss) cannot leak
+    into the report.
+    """
+    paths = sorted(Path(folder).glob("*.json"))
+    if only is not None:
+        extra = [p.stem for p in paths if p.stem not in only]
+        if extra:
+            log.info("report: leaving out %d metrics file(s) not in the distill matrix: %s", len(extra), extra[:5])
+        paths = [p for p in paths if p.stem in only]
+    rows = [json.loads(p.read_text()) for p in paths]
     if not rows:
         raise FileNotFoundError(f"no metrics in {folder}: run the evaluate stages first (`dvc repro`)")
     return rows
@@ -556,13 +567,22 @@ def plot_budget(rows: list[dict[str, Any]], teachers: list[str], losses: list[st
 # the report
 
 
-def build_report(metrics_dir: Path, teachers_dir: Path, out_dir: Path, title: str = "kdcache report") -> Path:
-    """Write `out_dir/report.md` and its PNGs from the metrics and teacher JSONs; returns the report's path."""
+def build_report(
+    metrics_dir: Path,
+    teachers_dir: Path,
+    out_dir: Path,
+    title: str = "kdcache report",
+    only: set[str] | None = None,
+) -> Path:
+    """Write `out_dir/report.md` and its PNGs from the metrics and teacher JSONs; returns the report's path.
+
+    only: the student ids to report (default: every metrics file).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
 
-    rows = load_metrics(Path(metrics_dir))
+    rows = load_metrics(Path(metrics_dir), only)
     info = load_teachers(Path(teachers_dir)) if Path(teachers_dir).exists() else {}
     g = group(rows)
     teachers = sorted({r["teacher"] for r in rows})

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from pipeline import modelio
 from pipeline.budget import query_mask
-from pipeline.config import ConfigError, DistillConfig, from_dict, load_params, section
+from pipeline.config import ConfigError, DistillConfig, from_dict, load_params, section, student_id
 from pipeline.loader import DistillDataset
 from pipeline.losses import build_loss
 from pipeline.pool import QueriedPool
@@ -38,10 +38,6 @@ from pipeline.store import LogitStore
 from pipeline.train import train
 
 log = logging.getLogger("stages.distill")
-
-
-def student_id(teacher: str, loss: str, budget: str | int, seed: int) -> str:
-    return f"{teacher}-{loss}-{budget}-{seed}"
 
 
 def budget_mask(store: LogitStore, labels: np.ndarray, budget: str | int) -> np.ndarray:

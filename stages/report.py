@@ -9,7 +9,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.config import ReportConfig, from_dict, load_params, section
+from pipeline.config import DistillConfig, ReportConfig, from_dict, load_params, section, student_ids
 from pipeline.report import build_report
 from pipeline.runtime import setup_logging
 
@@ -24,8 +24,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="reports")
     args = ap.parse_args(argv)
     setup_logging()
-    cfg = from_dict(ReportConfig, section(load_params(args.params), "report"), "report")
-    path = build_report(Path(args.metrics), Path(args.teachers), Path(args.out), title=cfg.title)
+    params = load_params(args.params)
+    cfg = from_dict(ReportConfig, section(params, "report"), "report")
+    # Only this configuration's students: metrics of earlier configurations (another data set or profile,
+    # a removed loss) may still sit in the folder.
+    only = student_ids(from_dict(DistillConfig, section(params, "distill"), "distill"))
+    path = build_report(Path(args.metrics), Path(args.teachers), Path(args.out), title=cfg.title, only=only)
     log.info("report written to %s", path)
 
 

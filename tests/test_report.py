@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from pipeline.cli import main as cli_main
@@ -116,10 +117,17 @@ def test_report_without_budgets_or_corruptions(tmp_path):
 
 def test_report_stage_and_helpers(tmp_path, monkeypatch):
     mdir, tdir = make_run(tmp_path, budgets=("full",))
-    (tmp_path / "params.yaml").write_text("report:\n  title: staged\n")
+    # A stray metrics file of an earlier configuration (another data set's teacher) must stay out.
+    stray = json.loads((mdir / "big-kd-full-0.json").read_text())
+    stray.update(teacher="other", student_id="other-kd-full-0")
+    (mdir / "other-kd-full-0.json").write_text(json.dumps(stray))
+    distill = {"teachers": list(TEACHERS), "losses": list(LOSSES), "budgets": ["full"], "seeds": [0, 1, 2]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"report": {"title": "staged"}, "distill": distill}))
     monkeypatch.chdir(tmp_path)
     report_stage.main(["--metrics", str(mdir), "--teachers", str(tdir), "--out", "out"])
-    assert Path("out/report.md").read_text().startswith("# staged")
+    text = Path("out/report.md").read_text()
+    assert text.startswith("# staged") and "| other" not in text
+    assert f"{len(TEACHERS) * len(LOSSES) * 3} students" in text
     assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std (ddof 1)
     assert fmt([0.5]) == "50.00" and fmt([0.5, 0.7]) == "60.00 ± 14.14"
     assert len(group(load_metrics(mdir))[("small", "kd")]) == 3
