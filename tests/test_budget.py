@@ -183,3 +183,23 @@ def test_pool_draws_cover_the_pool_evenly_and_ckd_groups_never_repeat_a_sample(t
     ids = torch.from_numpy(batch["pool_id"])[groups]
     assert len(groups) > 0 and (ids[:, 0] != ids[:, 1]).all()
     assert tracker.distinct <= 30 * 29
+
+
+def test_pool_batches_carry_the_loss_teacher_features(tiny_manifest, tmp_path):
+    """Budget runs train from the in-memory pool: its batches get the loss's teacher side like streamed ones."""
+    from pipeline.loader import make_loader
+    from pipeline.losses import build_loss
+    from pipeline.pool import QueriedPool
+
+    m = tiny_manifest
+    run_teach(m, linear_teacher(m), tmp_path / "t.zarr", _spec(m, 30), RECIPES)
+    allowed = LogitStore(tmp_path / "t.zarr", "train").queried()
+    pool = QueriedPool(m, "train", tmp_path / "t.zarr", allowed, seed=0, epoch_samples=40)
+    loss = build_loss("cmkd")
+    pool.teacher_features = loss.teacher_features
+    for workers in (0, 1):
+        batch = next(iter(make_loader(pool, 16, workers)))
+        want = loss.teacher_features(batch["logits"])
+        assert sorted(k for k in batch if k.startswith("tf/")) == sorted(f"tf/{k}" for k in want)
+        for k, v in want.items():
+            assert torch.equal(batch[f"tf/{k}"], v), k
