@@ -383,8 +383,8 @@ def write_split(
         name = f"{split}-{len(shards):06d}.tar"
         shards.append(ShardInfo(path=name, start=start, stop=n, sha256=sha256_file(out_dir / name)))
 
-    bar_total = min(x for x in (total, limit) if x is not None) if total is not None or limit is not None else None
-    bar = tqdm(total=bar_total, desc=f"prepare {split}", unit="img", disable=None, leave=False)
+    bounds = [x for x in (total, limit) if x is not None]
+    bar = tqdm(total=min(bounds) if bounds else None, desc=f"prepare {split}", unit="img", disable=None, leave=False)
     try:
         for img, label in _sample_iter(split, samples, num_classes):
             if limit is not None and n >= limit:
@@ -451,9 +451,8 @@ def write_dataset(
     stats = ChannelStats()
     entries, shapes = {}, {}
     for name, samples in splits.items():
-        total = len(samples) if hasattr(samples, "__len__") and not isinstance(samples, tuple) else None
-        if isinstance(samples, tuple):
-            total = len(samples[1])
+        # (images, labels) arrays, or a stream that knows its length (SplitStream): sizes the progress bar
+        total = len(samples[1]) if isinstance(samples, tuple) else getattr(samples, "__len__", lambda: None)()
         entries[name], shapes[name] = write_split(
             tmp,
             name,
