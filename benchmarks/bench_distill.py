@@ -3,7 +3,7 @@
     python benchmarks/bench_distill.py [--pairs default cifar] [--shards 4] [--workers 1] [--repeats 2]
 
 For each teacher/student pair, measured side by side in one run (best of `--repeats`, interleaved,
-so a noisy neighbour hits every mode alike), all through the real `pipeline.train.train` loop on
+so a noisy neighbour hits every mode alike), all through the real `pipeline.training.loop.train` loop on
 the real `DistillDataset` + `make_loader` path, one epoch each:
 
 - `ce`:      plain student training (no store joined; same shards, same augmentation views);
@@ -19,7 +19,7 @@ Ratios printed: (a) kd / ce (target >= 0.90); (b) (kd / online) / ideal (target 
 Pairs: `default` = Fashion-MNIST 28x28x1 shards (data/shards/fashion_mnist, first `--shards`
 shards, with the pipeline's cnn_small teacher cache when it matches; otherwise synthetic 28x28x1),
 student cnn_tiny, teacher cnn_small. `cifar` = synthetic 32x32x3, student resnet8, teacher resnet32
-(~5.5x the student's FLOPs). Caches are built with `pipeline.teach.run_teach` in a temp folder.
+(~5.5x the student's FLOPs). Caches are built with `pipeline.cache.teach.run_teach` in a temp folder.
 """
 
 from __future__ import annotations
@@ -41,16 +41,18 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import modelio  # noqa: E402
+from pipeline.cache.store import LogitStore, StoreError  # noqa: E402
+from pipeline.cache.teach import build_spec, run_teach  # noqa: E402
 from pipeline.config import OptimConfig, TrainConfig  # noqa: E402
-from pipeline.loader import DistillDataset, batch_to_float, make_loader  # noqa: E402
+from pipeline.data.shards import Manifest, iter_shard, load_manifest, sha256_file, write_dataset  # noqa: E402
+from pipeline.data.sources import load_split  # noqa: E402
+from pipeline.data.views import ViewRecipe  # noqa: E402
 from pipeline.losses import build_loss  # noqa: E402
-from pipeline.shards import Manifest, iter_shard, load_manifest, sha256_file, write_dataset  # noqa: E402
-from pipeline.sources import load_split  # noqa: E402
-from pipeline.store import LogitStore, StoreError  # noqa: E402
-from pipeline.teach import build_spec, run_teach  # noqa: E402
-from pipeline.train import make_optimizer, train  # noqa: E402
-from pipeline.views import ViewRecipe  # noqa: E402
+from pipeline.models import build_for, load_model, to_input  # noqa: E402
+from pipeline.training.dataset import DistillDataset  # noqa: E402
+from pipeline.training.loop import train  # noqa: E402
+from pipeline.training.schedule import make_optimizer  # noqa: E402
+from pipeline.training.transport import make_loader  # noqa: E402
 
 log = logging.getLogger("bench_distill")
 
@@ -73,7 +75,7 @@ def mmacs(arch_or_model: str | nn.Module, m: Manifest) -> float:
     """Forward multiply-accumulates per sample, in millions (torch's FLOP counter / 2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = modelio.build_for(arch_or_model, m) if isinstance(arch_or_model, str) else arch_or_model
+    model = build_for(arch_or_model, m) if isinstance(arch_or_model, str) else arch_or_model
     h, w, c = m.image_shape
     with FlopCounterMode(display=False) as f, torch.no_grad():
         model.eval()(torch.zeros(1, c, h, w))
@@ -107,7 +109,7 @@ def default_pair(tmp: Path, shards: int) -> Pair:
             s = LogitStore(store, "train", m)
             if s.teacher.get("arch") != "cnn_small" or s.teacher.get("weights_sha256") != sha256_file(ckpt):
                 raise StoreError(f"{store} is not the cache of {ckpt} (cnn_small)")
-            teacher, _ = modelio.load(ckpt, manifest=m)
+            teacher, _ = load_model(ckpt, data=m)
             return Pair("default", f"Fashion-MNIST shards, cache {store.name}", m, store, teacher, "cnn_small",
                         "cnn_tiny", shards)  # fmt: skip
         except (StoreError, FileNotFoundError, ValueError) as e:
@@ -128,7 +130,7 @@ def default_pair(tmp: Path, shards: int) -> Pair:
         sub = _synthetic(tmp, "synthetic28", shards * 5000, 28, 1, 5000)
         desc = "synthetic 28x28x1 (no Fashion-MNIST shards), fresh cache"
     torch.manual_seed(0)
-    teacher = modelio.build_for("cnn_small", sub).eval()
+    teacher = build_for("cnn_small", sub).eval()
     store = _teach(sub, teacher, "cnn_small", tmp / "cnn_small.zarr")
     return Pair("default", desc, sub, store, teacher, "cnn_small", "cnn_tiny", len(sub.split("train").shards))
 
@@ -137,7 +139,7 @@ def cifar_pair(tmp: Path, shards: int, teacher_arch: str, student_arch: str) -> 
     """Synthetic CIFAR-sized data (32x32x3), a ResNet teacher several times the student's FLOPs."""
     m = _synthetic(tmp, "synthetic32", shards * 1000, 32, 3, 1000)
     torch.manual_seed(0)
-    teacher = modelio.build_for(teacher_arch, m).eval()
+    teacher = build_for(teacher_arch, m).eval()
     store = _teach(m, teacher, teacher_arch, tmp / f"{teacher_arch}.zarr")
     return Pair("cifar", "synthetic 32x32x3, fresh cache", m, store, teacher, teacher_arch, student_arch, shards)
 
@@ -158,7 +160,7 @@ def time_train(p: Pair, mode: str, cfg: TrainConfig, out: Path) -> tuple[float, 
     main thread's CPU seconds (what the loop itself costs, whatever else runs on the machine) and
     seconds blocked on the loader."""
     torch.manual_seed(0)
-    model = modelio.build_for(p.student_arch, p.manifest)
+    model = build_for(p.student_arch, p.manifest)
     loss = build_loss("ce") if mode == "ce" else build_loss("kd", **KD)
     teacher = p.teacher if mode == "online" else None
     ds = dataset(p, cached=mode != "ce")
@@ -184,10 +186,10 @@ def time_steps(p: Pair, batch_size: int, seconds: float) -> tuple[float, float]:
     h, w, c = p.manifest.image_shape
     g = torch.Generator().manual_seed(0)
     raw = torch.randint(0, 256, (batch_size, h, w, c), dtype=torch.uint8, generator=g)  # (B, H, W, C) as loaded
-    x = batch_to_float(raw)  # (B, C, H, W) channels_last
+    x = to_input(raw)  # (B, C, H, W) channels_last
     y = torch.randint(0, p.manifest.num_classes, (batch_size,), generator=g)
     torch.manual_seed(0)
-    model = modelio.build_for(p.student_arch, p.manifest).to(memory_format=torch.channels_last).train()
+    model = build_for(p.student_arch, p.manifest).to(memory_format=torch.channels_last).train()
     teacher = p.teacher.eval().to(memory_format=torch.channels_last)
     loss_fn = build_loss("kd", **KD)
     opt = make_optimizer(model, OptimConfig())
@@ -196,7 +198,7 @@ def time_steps(p: Pair, batch_size: int, seconds: float) -> tuple[float, float]:
 
     def student_step() -> None:
         # The uint8 -> float conversion is student-side work of every step (offline and online alike).
-        parts = loss_fn(model(batch_to_float(raw)).float(), t, y, epoch=0.0)
+        parts = loss_fn(model(to_input(raw)).float(), t, y, epoch=0.0)
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
         opt.step()

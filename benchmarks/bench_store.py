@@ -24,12 +24,12 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline import modelio
-from pipeline.shards import write_dataset
-from pipeline.sources import load_split
-from pipeline.store import LogitStore, SplitSpec, StoreSpec, StoreWriter
-from pipeline.teach import build_spec, predict, read_shard, run_teach
-from pipeline.views import ViewRecipe
+from pipeline.cache.store import LogitStore, SplitSpec, StoreSpec, StoreWriter
+from pipeline.cache.teach import build_spec, load_shard, run_teach
+from pipeline.data.shards import write_dataset
+from pipeline.data.sources import load_split
+from pipeline.data.views import ViewRecipe
+from pipeline.models import build_for, predict_arrays
 
 
 def fake_logits(n: int, v: int, c: int, seed: int = 0) -> np.ndarray:
@@ -125,10 +125,10 @@ def bench_teach(tmp: Path, n: int, repeats: int, threads: int) -> None:
     torch.set_num_threads(threads)
     d = load_split("synthetic", None, "train", n=n, size=28, channels=1, num_classes=10, seed=0)
     m = write_dataset(tmp / "shards", "bench", {"train": (d.images, d.labels)}, d.classes, shard_size=5000)
-    model = modelio.build_for("cnn_small", m).eval().to(memory_format=torch.channels_last)
+    model = build_for("cnn_small", m).eval().to(memory_format=torch.channels_last)
     recipes = {"train": ViewRecipe(2, 0, 2, True)}
     spec = build_spec(m, {"name": "b", "arch": "cnn_small", "weights_sha256": "0"}, recipes)
-    batches = [read_shard(m, "train", j) for j in range(len(m.split("train").shards))]
+    batches = [load_shard(m, "train", j) for j in range(len(m.split("train").shards))]
     views = []
     for b in batches:  # the exact inputs the teach stage feeds the teacher, prepared outside the timing
         idx = np.arange(b.start, b.start + len(b.images))
@@ -136,7 +136,7 @@ def bench_teach(tmp: Path, n: int, repeats: int, threads: int) -> None:
 
     def bare() -> None:
         for imgs in views:
-            predict(model, imgs, 1000, torch.device("cpu"))
+            predict_arrays(model, imgs, 1000, torch.device("cpu"))
 
     def teach() -> None:
         run_teach(m, model, tmp / "t.zarr", spec, recipes, batch_size=1000, force=True)

@@ -33,14 +33,14 @@ from pathlib import Path
 import psutil
 import torch
 
-from pipeline import modelio
+from pipeline.cache.store import StoreSpec
+from pipeline.cache.teach import build_spec, run_teach
+from pipeline.cache.teach_dask import cached_teacher, local_cluster, run_teach_dask
+from pipeline.data.shards import Manifest, load_manifest, sha256_file, write_dataset
+from pipeline.data.sources import load_split
+from pipeline.data.views import ViewRecipe
+from pipeline.models import build_for, load_model, save_model
 from pipeline.runtime import setup_logging
-from pipeline.shards import Manifest, load_manifest, sha256_file, write_dataset
-from pipeline.sources import load_split
-from pipeline.store import StoreSpec
-from pipeline.teach import build_spec, run_teach
-from pipeline.teach_dask import cached_teacher, local_cluster, run_teach_dask
-from pipeline.views import ViewRecipe
 
 log = logging.getLogger("bench_teach_dask")
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         m, source = get_manifest(args.shards, tmp, args.train_shards)
         torch.manual_seed(0)
         ckpt = tmp / "teacher.pt"
-        modelio.save(ckpt, modelio.build_for(args.arch, m).eval(), args.arch)
+        save_model(ckpt, build_for(args.arch, m).eval(), args.arch)
         sha = sha256_file(ckpt)
         recipes = {"train": ViewRecipe(args.views, 0, 2, True)}
         spec = build_spec(m, {"name": "bench", "arch": args.arch, "weights_sha256": sha}, recipes)
@@ -198,7 +198,7 @@ def own_cpu_seconds() -> float:
 def solo_run(m: Manifest, ckpt: Path, out: Path, spec: StoreSpec, recipes: dict, batch_size: int) -> float:
     """Seconds of a single-process `run_teach` (1 torch thread), in the reference process."""
     torch.set_num_threads(1)
-    model, _ = modelio.load(ckpt, manifest=m)
+    model, _ = load_model(ckpt, data=m)
     t0 = time.perf_counter()
     run_teach(m, model, out, spec, recipes, batch_size=batch_size)
     return time.perf_counter() - t0

@@ -7,7 +7,7 @@ Every student is trained exactly as `dvc repro` trains a `distill@<teacher>-<los
 stage (through `benchmarks.students.run_student`): budget n uses the first n teacher calls of the
 store's fixed selection order, held in memory as the queried pool, for the same number of steps as
 the full-budget run. `ce` at budget n is cross-entropy on the same n samples (no teacher). The
-figure and tables come from `pipeline.report.build_report` over the sweep's metrics, written to
+figure and tables come from `pipeline.evaluation.report.build_report` over the sweep's metrics, written to
 <out>/budget/report/. Inside the DVC pipeline the same sweep is
 `dvc exp run -S 'distill.budgets=[100,300,1000,3000,full]'`.
 """
@@ -19,7 +19,8 @@ import shutil
 from pathlib import Path
 
 from benchmarks.students import run_student
-from pipeline.report import build_report
+from pipeline.config import student_id
+from pipeline.evaluation.report import build_report
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
     for budget in args.budgets:
         for loss in args.losses:
             for seed in args.seeds:
-                name = f"{args.teacher}-{loss}-{budget}-{seed}"
+                name = student_id(args.teacher, loss, budget, seed)
                 if (work / "metrics" / f"{name}.json").exists():
                     continue  # resumable: a finished student is not trained again
                 m = run_student(

@@ -1,9 +1,9 @@
-"""Shared driver for experiment scripts: train + evaluate one student through the stage entry points.
+"""Shared driver for experiment scripts: train + evaluate one student exactly as `dvc repro` does.
 
-Experiments (ablations, top-k vs dense, budgets) must train students exactly as `dvc repro` does, so
-this module does not re-implement anything: it writes a params file with the requested overrides
-into a work folder and calls `stages.distill.main` / `stages.evaluate.main` with outputs redirected
-there. The project's `data/shards` and `data/logits` are read, never written.
+Experiments (ablations, top-k vs dense, budgets) call the same library functions as the `distill` and
+`evaluate` stages (`pipeline.training.student.run_student`, `pipeline.evaluation.student.evaluate_student`)
+with the project's params plus the requested overrides, and outputs redirected into a work folder. The
+project's `data/shards` and `data/logits` are read, never written.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from stages import distill, evaluate
+from pipeline.config import DistillConfig, EvaluateConfig, PrepareConfig, from_dict, load_params, section
+from pipeline.data.shards import load_manifest
+from pipeline.evaluation.student import evaluate_student
+from pipeline.layout import Layout
+from pipeline.training.student import StudentRun
+from pipeline.training.student import run_student as train_student
 
 
 def deep_update(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -39,47 +42,33 @@ def run_student(
     params_path: str = "params.yaml",
 ) -> dict[str, Any]:
     """Train and evaluate one student; returns its metrics dict (also at workdir/metrics/<name>.json)."""
-    params = yaml.safe_load(Path(params_path).read_text())
-    params["distill"] = deep_update(params["distill"], distill_overrides or {})
+    params = load_params(params_path)
+    distill = deep_update(params["distill"], distill_overrides or {})
     if loss_params is not None:
-        params["distill"]["loss_params"][loss] = loss_params
+        distill["loss_params"][loss] = loss_params
+    cfg = from_dict(DistillConfig, distill, "distill")
+    layout = Layout(from_dict(PrepareConfig, section(params, "prepare"), "prepare").name)
+    manifest = load_manifest(layout.shards)
     workdir.mkdir(parents=True, exist_ok=True)
-    p = workdir / f"params-{name}.yaml"
-    p.write_text(yaml.safe_dump(params, sort_keys=False))
     out = workdir / "students" / name
-    args = [
-        "--teacher",
-        teacher,
-        "--loss",
-        loss,
-        "--seed",
-        str(seed),
-        "--budget",
-        str(budget),
-        "--params",
-        str(p),
-        "--out-dir",
-        str(out),
-        "--curves",
-        str(workdir / "curves" / f"{name}.json"),
-    ]
-    if store:
-        args += ["--store", store]
-    distill.main(args)
-    metrics = workdir / "metrics" / f"{name}.json"
-    sid = distill.student_id(teacher, loss, budget, seed)
-    evaluate.main(
-        [
-            "--student",
-            sid,
-            "--params",
-            str(p),
-            "--model",
-            str(out / "model.pt"),
-            "--out",
-            str(metrics),
-            "--confusion",
-            str(workdir / "confusion" / f"{name}.csv"),
-        ]
+    train_student(
+        manifest,
+        cfg,
+        StudentRun(teacher, loss, budget, seed),
+        layout,
+        store=store,
+        out_dir=out,
+        curves=workdir / "curves" / f"{name}.json",
     )
-    return json.loads(metrics.read_text())
+    metrics = evaluate_student(
+        manifest,
+        out / "model.pt",
+        layout.corrupt,
+        from_dict(EvaluateConfig, section(params, "evaluate"), "evaluate"),
+        workdir / "confusion" / f"{name}.csv",
+        store=store,
+    )
+    path = workdir / "metrics" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    return metrics

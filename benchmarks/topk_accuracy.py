@@ -2,8 +2,8 @@
 
     python benchmarks/topk_accuracy.py [--teacher resnet] [--k 5] [--losses kd dist cmkd ckd] [--seeds 0]
 
-Builds a top-k copy of the teacher's cache (`stages.teach --out ...` with `teach.topk: k`, the same
-teacher checkpoint) and trains one student per loss and seed on each store. Prints a markdown table
+Builds a top-k copy of the teacher's cache (`teach_store` with `teach.topk: k`, the same teacher
+checkpoint) and trains one student per loss and seed on each store. Prints a markdown table
 (and writes <out>/topk_accuracy.md) with store bytes and test top-1. With C=10 classes, k=5 keeps half
 the classes; the tail is spread evenly, so rank-based losses (CMKD's Spearman part) see ties there.
 """
@@ -11,13 +11,15 @@ the classes; the tail is spread evenly, so rank-based losses (CMKD's Spearman pa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from pathlib import Path
 
-import yaml
-
 from benchmarks.students import run_student
-from stages import teach
+from pipeline.cache.teach import teach_store
+from pipeline.config import PrepareConfig, TeachConfig, from_dict, load_params, section
+from pipeline.data.shards import load_manifest
+from pipeline.layout import Layout
 
 
 def disk_bytes(path: Path) -> int:
@@ -35,14 +37,13 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.out) / "topk"
     work.mkdir(parents=True, exist_ok=True)
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["teach"]["topk"] = args.k
-    p = work / "params-topk.yaml"
-    p.write_text(yaml.safe_dump(params, sort_keys=False))
-    dense = Path(f"data/logits/{args.teacher}.zarr")
+    params = load_params("params.yaml")
+    layout = Layout(from_dict(PrepareConfig, section(params, "prepare"), "prepare").name)
+    cfg = dataclasses.replace(from_dict(TeachConfig, section(params, "teach"), "teach"), topk=args.k)
+    dense = layout.store(args.teacher)
     topk = work / f"{args.teacher}-top{args.k}.zarr"
     if not topk.exists():
-        teach.main(["--name", args.teacher, "--params", str(p), "--out", str(topk)])
+        teach_store(load_manifest(layout.shards), layout.teacher_checkpoint(args.teacher), topk, cfg, args.teacher)
     overrides = {"train": {"epochs": args.epochs}} if args.epochs else {}
     lines = [
         f"Dense vs top-{args.k} store, teacher `{args.teacher}`, seeds {args.seeds}: test top-1 (%).",

@@ -2,6 +2,7 @@
 
 kdcache inspect data/logits/cnn.zarr            what a logit store holds (out of core, dask)
 kdcache compare metrics/a.json metrics/b.json   metrics side by side
+kdcache models ['resnet*']                      the registered architectures
 kdcache import-logits ...                       a store from logits computed elsewhere
 kdcache prepare | train-teacher | teach | distill | corrupt | evaluate | report [ARGS]
                                                 run one pipeline stage by hand (what `dvc repro` runs)
@@ -30,18 +31,19 @@ def _labels_for(store: Path, split: str, shards: str | None):
     """Labels of the store's data set, from --shards or the default data/shards/<name>."""
     import zarr
 
-    from pipeline.shards import load_manifest
+    from pipeline.data.shards import load_manifest
+    from pipeline.layout import Layout, partial_path
 
-    target = store if store.exists() else store.with_name(store.name + ".partial")
+    target = store if store.exists() else partial_path(store)
     name = dict(zarr.open_group(str(target), mode="r").attrs).get("dataset", {}).get("name")
-    folder = Path(shards) if shards else Path("data/shards") / str(name)
+    folder = Path(shards) if shards else Layout(str(name)).shards
     if not (folder / "manifest.json").exists():
         return None
     return load_manifest(folder).iter_labels(split)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pipeline.inspect_store import format_info, inspect_store
+    from pipeline.cache.inspect_store import format_info, inspect_store
 
     store = Path(args.store)
     labels = None if args.no_labels else _labels_for(store, args.split, args.shards)
@@ -84,6 +86,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from pipeline.models import build_model, count_parameters, list_models
+
+    names = list_models(args.pattern)
+    if not names:
+        print(f"no architecture matches {args.pattern!r}; all: {', '.join(list_models())}")
+        return 2
+    for name in names:
+        n = count_parameters(build_model(name, args.classes, args.channels))
+        print(f"{name:<16}{n:>12,} parameters at {args.classes} classes, {args.channels} channels")
+    print("also: tv:<name> for any torchvision classification model (random init, never downloaded)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in STAGES:
@@ -106,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-rows", type=int, default=None, help="dask block rows (default: store shard rows)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("models", help="list the registered architectures (with parameter counts)")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*'")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--channels", type=int, default=3)
+    p.set_defaults(func=cmd_models)
     p = sub.add_parser("compare", help="metrics JSON files side by side (like `dvc metrics diff`)")
     p.add_argument("metrics", nargs="+")
     p.set_defaults(func=cmd_compare)
@@ -113,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(
             name, help=f"run the `{STAGES[name].split('.')[1]}` stage (args: see its --help)", add_help=False
         )
-    from pipeline.import_logits import add_parser as add_import
+    from pipeline.cache.import_logits import add_parser as add_import
 
     add_import(sub)
     args = ap.parse_args(argv)

@@ -90,7 +90,7 @@ class PrepareConfig:
     """`prepare`: read a source data set and write WebDataset shards + manifest."""
 
     name: str = "fashion_mnist"  # data set name: shards go to data/shards/<name>
-    source: str = "fashion_mnist"  # reader in pipeline.sources.SOURCES
+    source: str = "fashion_mnist"  # reader in pipeline.data.sources.SOURCES
     root: str = "/usr/share/datasets/fashion-mnist"
     options: dict[str, Any] = field(default_factory=dict)
     shard_size: int = 5000  # samples per tar shard == rows per logit-store shard
@@ -145,6 +145,11 @@ class TeacherSpec:
     lr: float = 0.05
     batch_size: int = 128
 
+    def train_config(self, shared: TrainConfig) -> TrainConfig:
+        """The shared `train_teacher.train` recipe with this teacher's epochs, batch size and learning rate."""
+        optim = dataclasses.replace(shared.optim, lr=self.lr)
+        return dataclasses.replace(shared, epochs=self.epochs, batch_size=self.batch_size, optim=optim)
+
 
 @dataclass(frozen=True)
 class TrainTeacherConfig:
@@ -154,13 +159,21 @@ class TrainTeacherConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """`teach.augment`: the random views 1..V-1 (view 0 is the plain image): crop with zero padding, flip."""
+
+    pad: int = 4
+    flip: bool = True
+
+
+@dataclass(frozen=True)
 class TeachConfig:
     """`teach`: run each teacher once over the shards and cache raw logits."""
 
     views: int = 2  # cached augmentation views per sample (view 0 = plain image)
     test_views: int = 1
     view_seed: int = 0
-    augment: dict[str, Any] = field(default_factory=lambda: {"pad": 4, "flip": True})
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     dtype: str = "float16"  # float16 | float32
     batch_size: int = 512
     chunk_rows: int = 1000  # zarr chunk rows (inner chunks of one store shard)

@@ -1,4 +1,4 @@
-"""Process-level plumbing shared by every stage: device, threads, seeding, logging.
+"""Process-level plumbing shared by every stage: device, threads, seeding, logging, rank and world size.
 
 Kept apart from training code so the teacher stage does not depend on (and rerun for) student code.
 """
@@ -11,6 +11,7 @@ import random
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -37,3 +38,44 @@ def setup_logging(level: str | int | None = None) -> None:
     """Stage entry points log to stderr; the library itself only uses `logging.getLogger`."""
     level = level or os.environ.get("KDCACHE_LOG", "INFO")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: the live process group, else torchrun's environment, else (0, 1).
+
+    The one place the project asks; it agrees with `webdataset.split_by_node` (which reads the same
+    environment first), so the loader's shard split and the training loop's plan always match.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed() -> torch.device | None:
+    """Join torchrun's process group when WORLD_SIZE > 1; returns this rank's device (None: single process).
+
+    gloo on CPU, nccl on CUDA (one GPU per local rank). The rendezvous (MASTER_ADDR/PORT, RANK,
+    WORLD_SIZE, LOCAL_RANK) comes from torchrun's environment. Ranks other than 0 log warnings only.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if torch.cuda.is_available() and os.environ.get("KDCACHE_DEVICE", "cuda").startswith("cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    if dist.get_rank() != 0:
+        logging.getLogger().setLevel(logging.WARNING)  # one rank tells the story
+    logging.getLogger(__name__).info("DDP: %d ranks, backend %s", dist.get_world_size(), backend)
+    return device
+
+
+def close_distributed() -> None:
+    """Tear down the process group `init_distributed` joined (no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline.shards import Manifest, write_dataset
-from pipeline.sources import load_split
+from pipeline.data.shards import Manifest, write_dataset
+from pipeline.data.sources import load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,10 +143,10 @@ def fresh_manifest(tmp_path: Path) -> Manifest:
 
 def linear_teacher(manifest: Manifest, seed: int = 0) -> torch.nn.Module:
     """A deterministic small teacher for store tests (no training needed)."""
-    from pipeline import modelio
+    from pipeline.models import build_for
 
     torch.manual_seed(seed)
-    return modelio.build_for("cnn_tiny", manifest).eval()
+    return build_for("cnn_tiny", manifest).eval()
 
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")

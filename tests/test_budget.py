@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.budget import query_mask, resolve_budget, selection_order
-from pipeline.store import LogitStore
-from pipeline.teach import PreviousCalls, build_spec, run_teach
-from pipeline.views import ViewRecipe
+from pipeline.cache.budget import BudgetSpec, query_mask, resolve_budget, selection_order
+from pipeline.cache.store import LogitStore
+from pipeline.cache.teach import PreviousCalls, build_spec, run_teach
+from pipeline.data.views import ViewRecipe
 from tests.conftest import linear_teacher
 
 RECIPES = {"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}
@@ -78,7 +78,7 @@ def _spec(m, n):
         topk=0,
         compressor="blosc-zstd",
         chunk_rows=32,
-        budget={"n": n, "strategy": "random", "seed": 0},
+        budget=BudgetSpec(n, "random", 0),
     )
 
 
@@ -120,7 +120,7 @@ def test_store_of_another_teacher_is_not_reused(tiny_manifest, tmp_path):
         topk=0,
         compressor="blosc-zstd",
         chunk_rows=32,
-        budget={"n": 300, "strategy": "random", "seed": 0},
+        budget=BudgetSpec(300, "random", 0),
     )
     assert PreviousCalls.find(out, other) is None
     assert not out.exists()  # the stale store is gone; the caller recomputes everything
@@ -167,8 +167,7 @@ def test_budget_students_train_on_the_queried_pool(tmp_path, monkeypatch):
 
 def test_pool_draws_cover_the_pool_evenly_and_ckd_groups_never_repeat_a_sample(tiny_manifest, tmp_path):
     from pipeline.losses import build_loss
-    from pipeline.pool import QueriedPool
-    from pipeline.train import ComparisonTracker
+    from pipeline.training.pool import ComparisonTracker, QueriedPool
 
     m = tiny_manifest
     run_teach(m, linear_teacher(m), tmp_path / "t.zarr", _spec(m, 30), RECIPES)
@@ -177,7 +176,7 @@ def test_pool_draws_cover_the_pool_evenly_and_ckd_groups_never_repeat_a_sample(t
     d = pool.draws(0)
     assert len(d) == 95 and np.bincount(d, minlength=30).min() == 3  # 3 full passes + 5 extra
     assert not np.array_equal(d, pool.draws(1))
-    batch = next(pool._np_batches(64, False))  # pool of 30 < batch of 64: repeats are unavoidable
+    batch = next(pool.numpy_batches(64, False))  # pool of 30 < batch of 64: repeats are unavoidable
     tracker = ComparisonTracker(build_loss("ckd", groups_per_step=200))
     groups = tracker.draw({k: torch.from_numpy(v) for k, v in batch.items()})
     ids = torch.from_numpy(batch["pool_id"])[groups]
@@ -187,16 +186,17 @@ def test_pool_draws_cover_the_pool_evenly_and_ckd_groups_never_repeat_a_sample(t
 
 def test_pool_batches_carry_the_loss_teacher_features(tiny_manifest, tmp_path):
     """Budget runs train from the in-memory pool: its batches get the loss's teacher side like streamed ones."""
-    from pipeline.loader import make_loader
     from pipeline.losses import build_loss
-    from pipeline.pool import QueriedPool
+    from pipeline.training.pool import QueriedPool
+    from pipeline.training.transport import make_loader
 
     m = tiny_manifest
     run_teach(m, linear_teacher(m), tmp_path / "t.zarr", _spec(m, 30), RECIPES)
     allowed = LogitStore(tmp_path / "t.zarr", "train").queried()
-    pool = QueriedPool(m, "train", tmp_path / "t.zarr", allowed, seed=0, epoch_samples=40)
     loss = build_loss("cmkd")
-    pool.teacher_features = loss.teacher_features
+    pool = QueriedPool(
+        m, "train", tmp_path / "t.zarr", allowed, seed=0, epoch_samples=40, teacher_features=loss.teacher_features
+    )
     for workers in (0, 1):
         batch = next(iter(make_loader(pool, 16, workers)))
         want = loss.teacher_features(batch["logits"])

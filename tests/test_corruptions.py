@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, from_dict
-from pipeline.corruptions import (
+from pipeline.data.corruptions import (
     CORRUPTIONS,
     PARAMS,
     CorruptConfig,
@@ -20,8 +20,8 @@ from pipeline.corruptions import (
     plasma_fractal,
     write_corrupted,
 )
-from pipeline.shards import write_dataset
-from pipeline.sources import load_split
+from pipeline.data.shards import write_dataset
+from pipeline.data.sources import load_split
 from stages import corrupt as corrupt_stage
 from tests.conftest import make_project, tiny_params
 

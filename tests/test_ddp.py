@@ -27,12 +27,13 @@ def _worker(record_dir: str, argv: list[str]) -> None:
     """One torchrun rank: run stages.distill with a recording `train`."""
     import torch
 
+    import pipeline.training.student as student_mod
     import stages.distill as distill
 
     torch.set_num_threads(1)
     seen: dict[int, list[int]] = {}
     batches: dict[int, int] = {}
-    real_train = distill.train
+    real_train = student_mod.train
     out: dict = {}
 
     def on_batch(epoch: int, batch: dict) -> None:
@@ -47,7 +48,7 @@ def _worker(record_dir: str, argv: list[str]) -> None:
         out.update(weights=h.hexdigest(), history=hist, world=torch.distributed.get_world_size())
         return hist
 
-    distill.train = recording_train
+    student_mod.train = recording_train
     distill.main(argv)
     rank = int(os.environ["RANK"])
     out.update(rank=rank, seen={str(k): v for k, v in seen.items()}, batches={str(k): v for k, v in batches.items()})

@@ -12,24 +12,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline.corruptions import CorruptConfig, load_corrupted, read_rows, write_corrupted
-from pipeline.evaluate import (
+from pipeline.data.corruptions import CorruptConfig, load_corrupted, write_corrupted
+from pipeline.data.shards import read_rows
+from pipeline.evaluation.metrics import (
     agreement,
     confusion_matrix,
     expected_calibration_error,
     mean_pearson,
     mean_spearman,
-    predict_arrays,
-    predict_split,
     rank_rows,
     reliability_bins,
     robustness_metrics,
     rowwise_pearson,
     split_metrics,
-    topk_accuracy,
     write_confusion_csv,
 )
-from pipeline.loader import DistillDataset
+from pipeline.models import predict_arrays
+from pipeline.training.dataset import DistillDataset
+from pipeline.training.validate import predict_split, topk_accuracy
 from tests.conftest import linear_teacher
 
 # Six samples, three classes, given as probabilities (logits = log p + a per-row shift, which softmax ignores).

@@ -9,13 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.cache.budget import BudgetSpec
+from pipeline.cache.import_logits import import_logits
+from pipeline.cache.inspect_store import inspect_store
+from pipeline.cache.store import LogitStore, StoreError
+from pipeline.cache.teach import build_spec, run_teach
 from pipeline.cli import main as cli
-from pipeline.evaluate import expected_calibration_error, softmax
-from pipeline.import_logits import import_logits
-from pipeline.inspect_store import inspect_store
-from pipeline.store import LogitStore, StoreError
-from pipeline.teach import build_spec, run_teach
-from pipeline.views import ViewRecipe
+from pipeline.data.views import ViewRecipe
+from pipeline.evaluation.metrics import expected_calibration_error, softmax
 from tests.conftest import linear_teacher
 
 RECIPES = {"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}
@@ -32,7 +33,7 @@ def store(tiny_manifest, tmp_path_factory):
         topk=0,
         compressor="blosc-zstd",
         chunk_rows=32,
-        budget={"n": None},
+        budget=BudgetSpec(),
     )
     run_teach(tiny_manifest, linear_teacher(tiny_manifest), out, spec, RECIPES)
     return out

@@ -12,11 +12,13 @@ import pytest
 import torch
 import webdataset as wds
 
-from pipeline.loader import DistillDataset, ShardError, make_loader
-from pipeline.shards import Manifest, sample_key, write_dataset
-from pipeline.store import LogitStore, StoreError
-from pipeline.teach import build_spec, run_teach
-from pipeline.views import ViewRecipe
+from pipeline.cache.budget import BudgetSpec
+from pipeline.cache.store import LogitStore, StoreError
+from pipeline.cache.teach import build_spec, run_teach
+from pipeline.data.shards import Manifest, ShardError, sample_key, write_dataset
+from pipeline.data.views import ViewRecipe
+from pipeline.training.dataset import DistillDataset
+from pipeline.training.transport import make_loader
 from tests.conftest import synthetic_splits
 
 VIEWS = 2
@@ -40,7 +42,7 @@ def make_data(root: Path, n_train: int = 300, shard_size: int = 64) -> tuple[Man
         topk=0,
         compressor="blosc-zstd",
         chunk_rows=shard_size,
-        budget={"n": None},
+        budget=BudgetSpec(),
     )
     store = root / "fake.zarr"
     run_teach(m, fake_teacher, store, spec, recipes, batch_size=1000)
@@ -262,7 +264,7 @@ def test_missing_shard_is_named(small):
     m, store = small
     shard = m.root / m.split("train").shards[1].path
     shard.unlink()
-    with pytest.raises(ShardError, match=rf"shard {shard} is listed in the manifest .* but missing"):
+    with pytest.raises(ShardError, match=rf"shard {shard} is listed in the manifest but missing"):
         _drain(DistillDataset(m, "train", store, shuffle=False), 0)
 
 
@@ -284,7 +286,7 @@ def test_sample_keys_are_rows():
 def test_fast_tar_reader_equals_webdataset(odd, tmp_path):
     from webdataset.tariterators import tarfile_samples
 
-    from pipeline.shards import tar_samples
+    from pipeline.data.shards import tar_samples
 
     m, _ = odd
     url = str(m.root / m.split("train").shards[4].path)
@@ -303,7 +305,7 @@ def test_fast_tar_reader_equals_webdataset(odd, tmp_path):
 def test_fast_png_decode_equals_pil(channels):
     from PIL import Image
 
-    from pipeline.shards import decode_png, decode_png_fast, encode_png
+    from pipeline.data.tario import decode_png, decode_png_fast, encode_png
 
     rng = np.random.default_rng(channels)
     for h, w in [(28, 28), (32, 32), (7, 13)]:
@@ -322,8 +324,7 @@ def test_fast_png_decode_equals_pil(channels):
 
 
 def test_batch_crop_flip_equals_per_sample():
-    from pipeline.loader import crop_flip_batch
-    from pipeline.views import crop_flip
+    from pipeline.data.views import crop_flip, crop_flip_batch
 
     rng = np.random.default_rng(0)
     for pad, (h, w, c) in [(2, (16, 16, 1)), (4, (32, 32, 3)), (3, (5, 9, 2))]:

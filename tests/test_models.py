@@ -1,4 +1,4 @@
-"""Tests for pipeline.models: the zoo's parameter counts and shapes, name resolution, checkpoints and their errors."""
+"""Tests for pipeline.models: the zoo's parameter counts and shapes, the registry, checkpoints and their errors."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from pipeline.models import (
-    MODELS,
     CheckpointError,
     build_model,
     canonical_arch,
     count_parameters,
+    list_models,
     load_checkpoint,
     load_state_dict_checkpoint,
     save_checkpoint,
@@ -39,7 +39,7 @@ PUBLISHED_M: dict[str, float] = {
     "shufflenetv1": 0.95,
     "shufflenetv2": 1.36,
 }
-ZOO = sorted(set(MODELS) - {"cnn_tiny", "cnn_small"})
+ZOO = sorted(set(list_models()) - {"cnn_tiny", "cnn_small"})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -63,7 +63,7 @@ def cifar100_model(arch: str) -> nn.Module:
 
 
 def test_registry_covers_the_literature_zoo() -> None:
-    assert set(PUBLISHED_M) | {"resnet8", "resnet14", "resnet44"} <= set(MODELS)
+    assert set(PUBLISHED_M) | {"resnet8", "resnet14", "resnet44"} <= set(list_models())
 
 
 @pytest.mark.parametrize("arch", sorted(PUBLISHED_M))
@@ -75,7 +75,7 @@ def test_parameter_count_matches_literature(arch: str) -> None:
     assert abs(ours - published) <= 0.01e6, f"{arch}: {ours:,} vs published {published:,.0f}"
 
 
-@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("arch", list_models())
 def test_forward_shapes_cifar_and_fashion_mnist(arch: str) -> None:
     with torch.no_grad():
         out = cifar100_model(arch).train()(torch.randn(2, 3, 32, 32))
@@ -291,3 +291,26 @@ def test_unreadable_or_foreign_files(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "lr": 0.1}, junk)
     with pytest.raises(CheckpointError, match="holds no state_dict"):
         load_state_dict_checkpoint(junk, "cnn_tiny", 10, 1)
+
+
+def test_registry_is_filled_at_the_definition_site_and_listed() -> None:
+    """Every family registers its factories with the decorator; `list_models` filters; a duplicate is refused."""
+    from pipeline.models import register_model
+
+    assert list_models("resnet*") == sorted(n for n in list_models() if n.startswith("resnet"))
+    assert {"cnn_tiny", "wrn_40_2", "mobilenetv2", "shufflenetv2", "vgg13"} <= set(list_models())
+    assert canonical_arch("mobile_half") == "mobilenetv2"  # an alias given at registration
+    with pytest.raises(ValueError, match="registered twice"):
+
+        @register_model
+        def resnet8(num_classes: int, in_channels: int = 3) -> nn.Module:  # noqa: F811
+            return nn.Linear(in_channels, num_classes)
+
+
+def test_kdcache_models_lists_the_registry(capsys) -> None:
+    from pipeline.cli import main
+
+    assert main(["models", "wrn*"]) == 0
+    out = capsys.readouterr().out
+    assert "wrn_40_2" in out and "resnet8" not in out
+    assert main(["models", "nothing*"]) == 2

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from pipeline.config import DistillConfig, PrepareConfig, TeachConfig, TrainTeacherConfig, from_dict, teachers_section
+from pipeline.data.sources import SOURCES
 from pipeline.losses import build_loss
 from pipeline.models import canonical_arch
-from pipeline.sources import SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = [ROOT / "params.yaml", *sorted((ROOT / "profiles").glob("*.yaml"))]

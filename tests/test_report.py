@@ -11,8 +11,8 @@ import yaml
 from PIL import Image
 
 from pipeline.cli import main as cli_main
-from pipeline.evaluate import split_metrics
-from pipeline.report import build_report, fmt, group, load_metrics, mean_std
+from pipeline.evaluation.metrics import split_metrics
+from pipeline.evaluation.report import build_report, fmt, group, load_metrics, mean_std
 from stages import report as report_stage
 
 CORRUPTIONS = ["gaussian_noise", "contrast", "jpeg"]

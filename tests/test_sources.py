@@ -1,4 +1,4 @@
-"""Tests for pipeline.sources on tiny fixtures written in the real on-disk formats (IDX, CIFAR pickles, ImageFolder)."""
+"""Tests for pipeline.data.sources on tiny fixtures in the real on-disk formats (IDX, CIFAR pickles, ImageFolder)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.sources import (
+from pipeline.data.sources import (
     FASHION_MNIST_CLASSES,
     SOURCES,
     SplitData,
@@ -359,7 +359,7 @@ def test_imagefolder_corrupt_error_and_skip(tmp_path: Path, caplog: pytest.LogCa
     truncated.write_bytes(buf.getvalue()[:60])
     with pytest.raises(ValueError, match=r"cannot decode image .*broken\.png.*on_corrupt='skip'"):
         load_split("imagefolder", root, "test")
-    with caplog.at_level(logging.WARNING, logger="pipeline.sources"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.sources"):
         data = load_split("imagefolder", root, "test", on_corrupt="skip")
     assert data.skipped == 2 and len(data) == 7
     assert not any("broken" in f or "trunc" in f for f in data.source_files)
@@ -376,7 +376,7 @@ def test_streamed_imagefolder_shards_equal_in_memory_ones(tmp_path: Path) -> Non
 
     import yaml
 
-    from pipeline.shards import write_dataset
+    from pipeline.data.shards import write_dataset
     from stages import prepare
 
     root = make_imagefolder(tmp_path / "ds")
@@ -405,7 +405,7 @@ def test_streamed_imagefolder_shards_equal_in_memory_ones(tmp_path: Path) -> Non
 
 def test_streamed_split_is_decoded_while_shards_are_written(tmp_path: Path) -> None:
     """Memory is one image, not the split: the first shard is on disk before the later images are decoded."""
-    from pipeline.shards import write_split
+    from pipeline.data.shards import write_split
 
     root = make_imagefolder(tmp_path / "ds")
     stream = open_imagefolder(root, "train")

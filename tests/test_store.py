@@ -15,10 +15,11 @@ import pytest
 import torch
 import zarr
 
-from pipeline.shards import write_dataset
-from pipeline.store import LogitStore, StoreError, StoreWriter, partial_path, topk_compress, topk_expand
-from pipeline.teach import build_spec, run_teach
-from pipeline.views import ViewRecipe
+from pipeline.cache.budget import BudgetSpec
+from pipeline.cache.store import LogitStore, StoreError, StoreWriter, partial_path, topk_compress, topk_expand
+from pipeline.cache.teach import build_spec, run_teach
+from pipeline.data.shards import write_dataset
+from pipeline.data.views import ViewRecipe
 from tests.conftest import linear_teacher, synthetic_splits
 
 RECIPES = {"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}
@@ -26,7 +27,7 @@ TEACHER = {"name": "t", "arch": "cnn_tiny", "weights_sha256": "abc"}
 
 
 def spec_for(m, **kw):
-    args = dict(dtype="float16", topk=0, compressor="blosc-zstd", chunk_rows=32, budget={"n": None})
+    args = dict(dtype="float16", topk=0, compressor="blosc-zstd", chunk_rows=32, budget=BudgetSpec())
     args.update(kw)
     return build_spec(m, TEACHER, RECIPES, **args)
 
@@ -38,11 +39,12 @@ def test_round_trip_matches_direct_inference(tiny_manifest, tmp_path):
     store = LogitStore(tmp_path / "t.zarr", "train", m)
     assert (store.n, store.views, store.num_classes) == (256, 2, 4)
     logits = store.read_all()
-    from pipeline.teach import predict, read_shard
+    from pipeline.cache.teach import load_shard
+    from pipeline.models import predict_arrays
 
-    b = read_shard(m, "train", 1)
+    b = load_shard(m, "train", 1)
     imgs = RECIPES["train"].apply(b.images, np.arange(64, 128), np.ones(64, int))
-    np.testing.assert_allclose(logits[64:128, 1], predict(model, imgs, 64, torch.device("cpu")), atol=1e-5)
+    np.testing.assert_allclose(logits[64:128, 1], predict_arrays(model, imgs, 64, torch.device("cpu")), atol=1e-5)
     np.testing.assert_array_equal(store.read_rows(np.array([5, 200, 64, 5])), logits[[5, 200, 64, 5]])
     attrs = store.attrs
     assert attrs["teacher"] == TEACHER and attrs["dataset"]["manifest_sha256"] == m.sha256
@@ -100,7 +102,7 @@ def test_partial_store_of_another_run_is_not_resumed(tiny_manifest, tmp_path):
         StoreWriter(
             tmp_path / "t.zarr",
             build_spec(
-                m, other, RECIPES, dtype="float16", topk=0, compressor="blosc-zstd", chunk_rows=32, budget={"n": None}
+                m, other, RECIPES, dtype="float16", topk=0, compressor="blosc-zstd", chunk_rows=32, budget=BudgetSpec()
             ),
         )
 
@@ -154,14 +156,14 @@ def test_topk_store_round_trip(tiny_manifest, tmp_path):
 KILL_SCRIPT = r"""
 import sys, time, numpy as np, torch
 sys.path.insert(0, {root!r})
-from pipeline.shards import load_manifest
-from pipeline.teach import build_spec, run_teach
-from pipeline.views import ViewRecipe
+from pipeline.data.shards import load_manifest
+from pipeline.cache.teach import build_spec, run_teach
+from pipeline.data.views import ViewRecipe
 from tests.conftest import linear_teacher
 m = load_manifest({shards!r})
 recipes = {{"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}}
 spec = build_spec(m, {{"name": "t", "arch": "cnn_tiny", "weights_sha256": "abc"}}, recipes, dtype="float16", topk=0,
-                  compressor="blosc-zstd", chunk_rows=32, budget={{"n": None}})
+                  compressor="blosc-zstd", chunk_rows=32)
 model = linear_teacher(m)
 calls = []
 class Slow(torch.nn.Module):

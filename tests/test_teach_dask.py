@@ -1,12 +1,13 @@
 """Teacher caching on dask: same store bit for bit as one process, failures resume exactly the missing shards.
 
 The cluster tests use real worker processes (LocalCluster, processes=True). Faults are injected by
-patching `pipeline.teach.shard_logits` (one call per store shard) inside the workers with
+patching `pipeline.cache.teach.shard_logits` (one call per store shard) inside the workers with
 `client.run`, which also counts the shards each worker computed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,11 +22,10 @@ import cloudpickle
 import numpy as np
 import pytest
 
-from pipeline import modelio
-from pipeline.shards import Manifest, sha256_file
-from pipeline.store import LogitStore, StoreWriter, partial_path
-from pipeline.teach import PreviousCalls, build_spec, run_teach
-from pipeline.teach_dask import (
+from pipeline.cache.budget import BudgetSpec
+from pipeline.cache.store import LogitStore, StoreWriter, partial_path
+from pipeline.cache.teach import PreviousCalls, build_spec, run_teach
+from pipeline.cache.teach_dask import (
     TeachClusterError,
     check_cluster,
     local_cluster,
@@ -33,7 +33,9 @@ from pipeline.teach_dask import (
     run_teach_dask,
     worker_threads,
 )
-from pipeline.views import ViewRecipe
+from pipeline.data.shards import Manifest, sha256_file
+from pipeline.data.views import ViewRecipe
+from pipeline.models import load_model, save_model
 from tests.conftest import linear_teacher
 
 distributed = pytest.importorskip("distributed")
@@ -53,11 +55,11 @@ BATCH = 50  # < shard size 64: every shard is two batches, as in real runs
 def teacher(tiny_manifest: Manifest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """The tiny teacher saved as a kdcache checkpoint (workers load it from disk) and its store identity."""
     path = tmp_path_factory.mktemp("teacher") / "t.pt"
-    modelio.save(path, linear_teacher(tiny_manifest), "cnn_tiny")
+    save_model(path, linear_teacher(tiny_manifest), "cnn_tiny")
     return path, {"name": "t", "arch": "cnn_tiny", "weights_sha256": sha256_file(path)}
 
 
-def spec_for(m: Manifest, teacher: dict, recipes: dict[str, ViewRecipe] = RECIPES, budget: dict | None = None):
+def spec_for(m: Manifest, teacher: dict, recipes: dict[str, ViewRecipe] = RECIPES, budget: BudgetSpec | None = None):
     return build_spec(
         m,
         teacher,
@@ -66,13 +68,13 @@ def spec_for(m: Manifest, teacher: dict, recipes: dict[str, ViewRecipe] = RECIPE
         topk=0,
         compressor="blosc-zstd",
         chunk_rows=32,
-        budget=budget or {"n": None},
+        budget=budget,
     )
 
 
 def single_process(m: Manifest, teacher: tuple[Path, dict], out: Path, **kw) -> Path:
     """The reference: plain run_teach in this process (1 torch thread, like each worker)."""
-    model, _ = modelio.load(teacher[0], manifest=m)
+    model, _ = load_model(teacher[0], data=m)
     recipes = kw.pop("recipes", RECIPES)
     run_teach(m, model, out, spec_for(m, teacher[1], recipes, **kw), recipes, batch_size=BATCH)
     return out
@@ -121,11 +123,11 @@ def _patch(fail_on: int | None = None, sleep: float = 0.0, marks: str | None = N
 
     `marks`: a folder where each call leaves a file `<split>-<shard start>` holding the worker's pid.
     """
-    import pipeline.modelio as mio
-    import pipeline.teach as t
+    import pipeline.cache.teach as t
+    import pipeline.models.checkpoint as mio
 
     orig = getattr(t, "_test_orig", t.shard_logits)
-    orig_load = getattr(mio, "_test_orig_load", mio.load)
+    orig_load = getattr(mio, "_test_orig_load", mio.load_model)
     t._test_orig, t._test_calls, mio._test_orig_load, mio._test_loads = orig, 0, orig_load, 0
 
     def shard_logits(model, batch, *args, **kwargs):
@@ -141,30 +143,30 @@ def _patch(fail_on: int | None = None, sleep: float = 0.0, marks: str | None = N
         mio._test_loads += 1
         return orig_load(*args, **kwargs)
 
-    t.shard_logits, mio.load = shard_logits, load
+    t.shard_logits, mio.load_model = shard_logits, load
 
 
 def _counts() -> tuple[int, int]:
-    import pipeline.modelio as mio
-    import pipeline.teach as t
+    import pipeline.cache.teach as t
+    import pipeline.models.checkpoint as mio
 
     return getattr(t, "_test_calls", 0), getattr(mio, "_test_loads", 0)
 
 
 def _unpatch() -> None:
-    import pipeline.modelio as mio
-    import pipeline.teach as t
+    import pipeline.cache.teach as t
+    import pipeline.models.checkpoint as mio
 
     if hasattr(t, "_test_orig"):
         t.shard_logits = t._test_orig
         del t._test_orig
     if hasattr(mio, "_test_orig_load"):
-        mio.load = mio._test_orig_load
+        mio.load_model = mio._test_orig_load
         del mio._test_orig_load
 
 
 def _drop_teacher_cache() -> None:
-    import pipeline.teach_dask as td
+    import pipeline.cache.teach_dask as td
 
     td._TEACHER_CACHE.clear()
 
@@ -257,7 +259,7 @@ def test_worker_killed_mid_run_is_rescheduled_and_redoes_only_its_unfinished_sha
 
     killer = threading.Thread(target=kill_after_first_shard_of_a_task)
     killer.start()
-    with caplog.at_level(logging.INFO, logger="pipeline.teach_dask"):
+    with caplog.at_level(logging.INFO, logger="pipeline.cache.teach_dask"):
         run_teach_dask(m, teacher[0], out, spec, RECIPES, cluster=cluster, batch_size=BATCH, shards_per_task=2)
     killer.join()
     assert victim and victim["pid"] not in client.run(os.getpid).values()  # that worker really died mid-run
@@ -269,7 +271,7 @@ def test_worker_killed_mid_run_is_rescheduled_and_redoes_only_its_unfinished_sha
 def test_budget_and_views_equal_single_process(tiny_manifest, teacher, cluster, tmp_path):
     m = tiny_manifest
     recipes = {"train": ViewRecipe(3, 7, 2, True), "test": ViewRecipe(2, 7, 2, True)}
-    budget = {"n": 300, "strategy": "class_balanced", "seed": 1}
+    budget = BudgetSpec(300, "class_balanced", 1)
     ref = single_process(m, teacher, tmp_path / "ref.zarr", recipes=recipes, budget=budget)
     out = tmp_path / "d.zarr"
     run_teach_dask(
@@ -288,9 +290,9 @@ def test_budget_and_views_equal_single_process(tiny_manifest, teacher, cluster, 
     assert np.isnan(store.read_all()[~store.queried()]).all()
 
     # Raising the budget reuses the earlier calls (PreviousCalls) the same way on both paths.
-    bigger = {**budget, "n": 450}
+    bigger = dataclasses.replace(budget, n=450)
     spec = spec_for(m, teacher[1], recipes, bigger)
-    model, _ = modelio.load(teacher[0], manifest=m)
+    model, _ = load_model(teacher[0], data=m)
     run_teach(m, model, ref, spec, recipes, batch_size=BATCH, previous=PreviousCalls.find(ref, spec))
     run_teach_dask(
         m, teacher[0], out, spec, recipes, cluster=cluster, batch_size=BATCH, previous=PreviousCalls.find(out, spec)

@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import modelio
+from pipeline.cache.budget import BudgetSpec
+from pipeline.cache.teach import build_spec, run_teach
 from pipeline.config import OptimConfig, TrainConfig
-from pipeline.loader import DistillDataset, batch_to_float, make_loader
+from pipeline.data.shards import Manifest, write_dataset
+from pipeline.data.views import ViewRecipe
 from pipeline.losses import build_loss
-from pipeline.shards import Manifest, write_dataset
-from pipeline.teach import build_spec, run_teach
-from pipeline.train import CHECKPOINT, train
-from pipeline.views import ViewRecipe
+from pipeline.models import build_for, save_model, to_input
+from pipeline.training.dataset import DistillDataset
+from pipeline.training.loop import CHECKPOINT, train
+from pipeline.training.transport import make_loader
 from tests.conftest import linear_teacher, make_project, synthetic_splits, tiny_params
 
 
@@ -36,7 +38,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Manifest, Path, torc
         topk=0,
         compressor="blosc-zstd",
         chunk_rows=64,
-        budget={"n": None},
+        budget=BudgetSpec(),
     )
     run_teach(m, teacher, root / "lin.zarr", spec, recipes, batch_size=256)
     return m, root / "lin.zarr", teacher
@@ -57,7 +59,7 @@ def cfg(epochs: int = 2, workers: int = 0) -> TrainConfig:
 
 def student(m: Manifest, arch: str = "cnn_tiny", dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(123)
-    model = modelio.build_for(arch, m)
+    model = build_for(arch, m)
     # Dropout on the logits draws from the global torch RNG every step: resume must restore that stream.
     return torch.nn.Sequential(model, torch.nn.Dropout(dropout)) if dropout else model
 
@@ -147,7 +149,7 @@ def test_online_teacher_logits_equal_cached_ones_for_the_same_views(data):
         ds.set_epoch(epoch)
         for batch in make_loader(ds, 64, workers=0):
             with torch.no_grad():
-                live = teacher(batch_to_float(batch["image"]))  # (B, C) on the very view the cache holds
+                live = teacher(to_input(batch["image"]))  # (B, C) on the very view the cache holds
             torch.testing.assert_close(batch["logits"], live, rtol=2e-3, atol=2e-3)  # float16 store
             views |= set(batch["view"].tolist())
     assert views == {0, 1}  # augmented views were compared too
@@ -172,11 +174,11 @@ def test_distill_stage_online_mode_and_resume_errors(tmp_path, monkeypatch):
     make_project(tmp_path, params)
     monkeypatch.chdir(tmp_path)
     prepare.main([])
-    from pipeline.shards import load_manifest
+    from pipeline.data.shards import load_manifest
 
     m = load_manifest("data/shards/tiny")
     Path("data/teachers").mkdir(parents=True)
-    modelio.save("data/teachers/small.pt", linear_teacher(m).cpu(), "cnn_tiny")
+    save_model("data/teachers/small.pt", linear_teacher(m).cpu(), "cnn_tiny")
     teach.main(["--name", "small"])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         distill.main(["--teacher", "small", "--loss", "kd", "--resume"])
@@ -207,24 +209,24 @@ def test_loader_precomputed_teacher_features_train_exactly_like_inline_ones(
         allowed = np.zeros((m.split("train").n, 2), dtype=bool)
         allowed[::2] = True
         kw = {"allowed": allowed, "unqueried": unqueried}
-    import pipeline.train as train_mod
+    import pipeline.training.loop as train_mod
 
     used: list[bool] = []
-    orig = train_mod._compute_loss
+    orig = train_mod.compute_loss
 
     def spy(*a, **k):
         used.append(k.get("features") is not None)
         return orig(*a, **k)
 
-    monkeypatch.setattr(train_mod, "_compute_loss", spy)
+    monkeypatch.setattr(train_mod, "compute_loss", spy)
     models = []
     for precompute in (False, True):
         used.clear()
         model = student(m)
         loss_fn = build_loss(loss)
-        train_set = DistillDataset(m, "train", store, seed=0, shuffle_buffer=40, **kw)
+        features = loss_fn.teacher_features if precompute else None
+        train_set = DistillDataset(m, "train", store, seed=0, shuffle_buffer=40, teacher_features=features, **kw)
         if precompute:
-            train_set.teacher_features = loss_fn.teacher_features
             batch = next(iter(make_loader(train_set, 32, workers)))
             feats = {k[3:]: v for k, v in batch.items() if k.startswith("tf/")}
             assert sorted(feats) == sorted(loss_fn.feature_names) and feats

@@ -7,10 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.loader import DistillDataset, batch_to_float, make_loader
-from pipeline.shards import iter_shard
-from pipeline.teach import build_spec, read_shard, run_teach
-from pipeline.views import ViewRecipe, hash_u64, pick_view, to_tensor
+from pipeline.cache.budget import BudgetSpec
+from pipeline.cache.teach import build_spec, load_shard, run_teach
+from pipeline.data.shards import iter_shard
+from pipeline.data.views import ViewRecipe, hash_u64, pick_view
+from pipeline.models import to_input
+from pipeline.training.dataset import DistillDataset
+from pipeline.training.transport import make_loader
 
 
 def test_view_zero_is_identity():
@@ -97,7 +100,7 @@ def test_student_input_equals_teacher_input_bit_for_bit(fresh_manifest, tmp_path
         topk=0,
         compressor="none",
         chunk_rows=64,
-        budget={"n": None},
+        budget=BudgetSpec(),
     )
     run_teach(m, spy, tmp_path / "spy.zarr", spec, recipes, batch_size=1000)
     # Rebuild the (index, view) -> teacher input map: shards in order, views in order, batch = one shard.
@@ -113,7 +116,7 @@ def test_student_input_equals_teacher_input_bit_for_bit(fresh_manifest, tmp_path
     for epoch in (0, 1):
         ds.set_epoch(epoch)
         for batch in make_loader(ds, 32, workers=0):
-            x = batch_to_float(batch["image"])
+            x = to_input(batch["image"])
             for j in range(len(x)):
                 key = ("train", int(batch["index"][j]), int(batch["view"][j]))
                 assert torch.equal(x[j], seen[key]), key
@@ -122,14 +125,11 @@ def test_student_input_equals_teacher_input_bit_for_bit(fresh_manifest, tmp_path
     # And the cached logits the student gets are the teacher's output on that very input.
     batch = next(iter(make_loader(ds, 16, workers=0)))
     with torch.no_grad():
-        want = spy.lin(batch_to_float(batch["image"]).flatten(1))
+        want = spy.lin(to_input(batch["image"]).flatten(1))
     torch.testing.assert_close(batch["logits"], want, rtol=0, atol=1e-6)
 
 
-def test_to_tensor_matches_loader_conversion(tiny_manifest):
-    key, img, _ = next(iter_shard(tiny_manifest.root / tiny_manifest.split("train").shards[0].path))
-    a = to_tensor(img[None])
-    b = batch_to_float(torch.from_numpy(img[None]))
-    assert torch.equal(a, b)
-    batch = read_shard(tiny_manifest, "train", 0)
-    assert batch.keys[0] == key and np.array_equal(batch.images[0], img)
+def test_teach_reads_the_images_the_loader_reads(tiny_manifest):
+    i, img, _ = next(iter_shard(tiny_manifest.root / tiny_manifest.split("train").shards[0].path))
+    batch = load_shard(tiny_manifest, "train", 0)
+    assert batch.keys[0] == f"{i:08d}" and np.array_equal(batch.images[0], img)

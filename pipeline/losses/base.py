@@ -112,7 +112,7 @@ class DistillationLoss(nn.Module):
 
         ``teacher (B, C)`` in the compute dtype. Because the teacher is a fixed target, these can be
         computed away from the training step (the data loader's worker does it for cached logits, see
-        ``pipeline.loader``) and handed to :meth:`forward` as ``teacher_features``; row ``i`` of every
+        ``pipeline.training.dataset``) and handed to :meth:`forward` as ``teacher_features``; row ``i`` of every
         feature depends on row ``i`` of ``teacher`` only, so features can be batched and masked like
         the logits. The default loss has none.
         """

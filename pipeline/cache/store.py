@@ -34,12 +34,12 @@ import numpy.typing as npt
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from pipeline.shards import Manifest
+from pipeline.data.shards import Manifest
+from pipeline.layout import PARTIAL_SUFFIX, partial_path
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-PARTIAL_SUFFIX = ".partial"
 FLOAT16_MAX = 65504.0
 COMPRESSORS = ("blosc-zstd", "zstd", "none")
 
@@ -130,9 +130,11 @@ def _split_attrs(s: SplitSpec) -> dict[str, Any]:
     }
 
 
-def partial_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + PARTIAL_SUFFIX)
+def same_content(attrs: dict[str, Any], spec: StoreSpec, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether a store's recorded identity (its attrs) equals `spec`'s, leaving out the `ignore`d keys."""
+    found = attrs.get("identity") or {}
+    want = _jsonable(spec.identity())
+    return {k: v for k, v in found.items() if k not in ignore} == {k: v for k, v in want.items() if k not in ignore}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,15 +12,17 @@ downstream stage treats it the same; the teacher's identity is the file's sha256
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.shards import Manifest, load_manifest, sample_key, sha256_file
-from pipeline.store import StoreError, StoreWriter
-from pipeline.teach import build_spec
-from pipeline.views import ViewRecipe
+from pipeline.cache.store import StoreError, StoreWriter
+from pipeline.cache.teach import build_spec
+from pipeline.data.shards import Manifest, load_manifest, sample_key, sha256_file
+from pipeline.data.views import ViewRecipe
+from pipeline.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +129,8 @@ def import_logits(
         topk=topk,
         compressor="blosc-zstd",
         chunk_rows=1000,
-        budget={"n": None, "imported": True},
     )
+    spec = dataclasses.replace(spec, extra={"budget": {"n": None, "imported": True}})
     writer = StoreWriter(out, spec, force=force)
     for split, arr in arrays.items():
         s = spec.splits[split]
@@ -166,7 +168,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     p.add_argument("--topk", type=int, default=0)
-    p.add_argument("--view-seed", type=int, default=None, help="for V > 1: the views' seed (pipeline.views)")
+    p.add_argument("--view-seed", type=int, default=None, help="for V > 1: the views' seed (pipeline.data.views)")
     p.add_argument("--pad", type=int, default=4)
     p.add_argument("--flip", type=int, default=1)
     p.add_argument("--key-column", default="key")
@@ -189,7 +191,7 @@ def _cmd(args: argparse.Namespace) -> int:
     recipe = None
     if args.view_seed is not None:
         recipe = ViewRecipe(views=1, seed=args.view_seed, pad=args.pad, flip=bool(args.flip))
-    out = Path(args.out or f"data/logits/{args.name}.zarr")
+    out = Path(args.out or Layout(manifest.dataset).store(args.name))
     import_logits(
         files,
         manifest,

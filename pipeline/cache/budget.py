@@ -9,6 +9,8 @@ only adds calls, and every experiment can say exactly which calls it used.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -68,3 +70,38 @@ def query_mask(labels: np.ndarray, views: int, budget: int | str | None, strateg
     else:
         mask[selection_order(labels, views, strategy, seed)[:k]] = True
     return mask.reshape(n, views)
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """A teacher-call budget: how many sample-views (`n`, None = all) and how they are chosen.
+
+    The store records it (`to_attrs`) so a student can take exactly the first `k` calls of the same order.
+    """
+
+    n: int | None = None
+    strategy: str = "random"
+    seed: int = 0
+
+    @property
+    def is_full(self) -> bool:
+        return self.n in (None, "full")
+
+    def mask(self, labels: np.ndarray, views: int) -> np.ndarray:
+        """(N, V) bool of the sample-views this budget queries."""
+        if self.is_full:
+            return np.ones((len(labels), views), dtype=bool)
+        return query_mask(labels, views, self.n, self.strategy, self.seed)
+
+    def prefix(self, n: int | str | None) -> BudgetSpec:
+        """The same selection order, cut at `n` calls (a distill budget below the store's)."""
+        return BudgetSpec(None if n in (None, "full") else int(n), self.strategy, self.seed)
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"n": self.n, "strategy": self.strategy, "seed": self.seed}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any] | None) -> BudgetSpec:
+        """From a store's `budget` attribute (stores without one hold every call)."""
+        attrs = attrs or {}
+        return cls(attrs.get("n"), attrs.get("strategy", "random"), int(attrs.get("seed", 0)))

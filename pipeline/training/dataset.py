@@ -6,7 +6,7 @@ each shard. When a shard starts, its logits are read from the store as **one con
 (shards and store shards cover the same rows); every sample's key is checked against the expected
 row, the view `v(seed, e, i)` is picked and the identical augmentation the teacher saw is applied.
 A seeded shuffle buffer then mixes samples across shards, and each DataLoader worker collates its
-own batches with numpy (`iter_batches`), so per-sample Python work stays small next to a student's
+own batches with numpy (`numpy_batches`), so per-sample Python work stays small next to a student's
 training step (tar headers and PNGs are parsed by fast paths with webdataset/PIL fallbacks).
 
 Every sample is seen exactly once per epoch over all ranks and workers: shards are partitioned,
@@ -22,8 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -31,80 +30,17 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
-from pipeline.shards import Manifest, ShardInfo, decode_png_fast, tar_samples
-from pipeline.store import LogitStore
-from pipeline.views import ViewRecipe, crop_flip, hash_u64, pick_view
+from pipeline.cache.store import LogitStore
+from pipeline.data.shards import Manifest, ShardError, ShardInfo, iter_shard
+from pipeline.data.views import ViewRecipe, crop_flip, crop_flip_batch, hash_u64, pick_allowed_view, pick_view
+from pipeline.runtime import rank_world
+from pipeline.training.source import EpochPlan, TeacherFeatures
 
 log = logging.getLogger(__name__)
 
 _TAG_SHUFFLE = 0x5348_5546
-
-
-class ShardError(ValueError):
-    """A tar shard that does not hold what the manifest says (corrupt, truncated, reordered)."""
-
-
-def batch_to_float(images: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, C) uint8 -> (B, C, H, W) float32 in [0, 1]; the same ops as `views.to_tensor`."""
-    return images.permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def node_info() -> tuple[int, int]:
-    """(rank, world size) exactly as `webdataset.split_by_node` sees them (torchrun's env, then torch.distributed)."""
-    rank, world, _, _ = wds.utils.pytorch_worker_info()
-    return rank, world
-
-
-def pick_allowed_view(seed: int, epoch: int, index: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """Like `views.pick_view`, restricted to the views the teacher answered for each row.
-
-    allowed: (n, V) bool -> (n,) int64 view per row, -1 where no view is allowed. With every view
-    allowed it equals `pick_view`, so budget runs and full runs agree on shared rows.
-    """
-    n, v = allowed.shape
-    if allowed.all():
-        return pick_view(seed, epoch, index, v)
-    count = allowed.sum(1)
-    h = hash_u64(seed, 0x5049_434B, epoch, index)  # same stream as pick_view
-    r = (h % np.maximum(count, 1).astype(np.uint64)).astype(np.int64)  # r-th allowed view
-    rank = np.cumsum(allowed, 1) - 1  # (n, V)
-    view = np.argmax(allowed & (rank == r[:, None]), 1)
-    return np.where(count > 0, view, -1)
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """What one epoch delivers to each DDP rank: samples and DataLoader batches (per-worker partial batches count)."""
-
-    samples: tuple[int, ...]  # per rank
-    batches: tuple[int, ...]  # per rank
-
-    @property
-    def steps(self) -> int:
-        """Optimizer steps every rank runs this epoch (ranks with fewer batches pad with zero-weight steps)."""
-        return max(self.batches, default=0)
-
-    def active(self, step: int) -> int:
-        """How many ranks hold a real batch at `step`."""
-        return sum(b > step for b in self.batches)
-
-
-def crop_flip_batch(images: np.ndarray, sy: np.ndarray, sx: np.ndarray, flip: np.ndarray, pad: int) -> np.ndarray:
-    """`views.crop_flip` on a batch at once: (B, H, W, C) uint8 with per-row shifts in [-pad, pad] and flips.
-
-    out[b, y, x] = img[b, y + sy, x' + sx] (0 outside the image), x' = W-1-x if flipped else x: the
-    same pixels as `crop_flip` (tested), as one gather from a zero-padded copy instead of B calls.
-    """
-    b, h, w, _ = images.shape
-    padded = np.zeros((b, h + 2 * pad, w + 2 * pad, images.shape[3]), dtype=images.dtype)
-    padded[:, pad : pad + h, pad : pad + w] = images
-    rows = np.arange(h)[None, :] + (sy + pad)[:, None]  # (B, H)
-    xs = np.arange(w)
-    cols = np.where(flip[:, None], xs[::-1][None, :], xs[None, :]) + (sx + pad)[:, None]  # (B, W)
-    return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
-
 
 # One sample between the shard reader and the batcher: a tuple is ~5x cheaper to build and shuffle
 # than a dict of tensors. (index, image (H, W, C), label, view, sy, sx, flip, logits (C,) | None, has_teacher)
@@ -135,65 +71,20 @@ class _ShardJoin:
         dy, dx, flip = ds.recipe.params(index, np.maximum(view, 0))
         pad = ds.recipe.pad
         self.shift = np.stack([dy - pad, dx - pad, flip.astype(np.int64)], 1).tolist()  # (n, 3) python ints
-        self.view_list = view.tolist()  # -1 = skip the row
+        self.view = view  # (n,) -1 = skip the row (budget mode: the teacher never saw it)
+        self.view_list = view.tolist()
         self.has_list = self.has_teacher.tolist()
 
     def items(self) -> Iterator[_Item]:
         """The shard's samples in file order, each checked against the manifest's row range."""
-        url, info = self.url, self.info
-        expect = info.start
-        last: str | None = None
-        it = tar_samples(url)
-        block = self.block
-        while True:
-            try:
-                sample = next(it)
-            except StopIteration:
-                break
-            except FileNotFoundError as e:
-                raise ShardError(
-                    f"shard {url} is listed in the manifest {self.info.path!r} but missing ({e}); "
-                    "re-run `dvc repro prepare` (or `dvc pull`)"
-                ) from e
-            except Exception as e:  # EOFError, tarfile.ReadError, OSError...: name the shard and the last good sample
-                raise ShardError(
-                    f"corrupt or truncated shard {url} after sample {last!r}: {e}; re-run `dvc repro prepare`"
-                ) from e
-            key = sample["__key__"]
-            try:
-                i = int(key)
-            except ValueError:
-                i = -1
-            if i != expect:
-                raise ShardError(
-                    f"shard {url}: sample key {key!r} where row {expect} was expected (after sample {last!r}); "
-                    "shards and manifest disagree: re-run `dvc repro prepare`"
-                )
-            if "png" not in sample or "cls" not in sample:
-                has = sorted(k for k in sample if k[0] != "_")
-                raise ShardError(
-                    f"corrupt or truncated shard {url} after sample {last!r}: sample {key} lacks png/cls (has {has}); "
-                    "re-run `dvc repro prepare`"
-                )
-            expect += 1
+        info, block = self.info, self.block
+        wanted = self.view >= 0
+        for i, img, label in iter_shard(self.url, expect=range(info.start, info.stop), wanted=wanted):
             r = i - info.start
             v = self.view_list[r]
-            last = key
-            if v < 0:
-                continue  # budget mode: the teacher never saw this sample
-            try:
-                img = decode_png_fast(sample["png"])
-                label = int(sample["cls"])
-            except Exception as e:
-                raise ShardError(f"shard {url}: cannot decode sample {key}: {e}") from e
             sy, sx, flip = self.shift[r]
             logits = block[r, v] if block is not None else None  # (C,)
             yield (i, img, label, v, sy, sx, flip, logits, self.has_list[r])
-        if expect != info.stop:  # a tar cut at a member boundary reads cleanly but short
-            raise ShardError(
-                f"corrupt or truncated shard {url} after sample {last!r}: the shard ends there, but the manifest "
-                f"says rows [{info.start}, {info.stop}); re-run `dvc repro prepare`"
-            )
 
 
 def _item_to_sample(item: _Item, pad: int) -> dict[str, Any]:
@@ -229,14 +120,10 @@ def _collate(items: list[_Item], pad: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _to_tensors(batch: dict[str, Any], pin: bool = False) -> dict[str, torch.Tensor]:
-    """numpy arrays -> tensors sharing their memory (pinned for CUDA copies when asked)."""
-    out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
-    return {k: v.pin_memory() for k, v in out.items()} if pin else out
-
-
 class DistillDataset(IterableDataset):
-    """Iterable over one split: dicts with image (H, W, C) uint8, label, index, view[, logits (C,), has_teacher].
+    """One split's shards, optionally joined with a logit store: a `BatchSource` (and per-sample iterable).
+
+    Samples: image (H, W, C) uint8, label, index, view[, logits (C,), has_teacher].
 
     store_path: a logit store to join (None: images and labels only, e.g. teacher training/eval).
     allowed: optional (N, V) bool of usable sample-views (budget); default = the store's `queried`.
@@ -244,6 +131,8 @@ class DistillDataset(IterableDataset):
     recipe is used, always.
     split_nodes: split shards across DDP ranks (default: when shuffling, i.e. for training; an
     unshuffled data set is for evaluation in index order, where every rank sees the whole split).
+    teacher_features: the loss's teacher side (`DistillationLoss.teacher_features`), computed per batch
+    by the loader next to the batch (cached logits only).
     """
 
     def __init__(
@@ -260,6 +149,7 @@ class DistillDataset(IterableDataset):
         allowed: np.ndarray | None = None,
         unqueried: str = "drop",
         split_nodes: bool | None = None,
+        teacher_features: TeacherFeatures | None = None,
     ) -> None:
         super().__init__()
         if unqueried not in ("drop", "ce"):
@@ -290,13 +180,11 @@ class DistillDataset(IterableDataset):
             self.num_classes = manifest.num_classes
             self.allowed = None
         self.augment = augment
-        # The loss's teacher side (`DistillationLoss.teacher_features`), computed per batch in the loader's
-        # worker and shipped as "tf/<name>" arrays; set by the distill stage for losses that have one.
-        self.teacher_features: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None
+        self.teacher_features = teacher_features if self.store_path else None
         # Rank/world are fixed in the main process (and shipped to DataLoader workers with the
         # pickled dataset), so workers split exactly as `plan` predicts even where they cannot see
         # the process group (spawned workers).
-        self.node = node_info()
+        self.node = rank_world()
 
     def store(self) -> LogitStore | None:
         """The store, opened lazily once per worker process (zarr handles are not shared across forks)."""
@@ -311,7 +199,6 @@ class DistillDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-        self.node = node_info()
 
     # -- epoch geometry (pure functions of the manifest; no data read) -------------------------
 
@@ -336,6 +223,11 @@ class DistillDataset(IterableDataset):
 
     def world(self) -> int:
         return self.node[1] if self.split_nodes else 1
+
+    @property
+    def max_workers(self) -> int:
+        """Workers split a rank's shards: more workers than the most shards any rank gets would idle."""
+        return math.ceil(len(self.urls) / self.world())
 
     def rank_shards(self, rank: int, epoch: int | None = None) -> list[str]:
         """Shards rank `rank` streams at `epoch` (what `split_by_node` keeps)."""
@@ -386,7 +278,7 @@ class DistillDataset(IterableDataset):
         """This rank's and worker's share of the epoch, joined and shuffled."""
         info = torch.utils.data.get_worker_info()
         if info is None:  # main process: the live process group is authoritative
-            self.node = node_info()
+            self.node = rank_world()
         stages: list[Any] = [
             wds.SimpleShardList(self.urls),
             self._shard_order,
@@ -406,15 +298,12 @@ class DistillDataset(IterableDataset):
         pad = self.recipe.pad
         return (_item_to_sample(item, pad) for item in self._items())
 
-    def iter_batches(self, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    def numpy_batches(self, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
         """Batches of this process's stream, collated with numpy at once (what `make_loader` uses).
 
         Same batches as `DataLoader(self, batch_size)` would make per worker (a partial batch last
         unless `drop_last`), with ~10x less per-sample overhead than collating tensor dicts.
         """
-        return (_to_tensors(b) for b in with_teacher_features(self, self._np_batches(batch_size, drop_last)))
-
-    def _np_batches(self, batch_size: int, drop_last: bool) -> Iterator[dict[str, np.ndarray]]:
         pad = self.recipe.pad
         buf: list[_Item] = []
         for item in self._items():
@@ -424,142 +313,3 @@ class DistillDataset(IterableDataset):
                 buf = []
         if buf and not drop_last:
             yield _collate(buf, pad)
-
-
-# Moving batches from DataLoader workers (profiled on a 2-core machine, cnn_tiny student):
-# - a tensor travels as a shared-memory segment whose file descriptor the main process fetches over a
-#   Unix socket from the worker: ~0.5 ms per tensor, ~3 ms for a 6-tensor batch (~10% of the step);
-# - pickled numpy arrays through the worker's pipe avoid that, but a 64 KB pipe holds less than one
-#   28x28 batch, so every read waits for the worker to be scheduled again to write the rest;
-# - and every message costs the DataLoader machinery ~0.5 ms (poll, locks, index-queue feeder).
-# So workers send numpy "messages" of several batches (up to _MESSAGE_BYTES), the result pipe is
-# enlarged to hold a few of them (Linux), and the main process splits them and makes tensors
-# (zero-copy `torch.from_numpy`). Large batches (big images) use shared memory, as usual.
-_MESSAGE_BYTES = 960 << 10  # batches per message: as many as fit (at least one), so one message fits the pipe
-_MAX_PER_MESSAGE = 8
-_WIRE_NUMPY_MAX = 4 << 20  # bytes per batch; above this, tensors in shared memory cost less than copies
-_PIPE_BYTES = 1 << 20
-_F_SETPIPE_SZ = 1031  # fcntl command (Linux)
-
-
-def _identity(batch: Any) -> Any:
-    return batch
-
-
-def _nbytes(batch: dict[str, np.ndarray]) -> int:
-    return sum(a.nbytes for a in batch.values())
-
-
-#: batch keys of the loss's teacher features precomputed by the loader: "tf/<name>" (see `with_teacher_features`)
-FEATURE_PREFIX = "tf/"
-
-
-def with_teacher_features(dataset: Any, batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-    """Add `dataset.teacher_features(logits)` to each numpy batch as "tf/<name>" arrays.
-
-    The teacher side of a loss (CMKD: z-score, softmax, soft ranks, entropy of the teacher logits) is a
-    function of the cached logits alone, so the loader's worker computes it next to the batch, off the
-    training step. Rows without a teacher answer (NaN logits, budget `unqueried: ce`) get the features
-    of a zero row; the training loop drops them with the logits.
-    """
-    fn = getattr(dataset, "teacher_features", None)
-    for batch in batches:
-        logits = batch.get("logits")
-        if fn is not None and logits is not None:
-            t = torch.from_numpy(logits)  # (B, C) float32
-            has = batch.get("has_teacher")
-            if has is not None and not has.all():
-                t = torch.where(torch.from_numpy(has)[:, None], t, torch.zeros(()))
-            for k, v in fn(t).items():
-                batch[FEATURE_PREFIX + k] = v.numpy()
-        yield batch
-
-
-class _Batches(IterableDataset):
-    """`dataset.iter_batches(...)` as an iterable data set, so DataLoader workers each batch their share.
-
-    In a worker, yields lists of numpy batches (messages, see above); in the main process, tensor batches.
-    """
-
-    def __init__(self, dataset: DistillDataset, batch_size: int, drop_last: bool) -> None:
-        super().__init__()
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.drop_last = drop_last
-
-    def __iter__(self) -> Iterator[Any]:
-        batches = with_teacher_features(self.dataset, self.dataset._np_batches(self.batch_size, self.drop_last))
-        if torch.utils.data.get_worker_info() is None:
-            yield from (_to_tensors(b) for b in batches)
-            return
-        message: list[dict[str, np.ndarray]] = []
-        size = 0
-        most = 1  # the epoch's first message holds one batch, so training starts without waiting for a full one
-        for batch in batches:
-            n = _nbytes(batch)
-            if n > _WIRE_NUMPY_MAX:
-                if message:
-                    yield message
-                    message, size = [], 0
-                yield _to_tensors(batch)  # big: shared memory
-                continue
-            if message and (size + n > _MESSAGE_BYTES or len(message) == most):
-                yield message
-                message, size, most = [], 0, min(2 * most, _MAX_PER_MESSAGE)  # ramp up: 1, 2, 4, 8 batches
-            message.append(batch)
-            size += n
-        if message:
-            yield message
-
-
-def _enlarge_result_pipe(it: Any) -> None:
-    """Best effort: a bigger pipe for the workers' results, so messages are written without waiting for reads."""
-    queue = getattr(it, "_worker_result_queue", None)
-    writer = getattr(queue, "_writer", None)
-    if writer is None:
-        return
-    try:
-        import fcntl
-
-        fcntl.fcntl(writer.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
-    except (ImportError, OSError, ValueError):  # not Linux, or above /proc/sys/fs/pipe-max-size
-        pass
-
-
-class _Loader(DataLoader):
-    """A DataLoader whose items are always single batches, dicts of tensors (worker messages split here)."""
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:  # type: ignore[override]
-        pin = bool(self.pin_memory)
-        it = super().__iter__()
-        _enlarge_result_pipe(it)
-        for msg in it:
-            for batch in msg if isinstance(msg, list) else [msg]:
-                numpy = any(isinstance(v, np.ndarray) for v in batch.values())
-                yield _to_tensors(batch, pin=pin and numpy)
-
-
-def make_loader(dataset: DistillDataset, batch_size: int, workers: int = 1, drop_last: bool = False) -> DataLoader:
-    """A DataLoader of batches (dicts of tensors) over the data set; workers split a rank's shards.
-
-    Batches are made inside each worker (`DistillDataset.iter_batches`), so the DataLoader passes
-    them through (`batch_size=None`); the batch layout is what default collation of the
-    per-sample dicts would give.
-    """
-    n_shards = math.ceil(len(dataset.urls) / dataset.world())  # the most shards any rank gets
-    if workers > n_shards:
-        log.info("workers %d > shards per rank %d: using %d workers", workers, n_shards, n_shards)
-        workers = n_shards
-    return _Loader(
-        _Batches(dataset, batch_size, drop_last),
-        batch_size=None,
-        collate_fn=_identity,  # keep numpy messages numpy inside the worker (see _MESSAGE_BYTES)
-        num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,  # the dataset (and its epoch) is re-sent to workers every epoch
-        # Worker base seeds from a private generator: starting an epoch's workers never draws from the
-        # global torch RNG, so a resumed run's RNG stream matches an uninterrupted one whenever the
-        # loader starts (all randomness of the data stream is explicit and seeded anyway).
-        generator=torch.Generator().manual_seed(0),
-        prefetch_factor=2 if workers else None,  # messages of several batches each
-    )

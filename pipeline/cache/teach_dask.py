@@ -7,7 +7,7 @@ checkpoint path + sha256) and runs the ordinary single-process `run_teach` over 
 with `finalize=False`, so the math, views and budget masks are exactly those of the local path and
 the store comes out bit for bit the same.
 
-Safety rests on two store properties (pipeline/store.py): a store shard is written by one writer
+Safety rests on two store properties (pipeline/cache/store.py): a store shard is written by one writer
 only (tasks never share a shard: zarr loses data when two writers touch one shard file), and a
 shard's `done` flag is set after its data. So a worker killed mid-task leaves its unfinished shards
 un-`done`; dask reruns the task elsewhere (or a later run picks them up) and only those shards are
@@ -34,11 +34,11 @@ from typing import Any
 
 import torch
 
+from pipeline.cache.store import StoreError, StoreSpec, StoreWriter
+from pipeline.cache.teach import PreviousCalls, finalize_store, run_teach
+from pipeline.data.shards import Manifest, sha256_file
+from pipeline.data.views import ViewRecipe
 from pipeline.runtime import pick_device
-from pipeline.shards import Manifest, sha256_file
-from pipeline.store import StoreError, StoreSpec, StoreWriter
-from pipeline.teach import PreviousCalls, query_masks, run_teach
-from pipeline.views import ViewRecipe
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def cached_teacher(checkpoint: str, sha256: str, manifest: Manifest) -> Any:
     (or GPU memory). The file's hash is checked on load: on a cluster, a worker seeing a different
     file at the same path would otherwise fill the store with another teacher's logits.
     """
-    from pipeline import modelio
+    from pipeline.models.checkpoint import load_model
 
     key = (checkpoint, sha256)
     with _TEACHER_LOCK:  # workers with several threads: load once, not once per thread
@@ -120,7 +120,7 @@ def cached_teacher(checkpoint: str, sha256: str, manifest: Manifest) -> Any:
                     f"worker {os.uname().nodename} sees checkpoint {checkpoint} with sha256 {found[:12]}, the driver "
                     f"saw {sha256[:12]}: the workers need the same file at the same path (shared filesystem)"
                 )
-            model, _ = modelio.load(checkpoint, manifest=manifest)
+            model, _ = load_model(checkpoint, data=manifest)
             _TEACHER_CACHE.clear()
             _TEACHER_CACHE[key] = model
             log.info("worker pid %d loaded teacher %s", os.getpid(), checkpoint)
@@ -338,9 +338,5 @@ def run_teach_dask(
         log.info("computed %d shards on the cluster (%d were already done)", computed, total - len(pending))
     else:
         log.info("all %d shards already cached in %s", total, writer.partial)
-    # The same attrs as run_teach writes, so both paths give identical stores.
-    reused = previous.reused(query_masks(manifest, spec, spec.extra.get("budget", {}))) if previous else 0
-    writer.finalize({"calls_reused": reused})
-    if previous:
-        previous.discard()
+    finalize_store(writer, manifest, previous)  # the same attrs as run_teach writes: identical stores
     return writer

@@ -57,7 +57,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.shards import Manifest, decode_png, iter_shard
+from pipeline.data.shards import Manifest, read_rows
+from pipeline.layout import partial_path
 
 log = logging.getLogger(__name__)
 
@@ -278,28 +279,6 @@ def choose_rows(n: int, limit: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([int(seed), 0x524F5753]).choice(n, size=limit, replace=False))
 
 
-def read_rows(manifest: Manifest, split: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Decode the given rows of a split from its shards: images (n, H, W, C) uint8, labels (n,) int64."""
-    h, w, c = manifest.image_shape
-    pos = {int(r): k for k, r in enumerate(rows)}
-    images = np.empty((len(rows), h, w, c), dtype=np.uint8)
-    labels = np.empty(len(rows), dtype=np.int64)
-    found = np.zeros(len(rows), dtype=bool)
-    for shard in manifest.split(split).shards:
-        if not np.any((rows >= shard.start) & (rows < shard.stop)):
-            continue  # skip shards holding none of the rows
-        for key, data, label in iter_shard(manifest.root / shard.path, decode=False):
-            k = pos.get(int(key))
-            if k is not None:
-                images[k] = decode_png(data)  # decode only the chosen rows
-                labels[k] = label
-                found[k] = True
-    if not found.all():
-        missing = rows[~found][:5].tolist()
-        raise ValueError(f"{manifest.root}: rows {missing}... of split {split} are not in its shards")
-    return images, labels
-
-
 def write_corrupted(out_dir: str | Path, manifest: Manifest, cfg: CorruptConfig, batch: int = 500) -> Path:
     """Make `cfg.corruptions x cfg.severities` copies of (a subset of) the test split into `out_dir`.
 
@@ -310,7 +289,7 @@ def write_corrupted(out_dir: str | Path, manifest: Manifest, cfg: CorruptConfig,
     out_dir = Path(out_dir)
     rows = choose_rows(manifest.split("test").n, cfg.limit, cfg.seed)
     images, labels = read_rows(manifest, "test", rows)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
+    tmp = partial_path(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     k, s = len(cfg.corruptions), len(cfg.severities)

@@ -20,7 +20,7 @@ import mmap
 import os
 import shutil
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -30,7 +30,9 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
-from webdataset.tariterators import tarfile_samples
+
+from pipeline.layout import partial_path
+from pipeline.data.tario import decode_png_fast, encode_png, tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -50,144 +52,6 @@ def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """(H, W, C) uint8 -> PNG bytes (lossless, so teacher and student decode identical pixels)."""
-    img = image[:, :, 0] if image.shape[2] == 1 else image
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", compress_level=1)  # level 1: 3x faster, ~same size
-    return buf.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes -> (H, W, C) uint8."""
-    arr = np.array(Image.open(io.BytesIO(data)))  # a writable copy: torch.from_numpy needs one
-    return arr[:, :, None] if arr.ndim == 2 else arr
-
-
-# -- fast paths for the two per-sample costs that dominated the loader and the teach stage (bench_distill.py) ---
-# Python's tarfile parses every header field in Python (~50 us per sample of two members) and PIL's
-# PNG plugin parses chunks in Python (~45 us per 28x28 image). Our shards are plain ustar files of
-# small members and PIL-written 8-bit PNGs, so a direct header walk over an mmap and PIL's C zip
-# decoder fed with the joined IDAT data do the same in ~3 us and ~20 us. Anything unusual (PAX or
-# GNU long-name headers, a non-local URL, a palette/16-bit/interlaced PNG) falls back to
-# webdataset's reader / `shards.decode_png`; tests check both paths give identical samples.
-
-_ZERO_BLOCK = bytes(512)
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
-_PNG_MODES = {(8, 0): ("L", 1), (8, 2): ("RGB", 3), (8, 6): ("RGBA", 4)}  # (bit depth, colour type) -> mode
-
-
-class _Unsupported(Exception):
-    """A tar feature the fast reader leaves to webdataset's (tarfile-based) reader."""
-
-
-class _Truncated(EOFError):
-    """The tar image ends early; `boundary`: between members (the members read so far are whole)."""
-
-    def __init__(self, msg: str, boundary: bool) -> None:
-        super().__init__(msg)
-        self.boundary = boundary
-
-
-def _tar_members(data: Any) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular file in a tar image (bytes or mmap), in order.
-
-    Raises _Truncated (an EOFError) on a truncated archive, ValueError on a damaged header,
-    _Unsupported on extended (PAX / GNU long name) headers.
-    """
-    off, n = 0, len(data)
-    while True:
-        if off + 512 > n:
-            raise _Truncated(f"unexpected end of data at byte {off}", boundary=True)
-        h = data[off : off + 512]
-        if h == _ZERO_BLOCK:
-            return  # end-of-archive marker
-        if h[257:262] != b"ustar":
-            if off == 0:
-                raise _Unsupported("no ustar magic (a v7 tar, or not a tar: tarfile decides)")
-            raise ValueError(f"not a tar header at byte {off}")
-        typ = h[156:157]
-        if typ not in (b"0", b"\0", b"5"):
-            raise _Unsupported(f"tar member type {typ!r}")
-        try:
-            size = int(h[124:136].rstrip(b" \0") or b"0", 8)
-        except ValueError as e:
-            raise ValueError(f"bad size field in the tar header at byte {off}") from e
-        name = h[0:100].split(b"\0", 1)[0].decode()
-        prefix = h[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix.decode() + "/" + name
-        body = off + 512
-        if body + size > n:
-            raise _Truncated(f"unexpected end of data in member {name}", boundary=False)
-        if typ != b"5":  # directories carry no sample data
-            yield name, data[body : body + size]
-        off = body + (size + 511) // 512 * 512
-
-
-def tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """webdataset-style samples ({"__key__", ext: bytes}) of a local tar shard, fast path first."""
-    path = url[len("file:") :] if url.startswith("file:") else url
-    if "://" in url or url.startswith("pipe:") or not os.path.isfile(path):
-        yield from tarfile_samples([{"url": url}])
-        return
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        data: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-    emitted = 0
-    try:
-        cur: dict[str, Any] | None = None
-        for name, body in _tar_members(data):
-            base = name.rsplit("/", 1)[-1]
-            dot = base.find(".")
-            if dot <= 0:
-                continue  # no key.ext: webdataset skips it too
-            key = name[: len(name) - len(base) + dot]
-            ext = base[dot + 1 :].lower()
-            if cur is None or cur["__key__"] != key:
-                if cur is not None:
-                    emitted += 1
-                    yield cur
-                cur = {"__key__": key, "__url__": url}
-            if ext in cur:
-                raise ValueError(f"{name}: duplicate file name in tar file")
-            cur[ext] = body
-        if cur is not None:
-            emitted += 1
-            yield cur
-    except _Truncated as e:
-        if e.boundary and cur is not None:  # the sample before the cut is whole: deliver it, like tarfile would
-            yield cur
-        raise
-    except _Unsupported:
-        # Let webdataset's reader handle the rest, skipping the samples already delivered.
-        yield from islice(tarfile_samples([{"url": url}]), emitted, None)
-    finally:
-        if isinstance(data, mmap.mmap):
-            data.close()
-
-
-def decode_png_fast(data: bytes) -> np.ndarray:
-    """PNG bytes -> (H, W, C) uint8, equal to `shards.decode_png` (8-bit grey/RGB/RGBA; else falls back to it)."""
-    if data[:8] != _PNG_SIG or data[12:16] != b"IHDR":
-        return decode_png(data)
-    w, h, depth, colour, _, _, interlace = struct.unpack_from(">IIBBBBB", data, 16)
-    mode = _PNG_MODES.get((depth, colour))
-    if mode is None or interlace:
-        return decode_png(data)
-    off, n, parts = 33, len(data), []
-    while off + 8 <= n:
-        length, typ = struct.unpack_from(">I4s", data, off)
-        if typ == b"IDAT":
-            parts.append(data[off + 8 : off + 8 + length])
-        elif typ == b"IEND":
-            break
-        off += 12 + length
-    # PIL's "zip" decoder inflates and undoes the PNG row filters in C, like its PNG plugin does.
-    img = np.array(Image.frombytes(mode[0], (w, h), b"".join(parts), "zip", mode[0]))  # writable, like decode_png
-    return img[:, :, None] if mode[1] == 1 else img
 
 
 @dataclass(frozen=True)
@@ -243,8 +107,8 @@ class Manifest:
         """All labels of a split in index order, (N,) int64 (reads every shard's `cls`)."""
         labels = np.empty(self.split(split).n, dtype=np.int64)
         for shard in self.split(split).shards:
-            for key, _, label in iter_shard(self.root / shard.path, decode=False):
-                labels[int(key)] = label
+            for i, _, label in iter_shard(self.root / shard.path, decode=False):
+                labels[i] = label
         return labels
 
 
@@ -285,26 +149,112 @@ def load_manifest(root: str | Path) -> Manifest:
     )
 
 
-def iter_shard(path: str | Path, decode: bool = True) -> Iterator[tuple[str, np.ndarray | bytes, int]]:
-    """Yield `(key, image, label)` from one tar shard in file order (image decoded unless decode=False).
+class ShardError(ValueError):
+    """A tar shard that does not hold what the manifest says (missing, corrupt, truncated, reordered)."""
 
-    Reads with the loader's fast tar walker (webdataset's grouping, webdataset's reader as the fallback)
-    and PNG decoder, so what we test is what the loader sees. A truncated or corrupt shard raises an
-    error naming the shard and the last good key.
+
+_REPREPARE = "re-run `dvc repro prepare` (or `dvc pull`)"
+
+
+def iter_shard(
+    path: str | Path,
+    *,
+    expect: range | None = None,
+    wanted: Sequence[bool] | np.ndarray | None = None,
+    decode: bool = True,
+) -> Iterator[tuple[int, np.ndarray | bytes, int]]:
+    """Yield ``(index, image, label)`` from one tar shard in file order: the project's one shard reader.
+
+    expect: the manifest's row range of the shard; every key must be the next row of it and the shard
+        must end at ``expect.stop`` (a tar cut at a member boundary reads cleanly but short).
+    wanted: (len(expect),) bool; rows that are False are checked but neither decoded nor yielded.
+    decode: PNG -> (H, W, C) uint8 (else the PNG bytes).
+
+    Reads with the fast tar walker and PNG decoder (`pipeline.data.tario`), so what the tests check is
+    what the loader sees. Anything wrong raises :class:`ShardError` naming the shard and the last good key.
     """
-    last = None
-    try:
-        for sample in tar_samples(str(path)):
-            key = sample["__key__"]
-            if "png" not in sample or "cls" not in sample:
-                raise ValueError(f"sample {key} lacks png/cls (has {sorted(k for k in sample if k[0] != '_')})")
+    path = str(path)
+    if wanted is not None and (expect is None or len(wanted) != len(expect)):
+        raise ValueError("iter_shard: `wanted` needs `expect` and one entry per row of it")
+    flags = None if wanted is None else (wanted.tolist() if isinstance(wanted, np.ndarray) else list(wanted))
+    nxt = expect.start if expect is not None else None
+    last: str | None = None
+    samples = tar_samples(path)
+    while True:
+        try:
+            sample = next(samples)
+        except StopIteration:
+            break
+        except FileNotFoundError as e:
+            raise ShardError(f"shard {path} is listed in the manifest but missing ({e}); {_REPREPARE}") from e
+        except Exception as e:  # EOFError, tarfile.ReadError, OSError...: name the shard and the last good sample
+            raise ShardError(f"corrupt or truncated shard {path} after sample {last!r}: {e}; {_REPREPARE}") from e
+        key = sample["__key__"]
+        try:
+            i = int(key)
+        except ValueError:
+            i = -1
+        if nxt is not None:
+            if i != nxt:
+                raise ShardError(
+                    f"shard {path}: sample key {key!r} where row {nxt} was expected (after sample {last!r}); "
+                    f"shards and manifest disagree: {_REPREPARE}"
+                )
+            nxt += 1
+        if "png" not in sample or "cls" not in sample:
+            has = sorted(k for k in sample if k[0] != "_")
+            raise ShardError(
+                f"corrupt or truncated shard {path} after sample {last!r}: sample {key} lacks png/cls (has {has}); "
+                f"{_REPREPARE}"
+            )
+        last = key
+        if flags is not None and not flags[i - expect.start]:  # type: ignore[union-attr]
+            continue
+        try:
             label = int(sample["cls"])
-            last = key
-            yield key, decode_png_fast(sample["png"]) if decode else sample["png"], label
-    except Exception as e:  # tarfile.ReadError, zlib errors, ...
-        raise ValueError(
-            f"corrupt or truncated shard {path} after sample {last!r}: {e}; re-run `dvc repro prepare`"
-        ) from e
+            image = decode_png_fast(sample["png"]) if decode else sample["png"]
+        except Exception as e:
+            raise ShardError(f"shard {path}: cannot decode sample {key}: {e}; {_REPREPARE}") from e
+        yield i, image, label
+    if expect is not None and nxt != expect.stop:
+        raise ShardError(
+            f"corrupt or truncated shard {path} after sample {last!r}: the shard ends there, but the manifest "
+            f"says rows [{expect.start}, {expect.stop}); {_REPREPARE}"
+        )
+
+
+def read_rows(manifest: Manifest, split: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Images (n, H, W, C) uint8 and labels (n,) of the given rows (any order, repeats allowed).
+
+    Reads only the shards holding them and decodes only the rows asked for.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    n_split = manifest.split(split).n
+    if len(rows) and (rows.min() < 0 or rows.max() >= n_split):
+        raise IndexError(f"rows outside split {split} of {n_split} samples")
+    images = np.empty((len(rows), *manifest.image_shape), dtype=np.uint8)
+    labels = np.empty(len(rows), dtype=np.int64)
+    wanted = np.zeros(n_split, dtype=bool)
+    wanted[rows] = True
+    where: dict[int, list[int]] = {}  # row -> positions in the output
+    for pos, r in enumerate(rows.tolist()):
+        where.setdefault(r, []).append(pos)
+    for shard in manifest.split(split).shards:
+        mask = wanted[shard.start : shard.stop]
+        if not mask.any():
+            continue
+        expect = range(shard.start, shard.stop)
+        for i, img, label in iter_shard(manifest.root / shard.path, expect=expect, wanted=mask):
+            for pos in where[i]:
+                images[pos], labels[pos] = img, label
+    return images, labels
+
+
+def read_shard(manifest: Manifest, split: str, j: int) -> np.ndarray:
+    """All images (n, H, W, C) uint8 of shard ``j`` of ``split``, keys checked against its row range."""
+    info = manifest.split(split).shards[j]
+    images = [img for _, img, _ in iter_shard(manifest.root / info.path, expect=range(info.start, info.stop))]
+    return np.stack(images)
 
 
 class ChannelStats:
@@ -444,7 +394,7 @@ def write_dataset(
     out_dir = Path(out_dir)
     if shard_size <= 0:
         raise ValueError(f"prepare.shard_size must be positive, got {shard_size}")
-    tmp = out_dir.with_name(out_dir.name + ".partial")
+    tmp = partial_path(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     stats_split = "train" if "train" in splits else next(iter(splits))
@@ -482,15 +432,3 @@ def write_dataset(
     os.replace(tmp, out_dir)
     log.info("wrote %s: %s", out_dir, {k: e.n for k, e in entries.items()})
     return load_manifest(out_dir)
-
-
-def verify_shards(manifest: Manifest, split: str | None = None) -> None:
-    """Check every shard's sha256 against the manifest (a changed shard names itself)."""
-    for name in [split] if split else list(manifest.splits):
-        for shard in manifest.split(name).shards:
-            got = sha256_file(manifest.root / shard.path)
-            if got != shard.sha256:
-                raise ValueError(
-                    f"shard {manifest.root / shard.path} has sha256 {got[:12]}..., manifest says "
-                    f"{shard.sha256[:12]}...; the shards changed after prepare: re-run `dvc repro prepare`"
-                )

@@ -18,12 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 # Domain tags so the view-parameter stream and the view-choice stream never collide.
 _TAG_VIEW = 0x5649_4557  # "VIEW"
 _TAG_PICK = 0x5049_434B  # "PICK"
+FRESH_VIEWS = 1 << 30  # `ViewRecipe.fresh`: so many views that each (epoch, sample) gets its own
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -55,6 +55,14 @@ class ViewRecipe:
 
     def to_dict(self) -> dict:
         return {"views": self.views, "seed": self.seed, "transform": {"pad": self.pad, "flip": self.flip}}
+
+    @classmethod
+    def fresh(cls, seed: int = 0, pad: int = 4, flip: bool = True) -> ViewRecipe:
+        """Augmentation without a cache (teacher training): every (epoch, sample) draws a view of its own.
+
+        Implemented as a recipe with 2^30 views, so `pick_view` is effectively a fresh random draw.
+        """
+        return cls(views=FRESH_VIEWS, seed=seed, pad=pad, flip=flip)
 
     @classmethod
     def from_dict(cls, d: dict) -> ViewRecipe:
@@ -113,6 +121,33 @@ def pick_view(seed: int, epoch: int, index: np.ndarray, views: int) -> np.ndarra
     return (hash_u64(seed, _TAG_PICK, epoch, index) % np.uint64(views)).astype(np.int64)
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(B, H, W, C) uint8 -> (B, C, H, W) float32 in [0, 1]. Normalisation lives in the model."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+def pick_allowed_view(seed: int, epoch: int, index: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Like `views.pick_view`, restricted to the views the teacher answered for each row.
+
+    allowed: (n, V) bool -> (n,) int64 view per row, -1 where no view is allowed. With every view
+    allowed it equals `pick_view`, so budget runs and full runs agree on shared rows.
+    """
+    n, v = allowed.shape
+    if allowed.all():
+        return pick_view(seed, epoch, index, v)
+    count = allowed.sum(1)
+    h = hash_u64(seed, _TAG_PICK, epoch, index)  # same stream as pick_view
+    r = (h % np.maximum(count, 1).astype(np.uint64)).astype(np.int64)  # r-th allowed view
+    rank = np.cumsum(allowed, 1) - 1  # (n, V)
+    view = np.argmax(allowed & (rank == r[:, None]), 1)
+    return np.where(count > 0, view, -1)
+
+
+def crop_flip_batch(images: np.ndarray, sy: np.ndarray, sx: np.ndarray, flip: np.ndarray, pad: int) -> np.ndarray:
+    """`views.crop_flip` on a batch at once: (B, H, W, C) uint8 with per-row shifts in [-pad, pad] and flips.
+
+    out[b, y, x] = img[b, y + sy, x' + sx] (0 outside the image), x' = W-1-x if flipped else x: the
+    same pixels as `crop_flip` (tested), as one gather from a zero-padded copy instead of B calls.
+    """
+    b, h, w, _ = images.shape
+    padded = np.zeros((b, h + 2 * pad, w + 2 * pad, images.shape[3]), dtype=images.dtype)
+    padded[:, pad : pad + h, pad : pad + w] = images
+    rows = np.arange(h)[None, :] + (sy + pad)[:, None]  # (B, H)
+    xs = np.arange(w)
+    cols = np.where(flip[:, None], xs[::-1][None, :], xs[None, :]) + (sx + pad)[:, None]  # (B, W)
+    return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]

@@ -13,7 +13,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from pipeline.store import PARTIAL_SUFFIX, partial_path
+from pipeline.cache.store import PARTIAL_SUFFIX, partial_path
 
 ENTROPY_BINS = 20
 
@@ -33,7 +33,7 @@ def _dense_logits(g: zarr.Group, rows: int, num_classes: int) -> da.Array:
     if "logits" in g:
         arr = da.from_zarr(g["logits"], chunks=(rows, -1, -1))
         return arr[:, 0].astype(np.float32)
-    from pipeline.store import topk_expand
+    from pipeline.cache.store import topk_expand
 
     v = da.from_zarr(g["topk_values"], chunks=(rows, -1, -1))
     i = da.from_zarr(g["topk_indices"], chunks=(rows, -1, -1))

@@ -23,10 +23,14 @@ import zarr
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.budget import query_mask
-from pipeline.shards import Manifest, iter_shard, sample_key
-from pipeline.store import SplitSpec, StoreSpec, StoreWriter, _jsonable
-from pipeline.views import ViewRecipe, to_tensor
+from pipeline.cache.budget import BudgetSpec
+from pipeline.cache.store import SplitSpec, StoreSpec, StoreWriter, same_content
+from pipeline.config import TeachConfig
+from pipeline.data.shards import Manifest, read_shard, sample_key, sha256_file
+from pipeline.data.views import ViewRecipe
+from pipeline.models.checkpoint import load_model
+from pipeline.models.predict import predict_arrays
+from pipeline.runtime import pick_device, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -40,30 +44,11 @@ class ShardBatch:
     keys: list[str]
 
 
-def read_shard(manifest: Manifest, split: str, j: int) -> ShardBatch:
-    """Decode tar shard `j` of `split` and check its keys are exactly its manifest index range."""
+def load_shard(manifest: Manifest, split: str, j: int) -> ShardBatch:
+    """Decode tar shard `j` of `split` (keys checked against its manifest row range)."""
     info = manifest.split(split).shards[j]
-    keys, images = [], []
-    for key, img, _ in iter_shard(manifest.root / info.path):
-        keys.append(key)
-        images.append(img)
-    expected = [sample_key(i) for i in range(info.start, info.stop)]
-    if keys != expected:
-        raise ValueError(
-            f"shard {manifest.root / info.path} holds keys {keys[:3]}...{keys[-1:]} but the manifest says "
-            f"{expected[:3]}...{expected[-1:]}; the shards were modified: re-run `dvc repro prepare`"
-        )
-    return ShardBatch(split, j, info.start, np.stack(images), keys)
-
-
-@torch.inference_mode()
-def predict(model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
-    """Teacher forward over uint8 images (n, H, W, C) -> float32 logits (n, C)."""
-    outs = []
-    for i in range(0, len(images), batch_size):
-        x = to_tensor(images[i : i + batch_size]).to(device, non_blocking=True)
-        outs.append(model(x).float().cpu())
-    return torch.cat(outs).numpy() if outs else np.zeros((0, 0), dtype=np.float32)
+    images = read_shard(manifest, split, j)
+    return ShardBatch(split, j, info.start, images, [sample_key(i) for i in range(info.start, info.stop)])
 
 
 def shard_logits(
@@ -84,7 +69,7 @@ def shard_logits(
         if len(sel) == 0:
             continue
         imgs = recipe.apply(batch.images[sel], index[sel], np.full(len(sel), v))
-        logits = predict(model, imgs, batch_size, device) if isinstance(model, nn.Module) else model(imgs)
+        logits = predict_arrays(model, imgs, batch_size, device) if isinstance(model, nn.Module) else model(imgs)
         if logits.shape != (len(sel), num_classes):
             raise ValueError(
                 f"teacher returned logits of shape {logits.shape}, expected {(len(sel), num_classes)}: "
@@ -103,10 +88,10 @@ def build_spec(
     topk: int = 0,
     compressor: str = "blosc-zstd",
     chunk_rows: int = 1000,
-    budget: dict[str, Any] | None = None,
+    budget: BudgetSpec | None = None,
 ) -> StoreSpec:
     """The store's identity for this teacher x data set x view recipe x budget (defaults: params.yaml's)."""
-    budget = budget if budget is not None else {"n": None}
+    budget = budget or BudgetSpec()
     return StoreSpec(
         teacher=teacher,
         dataset={"name": manifest.dataset, "manifest_sha256": manifest.sha256},
@@ -124,20 +109,102 @@ def build_spec(
         topk=topk,
         compressor=compressor,
         chunk_rows=min(chunk_rows, manifest.shard_size),
-        extra={"budget": budget},
+        extra={"budget": budget.to_attrs()},
     )
 
 
-def query_masks(manifest: Manifest, spec: StoreSpec, budget: dict[str, Any]) -> dict[str, np.ndarray]:
+def query_masks(manifest: Manifest, spec: StoreSpec) -> dict[str, np.ndarray]:
     """(N, V) query mask per split. The budget applies to the train split; other splits are fully queried."""
+    budget = BudgetSpec.from_attrs(spec.extra.get("budget"))
     masks = {}
     for split, s in spec.splits.items():
-        if split == "train" and budget.get("n") not in (None, "full"):
-            labels = manifest.iter_labels(split)
-            masks[split] = query_mask(labels, s.views, budget["n"], budget["strategy"], budget["seed"])
+        if split == "train" and not budget.is_full:
+            masks[split] = budget.mask(manifest.iter_labels(split), s.views)
         else:
             masks[split] = np.ones((s.n, s.views), dtype=bool)
     return masks
+
+
+def view_recipes(cfg: TeachConfig, manifest: Manifest) -> dict[str, ViewRecipe]:
+    """The views each split caches: `teach.views` for train (the student trains on them), `teach.test_views` else."""
+    aug = cfg.augment
+    return {
+        split: ViewRecipe(cfg.views if split == "train" else cfg.test_views, cfg.view_seed, aug.pad, aug.flip)
+        for split in manifest.splits
+    }
+
+
+def teach_store(
+    manifest: Manifest,
+    checkpoint: str | Path,
+    out: str | Path,
+    cfg: TeachConfig,
+    name: str,
+    *,
+    force: bool = False,
+    reuse: bool = False,
+) -> Path:
+    """The `teach` stage: cache teacher `name`'s logits over every split into the store at `out`.
+
+    Builds the store's identity from `cfg` (views, dtype, layout, budget) and the checkpoint's sha256;
+    with `reuse`, an existing store whose budget was raised lends its teacher calls (`PreviousCalls`);
+    then fills the store in this process (`run_teach`) or on a dask cluster (`teach.cluster`,
+    `pipeline.cache.teach_dask`), which write the same store bit for bit.
+    """
+    checkpoint = Path(checkpoint)
+    model, meta = load_model(checkpoint, data=manifest)  # checks the teacher fits the data set before any work
+    recipes = view_recipes(cfg, manifest)
+    teacher = {"name": name, "arch": meta["arch"], "weights_sha256": sha256_file(checkpoint)}
+    spec = build_spec(
+        manifest,
+        teacher,
+        recipes,
+        dtype=cfg.dtype,
+        topk=cfg.topk,
+        compressor=cfg.compressor,
+        chunk_rows=cfg.chunk_rows,
+        budget=BudgetSpec(cfg.budget, cfg.strategy, cfg.budget_seed),
+    )
+    previous = PreviousCalls.find(out, spec) if reuse else None
+    if cfg.cluster != "none":  # the same store, computed by dask workers
+        from pipeline.cache.teach_dask import run_teach_dask, worker_threads  # dask is imported only here
+
+        writer = run_teach_dask(
+            manifest,
+            checkpoint,
+            out,
+            spec,
+            recipes,
+            cluster=cfg.cluster,
+            workers=cfg.workers,
+            threads_per_worker=worker_threads(cfg.cluster, cfg.workers, cfg.threads),
+            batch_size=cfg.batch_size,
+            force=force,
+            previous=previous,
+        )
+    else:
+        set_threads(cfg.threads)
+        writer = run_teach(
+            manifest,
+            model,
+            out,
+            spec,
+            recipes,
+            batch_size=cfg.batch_size,
+            device=pick_device(),
+            force=force,
+            previous=previous,
+        )
+    return writer.path
+
+
+def finalize_store(writer: StoreWriter, manifest: Manifest, previous: PreviousCalls | None) -> Path:
+    """Finalize a filled store (the same attrs from every executor), then drop the store it reused calls of."""
+    reused = previous.reused(query_masks(manifest, writer.spec)) if previous else 0
+    path = writer.finalize({"calls_reused": reused})
+    if previous:
+        previous.discard()
+    return path
 
 
 def run_teach(
@@ -164,18 +231,18 @@ def run_teach(
     if isinstance(model, nn.Module):
         model.eval().to(device, memory_format=torch.channels_last)  # inputs are channels_last already
     writer = StoreWriter(out, spec, force=force, create=shards is None)
-    masks = query_masks(manifest, spec, spec.extra.get("budget", {}))
+    masks = query_masks(manifest, spec)
     todo = list(shards) if shards is not None else [(s, j) for s in spec.splits for j in writer.pending(s)]
     total = sum(spec.splits[s].num_shards for s in spec.splits)
     if not todo:
         log.info("all %d shards already cached in %s", total, writer.partial)
     with ThreadPoolExecutor(1, thread_name_prefix="decode") as reader, ThreadPoolExecutor(1) as wpool:
-        nxt: Future | None = reader.submit(read_shard, manifest, *todo[0]) if todo else None
+        nxt: Future | None = reader.submit(load_shard, manifest, *todo[0]) if todo else None
         pending_write: Future | None = None
         bar = tqdm(total=len(todo), desc=f"teach {spec.teacher.get('name', '')}", unit="shard", disable=None)
         for k, (split, j) in enumerate(todo):
             batch = nxt.result()
-            nxt = reader.submit(read_shard, manifest, *todo[k + 1]) if k + 1 < len(todo) else None
+            nxt = reader.submit(load_shard, manifest, *todo[k + 1]) if k + 1 < len(todo) else None
             s = spec.splits[split]
             start, stop = s.shard_range(j)
             need = masks[split][start:stop]  # (n, V) sample-views this store must hold
@@ -194,9 +261,7 @@ def run_teach(
             pending_write.result()
         bar.close()
     if finalize:
-        writer.finalize({"calls_reused": previous.reused(masks) if previous else 0})
-        if previous:
-            previous.discard()
+        finalize_store(writer, manifest, previous)
     return writer
 
 
@@ -228,15 +293,13 @@ class PreviousCalls:
         except Exception:  # not a store: nothing to reuse
             shutil.rmtree(prev)
             return None
-        old, new = attrs.get("identity", {}), _jsonable(spec.identity())
-        same = attrs.get("complete") and {k: v for k, v in old.items() if k != "extra"} == {
-            k: v for k, v in new.items() if k != "extra"
-        }
-        ob, nb = (old.get("extra") or {}).get("budget", {}), new["extra"].get("budget", {})
-        same = same and ob.get("strategy") == nb.get("strategy") and ob.get("seed") == nb.get("seed")
+        ob = BudgetSpec.from_attrs(attrs.get("budget"))
+        nb = BudgetSpec.from_attrs(spec.extra.get("budget"))
+        same = bool(attrs.get("complete")) and same_content(attrs, spec, ignore=("extra",))
+        same = same and (ob.strategy, ob.seed) == (nb.strategy, nb.seed)
         # Only a *raised* budget reuses calls. Any other rerun (DVC reruns teach when its code or inputs
         # change) recomputes everything, so a fix to the teach code path is never masked by old logits.
-        grew = isinstance(ob.get("n"), int) and (nb.get("n") in (None, "full") or int(nb["n"]) > ob["n"])
+        grew = isinstance(ob.n, int) and (nb.is_full or int(nb.n) > ob.n)
         if not (same and grew):
             log.info("existing store %s is not reusable (not a raised budget of the same teacher/data/recipe)", out)
             shutil.rmtree(prev)

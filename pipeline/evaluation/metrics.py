@@ -9,7 +9,7 @@ against a by-hand computation:
   just its arg-max);
 - expected calibration error (Guo et al. 2017) and the per-bin data of a reliability diagram;
 - a confusion-matrix CSV for DVC's `confusion` plot template;
-- accuracy on the corrupted copies of the test split made by `pipeline.corruptions`
+- accuracy on the corrupted copies of the test split made by `pipeline.data.corruptions`
   (Hendrycks & Dietterich 2019): per corruption (mean over severities) and their mean (mCA).
 """
 
@@ -25,72 +25,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.loader import DistillDataset, batch_to_float, make_loader
+from pipeline.models.predict import predict_arrays
+from pipeline.training.validate import topk_accuracy
 
 if TYPE_CHECKING:
-    from pipeline.corruptions import CorruptedSet
+    from pipeline.data.corruptions import CorruptedSet
 
 log = logging.getLogger(__name__)
 
 ECE_BINS = 15  # Guo et al. 2017 use M = 15 equal-width bins
 
 
-@torch.inference_mode()
-def predict_split(
-    model: nn.Module, dataset: DistillDataset, batch_size: int, device: torch.device | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run `model` over a split in index order (no shuffle, view 0): logits (N, C) float32, labels (N,)."""
-    if dataset.shuffle:
-        raise ValueError("predict_split needs an unshuffled dataset (shuffle=False)")
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval().to(memory_format=torch.channels_last)
-    n = dataset.num_samples()
-    logits = np.empty((n, dataset.num_classes), dtype=np.float32)
-    labels = np.empty(n, dtype=np.int64)
-    seen = np.zeros(n, dtype=bool)
-    dataset.set_epoch(0)
-    for batch in make_loader(dataset, batch_size, workers=0):
-        idx = batch["index"].numpy()
-        x = batch_to_float(batch["image"].to(device))
-        logits[idx] = model(x).float().cpu().numpy()
-        labels[idx] = batch["label"].numpy()
-        seen[idx] = True
-    model.train(was_training)
-    if not seen.all():
-        raise RuntimeError(f"predict_split: {int((~seen).sum())} of {n} samples never arrived")
-    return logits, labels
-
-
-@torch.inference_mode()
-def predict_arrays(
-    model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device | None = None
-) -> np.ndarray:
-    """Logits (N, C) float32 of `model` on in-memory (or memory-mapped) images (N, H, W, C) uint8.
-
-    The same preprocessing as the shard path (`batch_to_float`), without tar/PNG decoding, so a
-    corrupted test set of tens of thousands of images is one quick batched pass.
-    """
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval().to(memory_format=torch.channels_last)
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.array(images[start : start + batch_size], copy=True))  # mmap slices are read-only
-        out.append(model(batch_to_float(x.to(device))).float().cpu().numpy())
-    model.train(was_training)
-    return np.concatenate(out) if out else np.empty((0, 0), dtype=np.float32)
-
-
 # ---------------------------------------------------------------------------------------------
 # accuracy and agreement
-
-
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int = 1) -> float:
-    """Fraction of rows whose label is among the k largest logits (ties broken by class order)."""
-    k = min(k, logits.shape[1])
-    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
-    return float((top == labels[:, None]).any(1).mean())
 
 
 def agreement(a: np.ndarray, b: np.ndarray) -> float:

@@ -19,23 +19,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
+from torch import nn
 
-from pipeline.loader import EpochPlan
-from pipeline.shards import Manifest, iter_shard
-from pipeline.store import LogitStore
-from pipeline.views import ViewRecipe, hash_u64
+from pipeline.cache.store import LogitStore
+from pipeline.data.shards import Manifest, read_rows
+from pipeline.data.views import ViewRecipe, hash_u64
+from pipeline.runtime import rank_world
+from pipeline.training.source import EpochPlan, TeacherFeatures
 
 log = logging.getLogger(__name__)
 
 _TAG_POOL = 0x504F_4F4C  # "POOL"
 
 
-class QueriedPool(IterableDataset):
-    """In-memory (image, logits) pairs of every allowed sample-view; yields DistillDataset-style dicts.
+class QueriedPool:
+    """In-memory (image, logits) pairs of every allowed sample-view: a `BatchSource` of DistillDataset-style batches.
 
     allowed: (N, V) bool of usable sample-views (a subset of the store's `queried`).
     epoch_samples: rows per epoch (back-to-back permutations of the pool); default N of the split.
+    teacher_features: as `DistillDataset`'s, added to each batch by the loader.
+    Batches are made in the training process (`max_workers` 0): the pool is already decoded.
     """
 
     def __init__(
@@ -47,8 +50,8 @@ class QueriedPool(IterableDataset):
         *,
         seed: int = 0,
         epoch_samples: int | None = None,
+        teacher_features: TeacherFeatures | None = None,
     ) -> None:
-        super().__init__()
         store = LogitStore(store_path, split=split, manifest=manifest)
         if allowed.shape != (store.n, store.views):
             raise ValueError(f"allowed mask shape {allowed.shape} != store rows/views {(store.n, store.views)}")
@@ -66,33 +69,19 @@ class QueriedPool(IterableDataset):
         self.index = rows.astype(np.int64)
         self.view = views.astype(np.int64)
         self.logits = store.read_rows(rows)[np.arange(len(rows)), views]  # (P, C)
-        self.teacher_features: Any = None  # as DistillDataset.teacher_features: the loader adds them per batch
-        shape = manifest.image_shape
-        self.images = np.empty((len(rows), *shape), dtype=np.uint8)  # (P, H, W, C), views applied
-        self.labels = np.empty(len(rows), dtype=np.int64)
-        wanted = set(rows.tolist())
-        pos = {}
-        for p, r in enumerate(rows.tolist()):
-            pos.setdefault(r, []).append(p)
-        for shard in manifest.split(split).shards:
-            if not any(shard.start <= r < shard.stop for r in wanted):
-                continue
-            for key, img, label in iter_shard(manifest.root / shard.path):
-                i = int(key)
-                for p in pos.get(i, ()):
-                    self.images[p] = recipe.apply(img[None], np.array([i]), np.array([self.view[p]]))[0]
-                    self.labels[p] = label
+        self.teacher_features = teacher_features
+        images, self.labels = read_rows(manifest, split, self.index)  # (P, H, W, C) uint8, (P,)
+        self.images = recipe.apply(images, self.index, self.view)  # each sample-view with its cached view applied
         self.epoch_samples = int(epoch_samples or manifest.split(split).n)
-        self.shuffle = True  # an epoch is a random draw (predict_split must not use a pool)
         self.recipe = recipe
-        log.info("queried pool: %d sample-views of %d rows in memory", len(rows), len(wanted))
+        log.info("queried pool: %d sample-views of %d rows in memory", len(rows), len(np.unique(rows)))
 
     def __len__(self) -> int:
         return self.epoch_samples
 
-    # -- the interface `pipeline.train.train` and `pipeline.loader.make_loader` use ----------------
+    # -- BatchSource ------------------------------------------------------------------------------
 
-    urls: tuple[str, ...] = ()  # nothing to stream: make_loader then runs in-process (workers=0)
+    max_workers = 0  # decoded already: batching is a gather, cheaper than shipping batches from a worker
 
     def pool_size(self) -> int:
         return len(self.index)
@@ -104,12 +93,7 @@ class QueriedPool(IterableDataset):
         self.epoch = int(epoch)
 
     def world(self) -> int:
-        return self._node()[1]
-
-    @staticmethod
-    def _node() -> tuple[int, int]:
-        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+        return rank_world()[1]
 
     def draws(self, epoch: int) -> np.ndarray:
         """Pool positions drawn in `epoch` (all ranks together): back-to-back seeded permutations of the
@@ -129,8 +113,8 @@ class QueriedPool(IterableDataset):
         rnd = math.floor if drop_last else math.ceil
         return EpochPlan(samples, tuple(rnd(k / batch_size) for k in samples))
 
-    def _np_batches(self, batch_size: int, drop_last: bool) -> Iterator[dict[str, np.ndarray]]:
-        rank, world = self._node()
+    def numpy_batches(self, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        rank, world = rank_world()
         picks = self.draws(self.epoch)[rank::world]
         stop = len(picks) - len(picks) % batch_size if drop_last else len(picks)
         for k in range(0, stop, batch_size):
@@ -145,5 +129,37 @@ class QueriedPool(IterableDataset):
                 "pool_id": p.astype(np.int64),  # sample-view identity, for counting CKD comparisons
             }
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        raise TypeError("QueriedPool yields whole batches: use pipeline.loader.make_loader(pool, batch_size)")
+
+class ComparisonTracker:
+    """Counts the distinct comparisons a CKD student sees over training (budget runs, issue 6).
+
+    With a queried pool (batches carry `pool_id`, the sample-view's identity), the loop draws CKD's
+    groups from the loss's own seeded sampler, the same draw the loss would make itself, so the stream
+    and resume state are unchanged, drops groups that hold one sample-view twice, and records each
+    group as its tuple of pool ids (A first, then B: an ordered comparison). Inactive for losses
+    without comparisons or without a pool.
+    """
+
+    def __init__(self, loss_fn: Any) -> None:
+        mods = loss_fn.modules() if isinstance(loss_fn, nn.Module) else []
+        samplers = (m for m in mods if getattr(m, "accepts_groups", False) and hasattr(m, "sample_groups"))
+        self.sampler = next(samplers, None)
+        self.seen: set[tuple[int, ...]] = set()
+        self.active = False
+
+    def draw(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        if self.sampler is None or "pool_id" not in batch:
+            return None
+        self.active = True
+        groups = self.sampler.sample_groups(len(batch["label"]))  # (G, k) row indices
+        ids = batch["pool_id"][groups.cpu()]  # (G, k) pool sample-view ids
+        # A small pool repeats a sample-view within a batch; a group holding one twice compares a sample
+        # with itself (zero difference, no signal): drop those, count the rest.
+        ok = (ids.sort(dim=1).values.diff(dim=1) != 0).all(dim=1)  # (G,)
+        groups, ids = groups[ok.to(groups.device)], ids[ok]
+        self.seen.update(map(tuple, ids.tolist()))
+        return groups
+
+    @property
+    def distinct(self) -> int:
+        return len(self.seen)

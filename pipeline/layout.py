@@ -1,0 +1,92 @@
+"""Where every artifact of the pipeline lives: one object, used by every stage, tool and benchmark.
+
+`dvc.yaml` spells the same paths with `${prepare.name}` and `${key}`/`${item...}` in its outs; a test
+(`tests/test_layout.py`) holds the two against each other, so a path changes in both places or neither.
+
+    Layout("fashion_mnist").store("cnn")      -> data/logits/cnn.zarr
+    Layout("fashion_mnist", root=tmp).shards  -> <tmp>/data/shards/fashion_mnist
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(path: str | Path) -> Path:
+    """Where an output is written until it is complete: `<path>.partial` (renamed into place at the end)."""
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+class TeacherFiles(NamedTuple):
+    checkpoint: Path  # <name>.pt: what teach and online distillation load
+    metrics: Path  # <name>.json: accuracy + training history
+    run: Path  # <name>.run/: a demo teacher's epoch checkpoints (resume)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The artifact paths of one data set's pipeline, relative to `root` (the project folder)."""
+
+    dataset: str
+    root: Path = Path(".")
+
+    def _p(self, *parts: str) -> Path:
+        return Path(self.root, *parts)
+
+    # -- prepare / corrupt
+    @property
+    def shards(self) -> Path:
+        """Shards + manifest.json of the prepared data set."""
+        return self._p("data", "shards", self.dataset)
+
+    @property
+    def corrupt(self) -> Path:
+        """Corrupted copies of the test split (the `corrupt` stage)."""
+        return self._p("data", "corrupt", self.dataset)
+
+    # -- teachers
+    @property
+    def teachers(self) -> Path:
+        return self._p("data", "teachers")
+
+    @staticmethod
+    def teacher_files(folder: str | Path, teacher: str) -> TeacherFiles:
+        folder = Path(folder)
+        return TeacherFiles(folder / f"{teacher}.pt", folder / f"{teacher}.json", folder / f"{teacher}.run")
+
+    def teacher_checkpoint(self, teacher: str) -> Path:
+        return self.teacher_files(self.teachers, teacher).checkpoint
+
+    def teacher_metrics(self, teacher: str) -> Path:
+        return self.teacher_files(self.teachers, teacher).metrics
+
+    def store(self, teacher: str) -> Path:
+        """The teacher's logit store."""
+        return self._p("data", "logits", f"{teacher}.zarr")
+
+    # -- students
+    def student(self, sid: str) -> Path:
+        """The student's folder (model.pt, epoch checkpoint, history)."""
+        return self._p("data", "students", sid)
+
+    def student_metrics(self, sid: str) -> Path:
+        return self.metrics / f"{sid}.json"
+
+    def curves(self, sid: str) -> Path:
+        return self._p("plots", "curves", f"{sid}.json")
+
+    def confusion(self, sid: str) -> Path:
+        return self._p("plots", "confusion", f"{sid}.csv")
+
+    @property
+    def metrics(self) -> Path:
+        return self._p("metrics")
+
+    @property
+    def reports(self) -> Path:
+        return self._p("reports")

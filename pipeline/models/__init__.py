@@ -1,0 +1,63 @@
+"""Models: the architecture zoo, its registry, checkpoints and batched inference.
+
+Owns: network definitions (one module per family: ``cnn``, ``resnet``, ``wrn``, ``vgg``, ``mobilenet``,
+``shufflenet``; torchvision through ``tv:<name>``), the registry (``register_model``, ``build_model``,
+``list_models``, ``build_for``), the checkpoint format and the one atomic checkpoint writer
+(``checkpoint``), and the input conversion + batched forward pass (``predict``).
+
+May import: torch, torchvision (lazily), ``pipeline.config``/``pipeline.runtime``. Nothing else of the
+pipeline: data sets are described to it by the ``DataSpec`` protocol (a manifest is one).
+
+Add a model family: a module here whose factories carry ``@register_model``; import it below.
+"""
+
+from __future__ import annotations
+
+# Importing the families registers their architectures (decorators run at import).
+from . import cnn, mobilenet, resnet, shufflenet, vgg, wrn  # noqa: F401
+from .checkpoint import (
+    CheckpointError,
+    atomic_write,
+    import_state_dict,
+    load_checkpoint,
+    load_model,
+    load_state_dict_checkpoint,
+    save_checkpoint,
+    save_model,
+    torch_save_atomic,
+)
+from .predict import predict_arrays, to_input
+from .registry import (
+    TORCHVISION_PREFIX,
+    DataSpec,
+    Normalized,
+    build_for,
+    build_model,
+    canonical_arch,
+    count_parameters,
+    list_models,
+    register_model,
+)
+
+__all__ = [
+    "TORCHVISION_PREFIX",
+    "CheckpointError",
+    "DataSpec",
+    "Normalized",
+    "atomic_write",
+    "build_for",
+    "build_model",
+    "canonical_arch",
+    "count_parameters",
+    "import_state_dict",
+    "list_models",
+    "load_checkpoint",
+    "load_model",
+    "load_state_dict_checkpoint",
+    "predict_arrays",
+    "register_model",
+    "save_checkpoint",
+    "save_model",
+    "to_input",
+    "torch_save_atomic",
+]

@@ -1,0 +1,79 @@
+"""What every DVC stage entry point shares: its argument parser, its typed params section, its paths.
+
+A stage module is parse, load, call, write::
+
+    def main(argv=None):
+        ap = stage_parser("teach", __doc__)
+        ap.add_argument("--name", required=True)
+        run = start(ap, argv)                      # logging, params.yaml, Layout of prepare.name
+        cfg = run.section(TeachConfig, "teach")    # typed, unknown keys rejected
+        teach_store(run.manifest(), ..., cfg, ...) # one library call
+
+`--params` and `--shards` are common to every stage; `Stage.layout` knows every artifact path.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pipeline.config import PrepareConfig, from_dict, load_params, section
+from pipeline.layout import Layout
+from pipeline.runtime import setup_logging
+
+T = TypeVar("T")
+
+
+def stage_parser(name: str, doc: str | None, *, shards: bool = True) -> argparse.ArgumentParser:
+    """The stage's parser with the common options (`--params`, and `--shards` where the stage reads shards)."""
+    first, _, rest = (doc or "").strip().partition("\n")
+    ap = argparse.ArgumentParser(
+        prog=f"python -m stages.{name}",
+        description=first,
+        epilog=rest.strip() or None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    if shards:
+        ap.add_argument("--shards", default=None, help="prepared data set folder (default: data/shards/<prepare.name>)")
+    return ap
+
+
+@dataclass
+class Stage:
+    """A started stage: its arguments, the params file, and the layout of the data set it works on."""
+
+    args: argparse.Namespace
+    params: dict[str, Any]
+    layout: Layout
+
+    def section(self, cls: type[T], name: str) -> T:
+        """params.yaml section `name` as the dataclass `cls` (unknown keys are errors listing the valid ones)."""
+        return from_dict(cls, section(self.params, name), name)
+
+    @property
+    def shards(self) -> Path:
+        return Path(getattr(self.args, "shards", None) or self.layout.shards)
+
+    def manifest(self) -> Any:
+        from pipeline.data.shards import load_manifest  # the report stage never needs shards
+
+        return load_manifest(self.shards)
+
+
+def start(parser: argparse.ArgumentParser, argv: list[str] | None) -> Stage:
+    """Parse `argv`, set up logging, read params.yaml and the data set's layout."""
+    args = parser.parse_args(argv)
+    setup_logging()
+    params = load_params(args.params)
+    # The data set's name places every artifact; a stage that reads no data (report) may run without it.
+    name = from_dict(PrepareConfig, section(params, "prepare"), "prepare").name if "prepare" in params else ""
+    return Stage(args=args, params=params, layout=Layout(name))
+
+
+def run_main(main: Callable[[list[str] | None], Any]) -> None:
+    """A stage's `if __name__ == "__main__":` body."""
+    main(None)

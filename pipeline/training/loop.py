@@ -1,0 +1,468 @@
+"""One plain training loop for teachers and students alike, on one device or many (DDP).
+
+SGD (momentum, optional Nesterov) with weight decay, linear warm-up then cosine / step / constant
+learning-rate schedule evaluated per step (`pipeline.training.schedule`), optional gradient clipping,
+bf16 autocast on CUDA and channels_last memory format everywhere. Every epoch ends with a checkpoint
+(`last.pt`: model, optimizer, epoch, history, architecture, per-rank RNG and loss state) written
+atomically, so `resume=True` continues an interrupted run to the same weights as an uninterrupted
+one with the same seed (the data stream is a pure function of `(seed, epoch)`).
+
+Teacher logits come from the batch (`"logits"`, cached) or from a live `teacher` module (online
+mode, for comparison); the student never sees a teacher object in cache mode.
+
+Under `torch.distributed` (world size > 1) the model is wrapped in DistributedDataParallel. DDP
+needs every rank to run the same number of forward/backward passes, but shards are split across
+ranks whole, so ranks can receive different sample counts. Every rank therefore computes the
+epoch's plan (batches per rank) from the manifest (`BatchSource.plan`) and runs `max(batches)`
+steps; a rank that has run out does a zero-weight step (a dummy forward in eval mode, loss 0) so
+the gradient all-reduce and the optimizer stay in lockstep, and real ranks scale their loss by
+`world / active ranks`, so the averaged gradient is the mean over the ranks that had data. No
+sample is dropped or repeated. Only rank 0 writes checkpoints and curves and evaluates.
+
+The loop reads top to bottom as its steps: `_restore` (resume), `_train_epoch` (the step loop, one
+`_batch_loss` per batch), `_epoch_row` (cross-rank totals), `_held_out_accuracy`, `_save`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.config import TrainConfig
+from pipeline.models.checkpoint import atomic_write, torch_save_atomic
+from pipeline.models.predict import to_input
+from pipeline.runtime import rank_world
+from pipeline.training.dataset import DistillDataset
+from pipeline.training.pool import ComparisonTracker
+from pipeline.training.schedule import lr_at, make_optimizer
+from pipeline.training.source import BatchSource, EpochPlan
+from pipeline.training.transport import FEATURE_PREFIX, make_loader
+from pipeline.training.validate import predict_split, topk_accuracy
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "last.pt"
+
+LossFn = Callable[..., dict[str, torch.Tensor]]
+
+
+def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when enabled, else a no-op: chosen once per run (as nanoGPT's `ctx`)."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def arch_label(model: nn.Module) -> str:
+    """A name for the model's architecture when the caller gives none: class + parameter-shape fingerprint.
+
+    Two different architectures of one class (cnn_tiny vs cnn_small are both PlainCNN) differ in
+    their parameter shapes, so the fingerprint tells them apart.
+    """
+    if isinstance(getattr(model, "arch", None), str):
+        return model.arch
+    inner = getattr(model, "net", model)  # `Normalized` wraps the zoo network
+    shapes = ";".join(f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items())
+    return f"{type(inner).__name__}#{hashlib.sha256(shapes.encode()).hexdigest()[:8]}"
+
+
+@dataclass
+class _Run:
+    """What the steps of one training run share."""
+
+    model: nn.Module  # the bare model (checkpoints, evaluation)
+    ddp_model: nn.Module  # what the step calls: `model` itself, or its DistributedDataParallel wrapper
+    loss_fn: LossFn
+    opt: torch.optim.Optimizer
+    cfg: TrainConfig
+    device: torch.device
+    ctx: contextlib.AbstractContextManager  # autocast (or nothing), chosen once
+    rank: int
+    world: int
+    desc: str
+    teacher: nn.Module | None = None  # online mode only
+    comparisons: ComparisonTracker | None = None
+    idle_x: torch.Tensor | None = None  # (1, C, H, W): the input of a zero-weight step
+
+
+@dataclass
+class _EpochTotals:
+    """One rank's sums over an epoch (kept on the device during the epoch: no per-step host sync)."""
+
+    seen: int = 0
+    correct: torch.Tensor | None = None  # () long
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # loss part -> sum over samples
+    waited: float = 0.0  # seconds blocked on the loader: ~0 when the data path keeps up
+    seconds: float = 0.0
+
+
+def train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_set: BatchSource,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    test_set: DistillDataset | None = None,
+    device: torch.device | None = None,
+    resume: bool = False,
+    teacher: nn.Module | None = None,
+    desc: str = "train",
+    stop_after_epoch: int | None = None,
+    arch: str | None = None,
+    on_batch: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[dict[str, float]]:
+    """Train `model` in place; returns the per-epoch history (also written to `out_dir/history.json`).
+
+    loss_fn(student (B, C), teacher (B, C), target (B,), epoch=float) -> {"loss": ..., parts...}.
+    `stop_after_epoch` ends the run early after that (0-based) epoch (used to test resume).
+    `arch` names the architecture in the checkpoint (default: `arch_label(model)`); resuming a
+    checkpoint of another architecture is an error. `on_batch(epoch, batch)` sees every real batch
+    (tests use it to check which samples each rank trained on).
+    Under an initialised process group with world size > 1 the model trains with DDP (see module doc).
+    """
+    device = device or torch.device("cpu")
+    rank, world = rank_world()
+    out_dir = Path(out_dir)
+    # channels_last on CPU too: faster convolutions and pooling (oneDNN), and the (B, H, W, C) -> (B, C, H, W)
+    # input conversion already yields channels_last inputs.
+    model.to(device, memory_format=torch.channels_last)
+    if teacher is not None:
+        teacher.eval().to(device, memory_format=torch.channels_last)
+    if isinstance(loss_fn, nn.Module):
+        loss_fn.to(device)
+    arch = arch or arch_label(model)
+    opt = make_optimizer(model, cfg.optim)
+    if resume:
+        history, start_epoch = _restore(out_dir / CHECKPOINT, model, opt, loss_fn, arch, device, rank, world)
+    else:
+        history, start_epoch = [], 0
+        torch.manual_seed(cfg.seed)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    ddp_model = model
+    if world > 1:  # DDP broadcasts rank 0's weights at construction, then all-reduces (averages) gradients every step
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    h, w, c = train_set.manifest.image_shape
+    run = _Run(
+        model=model,
+        ddp_model=ddp_model,
+        loss_fn=loss_fn,
+        opt=opt,
+        cfg=cfg,
+        device=device,
+        ctx=autocast_context(device, cfg.amp),
+        rank=rank,
+        world=world,
+        desc=desc,
+        teacher=teacher,
+        comparisons=ComparisonTracker(loss_fn),
+        idle_x=torch.zeros(1, c, h, w, device=device).contiguous(memory_format=torch.channels_last),
+    )
+    loader = make_loader(train_set, cfg.batch_size, cfg.workers)
+    next_it: Iterator[dict[str, Any]] | None = None  # the next epoch's loader, started before this epoch ends
+    for epoch in range(start_epoch, cfg.epochs):
+        if next_it is None:
+            train_set.set_epoch(epoch)
+        plan = train_set.plan(cfg.batch_size, loader.num_workers)
+        if len(plan.batches) != world:
+            raise RuntimeError(f"data set split for {len(plan.batches)} rank(s), but the process group has {world}")
+        if plan.steps == 0:
+            raise RuntimeError(f"{desc}: epoch {epoch} has no samples (empty split or budget?)")
+        it, next_it = (next_it if next_it is not None else iter(loader)), None
+        totals = _train_epoch(run, it, plan, epoch, on_batch)
+        if epoch + 1 < cfg.epochs and (stop_after_epoch is None or epoch < stop_after_epoch):
+            # Start the next epoch's workers now: their startup (fork, store open, shuffle-buffer fill)
+            # overlaps this epoch's evaluation and checkpoint. The workers take a copy of the data set
+            # as it is now, so setting the epoch early is safe.
+            train_set.set_epoch(epoch + 1)
+            next_it = iter(loader)
+        row = _epoch_row(run, totals, epoch, plan.steps)
+        if rank == 0 and test_set is not None and _eval_due(cfg, epoch):
+            row["test_acc"] = _held_out_accuracy(model, test_set, cfg.batch_size * 2, device)
+        row = _share(row, world)  # every rank returns the same history (rank 0's has the held-out accuracy)
+        history.append(row)
+        if rank == 0:
+            log.info("%s epoch %d/%d: %s", desc, epoch + 1, cfg.epochs, {k: round(v, 4) for k, v in row.items()})
+        _save(run, out_dir, epoch, history, arch)
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+    return history
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps
+
+
+def _restore(
+    path: Path,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    arch: str,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> tuple[list[dict[str, float]], int]:
+    """Load `path` (before anything is written): weights, optimizer, this rank's RNG and loss state.
+
+    Returns (history so far, first epoch to run). Refuses a checkpoint of another architecture, naming both.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint {path} to resume from (run without --resume)")
+    state = torch.load(path, map_location=device, weights_only=False)
+    found = state.get("arch")
+    if found is not None and found != arch:
+        raise ValueError(
+            f"--resume: checkpoint {path} is of architecture '{found}', but this run trains '{arch}'; "
+            "use another output folder or drop --resume"
+        )
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # old checkpoint without `arch`, or a label that hides a shape change
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(
+            f"--resume: checkpoint {path} (architecture '{found or 'unrecorded'}') does not fit "
+            f"the model '{arch}': {first}"
+        ) from e
+    opt.load_state_dict(state["optimizer"])
+    ranks = state["ranks"]
+    if len(ranks) != world:
+        log.warning(
+            "checkpoint from %d rank(s), resuming with %d: RNG streams restart from rank 0's", len(ranks), world
+        )
+    mine = ranks[rank] if len(ranks) == world else ranks[0]
+    if isinstance(loss_fn, nn.Module):
+        loss_fn.load_state_dict(mine["loss"])  # e.g. CKD's group sampler (its generator is module state)
+    torch.set_rng_state(mine["torch_rng"])
+    log.info("resumed %s at epoch %d", path, state["epoch"] + 1)
+    return state["history"], state["epoch"] + 1
+
+
+def _train_epoch(
+    run: _Run,
+    it: Iterator[dict[str, Any]],
+    plan: EpochPlan,
+    epoch: int,
+    on_batch: Callable[[int, dict[str, Any]], None] | None,
+) -> _EpochTotals:
+    """One epoch of `plan.steps` optimizer steps; a rank out of data takes zero-weight steps (DDP lockstep)."""
+    cfg, opt = run.cfg, run.opt
+    steps, my_batches = plan.steps, plan.batches[run.rank]
+    totals = _EpochTotals(correct=torch.zeros((), dtype=torch.long, device=run.device))
+    run.ddp_model.train()
+    t0 = time.perf_counter()
+    bar = tqdm(
+        range(steps), desc=f"{run.desc} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=run.rank != 0 or None
+    )
+    for step in bar:
+        e = epoch + step / steps  # fractional epoch: the schedule's clock
+        lr = lr_at(cfg.optim, e, cfg.epochs)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        t_wait = time.perf_counter()
+        batch = next(it, None) if step < my_batches else None
+        totals.waited += time.perf_counter() - t_wait
+        if batch is None and step < my_batches:
+            raise RuntimeError(f"{run.desc}: the loader ended after {step} batches; the epoch plan said {my_batches}")
+        if batch is None:
+            loss = _idle_loss(run)
+        else:
+            if on_batch is not None:
+                on_batch(epoch, batch)
+            parts, s, y = _batch_loss(run, batch, e)
+            loss = parts["loss"]
+            if run.world > 1:
+                loss = loss * (run.world / plan.active(step))  # DDP averages over all ranks; idle ones add 0
+            b = len(y)
+            totals.seen += b
+            totals.correct += (s.detach().argmax(1) == y).sum()
+            for k, v in parts.items():
+                totals.sums[k] = totals.sums[k] + v.detach() * b if k in totals.sums else v.detach() * b
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip:
+            nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+    if next(it, None) is not None:
+        raise RuntimeError(f"{run.desc}: the loader yielded more than the {my_batches} batches the epoch plan said")
+    totals.seconds = time.perf_counter() - t0
+    return totals
+
+
+def _idle_loss(run: _Run) -> torch.Tensor:
+    """A zero-weight step's loss for a rank out of data: keeps DDP's all-reduce and the optimizer in lockstep.
+
+    Eval mode, so the dummy input does not touch BatchNorm statistics.
+    """
+    run.ddp_model.eval()
+    with run.ctx:
+        loss = run.ddp_model(run.idle_x).float().sum() * 0.0
+    run.ddp_model.train()
+    return loss
+
+
+def _batch_loss(
+    run: _Run, batch: dict[str, torch.Tensor], epoch: float
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The loss parts of one batch; returns (parts, student logits (B, C), labels (B,))."""
+    device = run.device
+    x = to_input(batch["image"].to(device, non_blocking=True))  # (B, C, H, W), channels_last
+    y = batch["label"].to(device, non_blocking=True)  # (B,)
+    if run.teacher is not None:
+        with torch.no_grad(), run.ctx:
+            t = run.teacher(x).float()  # (B, C) live teacher (online mode)
+    elif "logits" in batch:
+        t = batch["logits"].to(device, non_blocking=True)  # (B, C) cached
+    else:
+        t = None
+    with run.ctx:
+        s = run.ddp_model(x)  # (B, C)
+    groups = run.comparisons.draw(batch) if run.comparisons is not None else None  # CKD groups (pool ids)
+    features = {  # the loss's teacher side, precomputed by the loader (cached logits only)
+        k[len(FEATURE_PREFIX) :]: v.to(device, non_blocking=True)
+        for k, v in batch.items()
+        if k.startswith(FEATURE_PREFIX) and run.teacher is None
+    }
+    parts = compute_loss(
+        run.loss_fn,
+        s,
+        t,
+        y,
+        batch.get("has_teacher"),
+        epoch,
+        run.cfg.optim.label_smoothing,
+        groups=groups,
+        features=features or None,
+    )
+    return parts, s, y
+
+
+def _epoch_row(run: _Run, totals: _EpochTotals, epoch: int, steps: int) -> dict[str, float]:
+    """The epoch's history row: per-sample means of every loss part over all ranks, accuracy, lr, throughput."""
+    mine = (totals.seen, int(totals.correct), {k: float(v) for k, v in totals.sums.items()})  # one host sync
+    seen_all, correct_all, sums_all = 0, 0, {}
+    for n, ok, sm in _gather(mine, run.world):
+        seen_all += n
+        correct_all += ok
+        for k, v in sm.items():
+            sums_all[k] = sums_all.get(k, 0.0) + v
+    cfg = run.cfg
+    row: dict[str, float] = {"epoch": epoch + 1, "lr": lr_at(cfg.optim, epoch + 1, cfg.epochs)}
+    if run.comparisons is not None and run.comparisons.active:
+        row["distinct_comparisons"] = run.comparisons.distinct  # this rank's, so far
+    row.update({f"train_{k}": v / seen_all for k, v in sums_all.items()})
+    row["train_acc"] = correct_all / seen_all
+    row["samples_per_s"] = seen_all / totals.seconds
+    row["steps"] = steps
+    row["data_wait_s"] = totals.waited  # rank 0's (or this process's) time blocked on the loader
+    return row
+
+
+def _eval_due(cfg: TrainConfig, epoch: int) -> bool:
+    return epoch + 1 == cfg.epochs or bool(cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)
+
+
+def _held_out_accuracy(model: nn.Module, dataset: DistillDataset, batch_size: int, device: torch.device) -> float:
+    """Top-1 of `model` on a held-out split.
+
+    On a copy: predict_split runs under inference_mode, where `.to(memory_format=...)` re-creates the
+    (1, C, 1, 1) normalisation buffers as inference tensors, which DDP's buffer sync (an in-place
+    broadcast) then refuses. The copy costs one model's memory, once per evaluation.
+    """
+    logits, labels = predict_split(copy.deepcopy(model), dataset, batch_size, device)
+    return topk_accuracy(logits, labels, 1)
+
+
+def _save(run: _Run, out_dir: Path, epoch: int, history: list[dict[str, float]], arch: str) -> None:
+    """The epoch checkpoint (`last.pt`, atomic) and `history.json`; rank 0 writes, every rank's RNG is kept."""
+    loss_state = run.loss_fn.state_dict() if isinstance(run.loss_fn, nn.Module) else {}
+    ranks = _gather({"torch_rng": torch.get_rng_state(), "loss": loss_state}, run.world)
+    if run.rank != 0:
+        return
+    state = {
+        "model": run.model.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "epoch": epoch,
+        "history": history,
+        "arch": arch,
+        "world_size": run.world,
+        "ranks": ranks,
+    }
+    torch_save_atomic(state, out_dir / CHECKPOINT)
+    atomic_write(out_dir / "history.json", lambda f: f.write((json.dumps(history, indent=1) + "\n").encode()))
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    """Every rank's `obj` (a one-element list without DDP)."""
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _share(row: dict[str, float], world: int) -> dict[str, float]:
+    """Rank 0's row on every rank."""
+    if world == 1:
+        return row
+    box = [row]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def compute_loss(
+    loss_fn: LossFn,
+    s: torch.Tensor,
+    t: torch.Tensor | None,
+    y: torch.Tensor,
+    has_teacher: torch.Tensor | None,
+    epoch: float,
+    label_smoothing: float,
+    groups: torch.Tensor | None = None,
+    features: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The loss on rows with teacher logits; plain CE on rows without (budget `unqueried: ce`).
+
+    s: student logits (B, C); t: teacher logits (B, C) or None (CE only, teacher training);
+    features: the loss's `teacher_features` of `t`, precomputed by the loader (rows as `t`).
+    """
+    s = s.float()
+    if t is None:
+        ce = nn.functional.cross_entropy(s, y, label_smoothing=label_smoothing)
+        return {"loss": ce, "ce": ce}
+    kw: dict[str, Any] = {}
+    if features is not None:
+        kw["teacher_features"] = features
+    if has_teacher is None or bool(has_teacher.all()):
+        if groups is not None:
+            kw["groups"] = groups
+        return loss_fn(s, t, y, epoch=epoch, **kw)
+    m = has_teacher.to(s.device)
+    n_t = int(m.sum())
+    ce_rest = nn.functional.cross_entropy(s[~m], y[~m], label_smoothing=label_smoothing)
+    if n_t == 0:
+        return {"loss": ce_rest, "ce_unqueried": ce_rest}
+    if features is not None:
+        kw["teacher_features"] = {k: v[m] for k, v in features.items()}
+    parts = loss_fn(s[m], t[m], y[m], epoch=epoch, **kw)
+    frac = n_t / len(y)
+    parts = dict(parts)
+    parts["loss"] = frac * parts["loss"] + (1 - frac) * ce_rest
+    parts["ce_unqueried"] = ce_rest
+    return parts

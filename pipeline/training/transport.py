@@ -1,0 +1,165 @@
+"""From a `BatchSource` to tensor batches in the training process: `make_loader`.
+
+DataLoader workers each run the source's `numpy_batches` over their share of the epoch and add the
+loss's teacher features next to each batch (`with_teacher_features`); the main process receives
+tensor batches (zero-copy `torch.from_numpy`, pinned when CUDA is present).
+
+Moving batches from DataLoader workers is costly next to a small student's step on a CPU: a tensor
+travels as a shared-memory segment whose file descriptor the main process fetches over a Unix socket
+(several per batch), every DataLoader message costs its machinery (poll, locks, index-queue feeder),
+and a default 64 KB pipe holds less than one 28x28 batch, so a reader waits for the worker to be
+scheduled again. So workers send numpy "messages" of several batches (up to `_MESSAGE_BYTES`), the
+result pipe is enlarged to hold a few of them (Linux), and the main process splits them and makes
+tensors. Large batches (big images) use shared memory, as usual. BENCHMARKS.md has the measurements.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from pipeline.training.source import BatchSource
+
+log = logging.getLogger(__name__)
+
+_MESSAGE_BYTES = 960 << 10  # batches per message: as many as fit (at least one), so one message fits the pipe
+_MAX_PER_MESSAGE = 8
+_WIRE_NUMPY_MAX = 4 << 20  # bytes per batch; above this, tensors in shared memory cost less than copies
+_PIPE_BYTES = 1 << 20
+_F_SETPIPE_SZ = 1031  # fcntl command (Linux)
+
+#: batch keys of the loss's teacher features precomputed by the loader: "tf/<name>" (see `with_teacher_features`)
+FEATURE_PREFIX = "tf/"
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def _nbytes(batch: dict[str, np.ndarray]) -> int:
+    return sum(a.nbytes for a in batch.values())
+
+
+def to_tensors(batch: dict[str, Any], pin: bool = False) -> dict[str, torch.Tensor]:
+    """numpy arrays -> tensors sharing their memory (pinned for CUDA copies when asked)."""
+    out = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    return {k: v.pin_memory() for k, v in out.items()} if pin else out
+
+
+def with_teacher_features(source: BatchSource, batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, Any]]:
+    """Add `source.teacher_features(logits)` to each numpy batch as "tf/<name>" arrays.
+
+    The teacher side of a loss (CMKD: z-score, softmax, soft ranks, entropy of the teacher logits) is a
+    function of the cached logits alone, so the loader's worker computes it next to the batch, off the
+    training step. Rows without a teacher answer (NaN logits, budget `unqueried: ce`) get the features
+    of a zero row; the training loop drops them with the logits.
+    """
+    fn = source.teacher_features
+    for batch in batches:
+        logits = batch.get("logits")
+        if fn is not None and logits is not None:
+            t = torch.from_numpy(logits)  # (B, C) float32
+            has = batch.get("has_teacher")
+            if has is not None and not has.all():
+                t = torch.where(torch.from_numpy(has)[:, None], t, torch.zeros(()))
+            for k, v in fn(t).items():
+                batch[FEATURE_PREFIX + k] = v.numpy()
+        yield batch
+
+
+class _Batches(IterableDataset):
+    """`source.numpy_batches(...)` as an iterable data set, so DataLoader workers each batch their share.
+
+    In a worker, yields lists of numpy batches (messages, see the module doc); in the main process,
+    tensor batches.
+    """
+
+    def __init__(self, source: BatchSource, batch_size: int, drop_last: bool) -> None:
+        super().__init__()
+        self.source = source
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = with_teacher_features(self.source, self.source.numpy_batches(self.batch_size, self.drop_last))
+        if torch.utils.data.get_worker_info() is None:
+            yield from (to_tensors(b) for b in batches)
+            return
+        message: list[dict[str, np.ndarray]] = []
+        size = 0
+        most = 1  # the epoch's first message holds one batch, so training starts without waiting for a full one
+        for batch in batches:
+            n = _nbytes(batch)
+            if n > _WIRE_NUMPY_MAX:
+                if message:
+                    yield message
+                    message, size = [], 0
+                yield to_tensors(batch)  # big: shared memory
+                continue
+            if message and (size + n > _MESSAGE_BYTES or len(message) == most):
+                yield message
+                message, size, most = [], 0, min(2 * most, _MAX_PER_MESSAGE)  # ramp up: 1, 2, 4, 8 batches
+            message.append(batch)
+            size += n
+        if message:
+            yield message
+
+
+def _enlarge_result_pipe(it: Any) -> None:
+    """Best effort: a bigger pipe for the workers' results, so messages are written without waiting for reads.
+
+    The one place that reaches into DataLoader internals (its result queue's pipe); without them it does nothing.
+    """
+    queue = getattr(it, "_worker_result_queue", None)
+    writer = getattr(queue, "_writer", None)
+    if writer is None:
+        return
+    try:
+        import fcntl
+
+        fcntl.fcntl(writer.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+    except (ImportError, OSError, ValueError):  # not Linux, or above /proc/sys/fs/pipe-max-size
+        pass
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose items are always single batches, dicts of tensors (worker messages split here)."""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:  # type: ignore[override]
+        pin = bool(self.pin_memory)
+        it = super().__iter__()
+        _enlarge_result_pipe(it)
+        for msg in it:
+            for batch in msg if isinstance(msg, list) else [msg]:
+                numpy = any(isinstance(v, np.ndarray) for v in batch.values())
+                yield to_tensors(batch, pin=pin and numpy)
+
+
+def make_loader(source: BatchSource, batch_size: int, workers: int = 1, drop_last: bool = False) -> DataLoader:
+    """A DataLoader of batches (dicts of tensors) over a `BatchSource`; workers split a rank's share.
+
+    Batches are made inside each worker (`source.numpy_batches`), so the DataLoader passes them through
+    (`batch_size=None`); the batch layout is what default collation of per-sample dicts would give.
+    `workers` is clamped to `source.max_workers`.
+    """
+    if workers > source.max_workers:
+        log.info("workers %d > what the source can use (%d): using %d", workers, source.max_workers, source.max_workers)
+        workers = source.max_workers
+    return _Loader(
+        _Batches(source, batch_size, drop_last),
+        batch_size=None,
+        collate_fn=_identity,  # keep numpy messages numpy inside the worker (see _MESSAGE_BYTES)
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,  # the source (and its epoch) is re-sent to workers every epoch
+        # Worker base seeds from a private generator: starting an epoch's workers never draws from the
+        # global torch RNG, so a resumed run's RNG stream matches an uninterrupted one whenever the
+        # loader starts (all randomness of the data stream is explicit and seeded anyway).
+        generator=torch.Generator().manual_seed(0),
+        prefetch_factor=2 if workers else None,  # messages of several batches each
+    )

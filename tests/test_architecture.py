@@ -1,0 +1,122 @@
+"""The layout holds: imports point one way between the packages, and dvc.yaml's outs are where `Layout` says."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import student_id
+from pipeline.layout import Layout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# What each package of `pipeline/` may import from the project (docs/ARCHITECTURE.md). "core" is the top-level
+# modules (config, runtime, layout, _lazy); the CLI and `pipeline.stage` sit above everything and may import anything.
+ALLOWED: dict[str, set[str]] = {
+    "core": {"core"},
+    "losses": set(),  # pure math: not even the core
+    "models": {"core"},
+    "data": {"core"},
+    "cache": {"core", "data", "models"},
+    "training": {"core", "data", "cache", "models", "losses"},
+    "evaluation": {"core", "data", "cache", "models", "losses", "training"},
+}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) >= 2 and parts[1] in ALLOWED:
+        return parts[1]
+    return "cli" if parts[1:2] in (["cli"], ["stage"]) else "core"  # the CLI and stage wiring sit on top
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """Project modules `path` imports (absolute and relative), TYPE_CHECKING blocks included: a type-only
+    import still couples the packages."""
+    tree = ast.parse(path.read_text())
+    out: set[str] = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom):
+            base = n.module or ""
+            if n.level:
+                pkg = module.rsplit(".", n.level)[0] if path.name != "__init__.py" else module
+                if path.name == "__init__.py" and n.level > 1:
+                    pkg = module.rsplit(".", n.level - 1)[0]
+                base = f"{pkg}.{base}" if base else pkg
+            if base.startswith("pipeline"):
+                out.add(base)
+        elif isinstance(n, ast.Import):
+            out |= {a.name for a in n.names if a.name.startswith("pipeline")}
+    return out
+
+
+def test_imports_point_one_way():
+    bad = []
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        module = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        src = _package(module)
+        if src == "cli":
+            continue
+        for target in _imports(path, module):
+            dst = _package(target) if target != "pipeline" else "core"
+            if dst != src and dst not in ALLOWED[src]:
+                bad.append(f"{module} ({src}) imports {target} ({dst})")
+    assert not bad, "imports against the direction of docs/ARCHITECTURE.md:\n" + "\n".join(bad)
+
+
+def test_the_direction_test_catches_an_upward_import(tmp_path):
+    """The rule above is not vacuous: an upward import is seen (cache -> training)."""
+    f = tmp_path / "teach.py"
+    f.write_text("from pipeline.training.loop import train\nfrom . import store\n")
+    found = _imports(f, "pipeline.cache.teach")
+    assert "pipeline.training.loop" in found and "pipeline.cache" in found
+    assert _package("pipeline.training.loop") not in ALLOWED["cache"]
+
+
+def test_dvc_outs_are_where_layout_says():
+    """Every artifact path dvc.yaml declares is the one `Layout` gives the stages (and vice versa)."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    ds, t, sid = (
+        "${prepare.name}",
+        "${key}",
+        student_id("${item.teacher}", "${item.loss}", "${item.budget}", "${item.seed}"),
+    )
+    layout = Layout(ds)
+
+    def outs(stage: dict, kind: str = "outs") -> set[str]:
+        body = stage.get("do", stage)
+        return {next(iter(o)) if isinstance(o, dict) else o for o in body.get(kind, [])}
+
+    assert outs(dvc["prepare"]) == {str(layout.shards)}
+    assert outs(dvc["train_teacher"]) == {str(layout.teacher_checkpoint(t))}
+    assert outs(dvc["train_teacher"], "metrics") == {str(layout.teacher_metrics(t))}
+    assert outs(dvc["teach"]) == {str(layout.store(t))}
+    assert outs(dvc["corrupt"]) == {str(layout.corrupt)}
+    item_t = "${item.teacher}"
+    assert outs(dvc["distill"]) == {str(layout.student(sid))}
+    assert outs(dvc["distill"], "plots") == {str(layout.curves(sid))}
+    assert outs(dvc["evaluate"], "metrics") == {str(layout.student_metrics(sid))}
+    assert outs(dvc["evaluate"], "plots") == {str(layout.confusion(sid))}
+    assert outs(dvc["report"]) == {str(layout.reports)}
+    # the stages' inputs are those outputs
+    assert str(layout.store(item_t)) in dvc["distill"]["deps"]
+    assert str(layout.student(sid)) in dvc["evaluate"]["deps"]
+
+
+def test_stages_only_wire():
+    """Stage modules parse, load, call and write: no loops over data, no math, no paths of their own."""
+    for path in sorted((ROOT / "stages").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        text = path.read_text()
+        tree = ast.parse(text)
+        loops = [n for n in ast.walk(tree) if isinstance(n, (ast.For, ast.While, ast.comprehension))]
+        assert not loops, f"{path.name} loops (library work belongs in pipeline/)"
+        fstrings = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr)]
+        paths = [ast.unparse(n) for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "Path"]
+        assert not [f for f in fstrings + paths if "data/" in f or "metrics/" in f], f"{path.name} builds a path itself"
+        assert "import torch" not in text and "import numpy" not in text, path.name
+        assert "stage_parser(" in text and "start(" in text, f"{path.name} does not use pipeline.stage"
