@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import statistics
@@ -165,7 +166,9 @@ def time_train(p: Pair, mode: str, cfg: TrainConfig, out: Path) -> tuple[float, 
     teacher = p.teacher if mode == "online" else None
     ds = dataset(p, cached=mode != "ce")
     cpu0 = time.thread_time()
-    row = train(model, loss, ds, cfg, out / mode, teacher=teacher, desc=mode)[-1]
+    timings = out / f"{mode}.timings.json"  # the loop's run log: throughput is not part of the history
+    train(model, loss, ds, cfg, out / mode, teacher=teacher, desc=mode, run_log=timings)
+    row = json.loads(timings.read_text())[-1]
     n = ds.num_samples()
     return row["samples_per_s"], (time.thread_time() - cpu0) / n, row["data_wait_s"] / n
 

@@ -6,6 +6,9 @@ kdcache models ['resnet*']                      the registered architectures
 kdcache import-logits ...                       a store from logits computed elsewhere
 kdcache prepare | train-teacher | teach | distill | corrupt | evaluate | report [ARGS]
                                                 run one pipeline stage by hand (what `dvc repro` runs)
+
+A user error (bad params, a missing or bad input file, a store in use) prints one line
+`kdcache <command>: error: <message>` and exits 2; `KDCACHE_DEBUG=1` adds the traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import importlib
 import json
 import sys
 from pathlib import Path
+
+from pipeline.errors import InputError, UserError
+from pipeline.stage import invoked_as, run_command
 
 STAGES = {
     "prepare": "stages.prepare",
@@ -35,6 +41,8 @@ def _labels_for(store: Path, split: str, shards: str | None):
     from pipeline.layout import Layout, partial_path
 
     target = store if store.exists() else partial_path(store)
+    if not target.exists():
+        return None  # inspect_store says what is missing
     name = dict(zarr.open_group(str(target), mode="r").attrs).get("dataset", {}).get("name")
     folder = Path(shards) if shards else Layout(str(name)).shards
     if not (folder / "manifest.json").exists():
@@ -66,8 +74,18 @@ def flat_numbers(d: dict, prefix: str = "") -> dict[str, int | float]:
     return out
 
 
+def _read_metrics(path: Path) -> dict:
+    try:
+        found = json.loads(path.read_text())
+    except ValueError as e:
+        raise InputError(f"{path} is not a JSON metrics file ({e})") from e
+    if not isinstance(found, dict):
+        raise InputError(f"{path}: expected a JSON object of metrics, got {type(found).__name__}")
+    return found
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    rows = [(Path(p).stem, flat_numbers(json.loads(Path(p).read_text()))) for p in args.metrics]
+    rows = [(Path(p).stem, flat_numbers(_read_metrics(Path(p)))) for p in args.metrics]
     keys = sorted({k for _, m in rows for k in m})
     width = max(12, *(len(n) for n, _ in rows))
     kw = max([16, *(len(k) + 2 for k in keys)])  # metric names like corrupt/gaussian_noise are longer than 16
@@ -91,8 +109,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     names = list_models(args.pattern)
     if not names:
-        print(f"no architecture matches {args.pattern!r}; all: {', '.join(list_models())}")
-        return 2
+        raise UserError(f"no architecture matches {args.pattern!r}; all: {', '.join(list_models())}")
     for name in names:
         n = count_parameters(build_model(name, args.classes, args.channels))
         print(f"{name:<16}{n:>12,} parameters at {args.classes} classes, {args.channels} channels")
@@ -104,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in STAGES:
         module = importlib.import_module(STAGES[argv[0]])
-        module.main(argv[1:])
-        return 0
+        prog = f"kdcache {argv[0]}"
+        with invoked_as(prog):
+            return run_command(prog, lambda: module.main(argv[1:]))
     ap = argparse.ArgumentParser(
         prog="kdcache",
         description="Teacher-logit caching and offline knowledge distillation.",
@@ -141,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cmd:
         ap.print_help()
         return 0
-    return int(args.func(args) or 0)
+    return run_command(f"kdcache {args.cmd}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

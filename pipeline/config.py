@@ -1,29 +1,39 @@
-"""Typed views of `params.yaml`: one frozen dataclass per section.
+"""Typed views of `params.yaml`: one frozen dataclass per section, every value checked when it is read.
 
 `params.yaml` is the single source of hyperparameters; each DVC stage reads only its own top-level
 section (stage name == `stages/` module == section), plus the shared `teachers` zoo where a stage
-is parametrised by a teacher. Unknown keys are errors that list the valid ones, so a typo never
-silently falls back to a default.
+is parametrised by a teacher. `from_dict` checks every value against its field's annotation: the type
+(`int`, `float`, `bool`, `str`, lists, mappings, nested sections), the choices (`Literal[...]`) and the
+bounds declared on the field (`Annotated[int, Range(gt=0)]`, spelled `PosInt`), and names the key's full
+path in the error: `prepare.shard_size: expected a positive integer, got 'abc'`. Unknown keys are
+errors that list the valid ones, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+
+from pipeline.errors import UserError
 
 T = TypeVar("T")
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 
-class ConfigError(ValueError):
-    """A params.yaml section that cannot be used as written."""
+class ConfigError(UserError, ValueError):
+    """A params.yaml section that cannot be used as written; `where` is the key's path (`prepare.shard_size`)."""
+
+    def __init__(self, message: str, where: str | None = None) -> None:
+        super().__init__(message)
+        self.where = where
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
@@ -31,8 +41,11 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file {path} not found; run from the project root or pass --params PATH")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with path.open() as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return data
@@ -45,40 +58,220 @@ def section(params: dict[str, Any], name: str) -> dict[str, Any]:
     return params[name] or {}
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """Build nested dataclasses from dicts; leave other values as YAML gave them."""
+# ---------------------------------------------------------------------------------------------
+# the checks: per-field bounds, and one walk over the annotations
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric field, declared on it: `Annotated[int, Range(gt=0)]`."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def holds(self, v: float) -> bool:
+        return not (
+            (self.gt is not None and not v > self.gt)
+            or (self.ge is not None and not v >= self.ge)
+            or (self.lt is not None and not v < self.lt)
+            or (self.le is not None and not v <= self.le)
+        )
+
+    def words(self, noun: str) -> str:
+        """'a positive integer', 'a non-negative number', 'a number in [0, 1)'..."""
+        if (self.gt, self.ge, self.lt, self.le) == (0, None, None, None):
+            return f"a positive {noun}"
+        if (self.gt, self.ge, self.lt, self.le) == (None, 0, None, None):
+            return f"a non-negative {noun}"
+        low = f"({self.gt:g}" if self.gt is not None else f"[{self.ge:g}" if self.ge is not None else "(-inf"
+        high = f"{self.lt:g})" if self.lt is not None else f"{self.le:g}]" if self.le is not None else "inf)"
+        return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun} in {low}, {high}"
+
+
+@dataclass(frozen=True)
+class NonEmpty:
+    """A string or list field that must not be empty: `Annotated[str, NONEMPTY]`."""
+
+
+NONEMPTY = NonEmpty()
+PosInt = Annotated[int, Range(gt=0)]
+NonNegInt = Annotated[int, Range(ge=0)]
+PosFloat = Annotated[float, Range(gt=0)]
+NonNegFloat = Annotated[float, Range(ge=0)]
+Fraction = Annotated[float, Range(ge=0, lt=1)]  # momentum, label smoothing
+Name = Annotated[str, NONEMPTY]
+
+
+def _split_annotated(tp: Any) -> tuple[Any, tuple[Any, ...]]:
+    if typing.get_origin(tp) is Annotated:
+        base, *marks = typing.get_args(tp)
+        return base, tuple(marks)
+    return tp, ()
+
+
+def describe(tp: Any) -> str:
+    """What a value of annotation `tp` must be, in words ("a positive integer", "one of ['a', 'b']")."""
+    tp, marks = _split_annotated(tp)
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-        return from_dict(tp, value, where)
+    ranges = [m for m in marks if isinstance(m, Range)]
+    nonempty = any(isinstance(m, NonEmpty) for m in marks)
+    if tp is Any:
+        return "any value"
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        choices = list(typing.get_args(tp))
+        return repr(choices[0]) if len(choices) == 1 else f"one of {choices}"
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
-                return from_dict(arg, value, where)
+        args = typing.get_args(tp)
+        parts = [describe(a) for a in args if a is not type(None)]
+        return " or ".join((["null"] if type(None) in args else []) + parts)
+    if tp is bool:
+        return "true or false"
+    if tp in (int, float):
+        noun = "integer" if tp is int else "number"
+        return ranges[0].words(noun) if ranges else f"{'an' if tp is int else 'a'} {noun}"
+    if tp is str:
+        return "a non-empty string" if nonempty else "a string"
+    if origin in (tuple, list):
+        return "a non-empty list" if nonempty else "a list"
+    if origin is dict or dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _fail(where: str, tp: Any, value: Any) -> ConfigError:
+    return ConfigError(f"{where}: expected {describe(tp)}, got {value!r}", where=where)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check `value` against annotation `tp` and build what the dataclass holds (nested sections, tuples).
+
+    Raises ConfigError naming `where` (the key's full path) and what the value must be.
+    """
+    annotated = tp
+    tp, marks = _split_annotated(tp)
+    origin = typing.get_origin(tp)
+    if tp is Any:
         return value
-    if origin is dict and isinstance(value, dict):
-        _, vt = typing.get_args(tp)
-        return {k: _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
-    if origin in (tuple, list) and isinstance(value, (list, tuple)):
-        return tuple(value) if origin is tuple else list(value)
-    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-        return float(value)  # YAML reads 5e-4 as a string and 1 as an int
-    return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _fail(where, annotated, value)
+    if origin is Literal:
+        # `type(value) is type(c)`: YAML's `true` must not pass for a choice 1, nor 1 for 1.0
+        if any(value == c and type(value) is type(c) for c in typing.get_args(tp)):
+            return value
+        raise _fail(where, annotated, value)
+    if origin in (typing.Union, types.UnionType):
+        return _coerce_union(annotated, tp, value, where)
+    if dataclasses.is_dataclass(tp):
+        if value is None:  # an empty YAML mapping (`optim:`) reads as null: the defaults
+            value = {}
+        if not isinstance(value, dict):
+            raise _fail(where, annotated, value)
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _fail(where, annotated, value)
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _fail(where, annotated, value)
+        out: Any = value
+    elif tp is float:
+        out = _as_float(value)
+        if out is None:
+            raise _fail(where, annotated, value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise _fail(where, annotated, value)
+        out = value
+    elif origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise _fail(where, annotated, value)
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # a fixed-length tuple
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}", where=where)
+            items = [_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))]
+        else:
+            item = args[0] if args else Any
+            items = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        out = tuple(items) if origin is tuple else items
+    elif origin is dict:
+        if value is None:  # `options:` with nothing under it
+            value = {}
+        if not isinstance(value, dict):
+            raise _fail(where, annotated, value)
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        out = {_coerce(kt, k, f"{where} key {k!r}"): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+    else:
+        raise TypeError(f"{where}: config annotation {tp!r} is not supported by pipeline.config._coerce")
+    for mark in marks:
+        if isinstance(mark, Range) and not mark.holds(out):
+            raise _fail(where, annotated, value)
+        if isinstance(mark, NonEmpty) and len(out) == 0:
+            raise _fail(where, annotated, value)
+    return out
+
+
+def _as_float(value: Any) -> float | None:
+    """A finite float from an int, a float or a numeric string (YAML 1.1 reads `5e-4` as a string); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        out = float(value)
+    elif isinstance(value, str):
+        try:
+            out = float(value)
+        except ValueError:
+            return None
+    else:
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _coerce_union(annotated: Any, tp: Any, value: Any, where: str) -> Any:
+    """The first member of the union that accepts `value`; an error from inside a nested value is kept."""
+    args = typing.get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise _fail(where, annotated, value)
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(arg, value, where)
+        except ConfigError as e:
+            if e.where != where:  # the value had the member's shape but something inside it is wrong
+                raise
+    raise _fail(where, annotated, value)
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
-    """Instantiate dataclass `cls` from `data`, rejecting unknown keys with the list of valid ones."""
+    """Instantiate dataclass `cls` from `data`, checking every value; unknown keys list the valid ones."""
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}", where=where)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(map(str, set(data) - set(fields)))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}", where=where)
+    missing = sorted(
+        name
+        for name, f in fields.items()
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {missing}", where=where)
+    hints = typing.get_type_hints(cls, include_extras=True)
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # missing required keys
-        raise ConfigError(f"{where}: {e}") from e
+    return cls(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,45 +282,45 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
 class PrepareConfig:
     """`prepare`: read a source data set and write WebDataset shards + manifest."""
 
-    name: str = "fashion_mnist"  # data set name: shards go to data/shards/<name>
-    source: str = "fashion_mnist"  # reader in pipeline.data.sources.SOURCES
-    root: str = "/usr/share/datasets/fashion-mnist"
+    name: Name = "fashion_mnist"  # data set name: shards go to data/shards/<name>
+    source: Name = "fashion_mnist"  # reader in pipeline.data.sources.SOURCES
+    root: str | None = "/usr/share/datasets/fashion-mnist"
     options: dict[str, Any] = field(default_factory=dict)
-    shard_size: int = 5000  # samples per tar shard == rows per logit-store shard
-    splits: tuple[str, ...] = ("train", "test")
-    limit: int | None = None  # keep the first n samples of each split (quick runs)
-    shuffle_seed: int | None = 0  # permute the train split once before sharding (None: keep source order)
+    shard_size: PosInt = 5000  # samples per tar shard == rows per logit-store shard
+    splits: Annotated[tuple[Name, ...], NONEMPTY] = ("train", "test")
+    limit: PosInt | None = None  # keep the first n samples of each split (quick runs)
+    shuffle_seed: NonNegInt | None = 0  # permute the train split once before sharding (None: keep source order)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """SGD + schedule shared by teacher and student training."""
 
-    lr: float = 0.05
-    momentum: float = 0.9
+    lr: PosFloat = 0.05
+    momentum: Fraction = 0.9
     nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # cosine | step | constant
-    milestones: tuple[int, ...] = ()  # for `step`: epochs where lr *= gamma
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    grad_clip: float | None = None
+    weight_decay: NonNegFloat = 5e-4
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: tuple[PosInt, ...] = ()  # for `step`: epochs where lr *= gamma
+    gamma: PosFloat = 0.1
+    warmup_epochs: NonNegFloat = 0.0
+    label_smoothing: Fraction = 0.0
+    grad_clip: PosFloat | None = None
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything the one training loop needs besides the model and the loss."""
 
-    epochs: int = 3
-    batch_size: int = 128
-    workers: int = 1
-    shuffle_buffer: int = 2000
-    seed: int = 0
+    epochs: PosInt = 3
+    batch_size: PosInt = 128
+    workers: NonNegInt = 1
+    shuffle_buffer: NonNegInt = 2000
+    seed: NonNegInt = 0
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    threads: PosInt | None = None  # torch intra-op threads (None: torch's default)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    eval_every: int = 1  # test accuracy every n epochs (0: only at the end)
+    eval_every: NonNegInt = 1  # test accuracy every n epochs (0: only at the end)
 
 
 @dataclass(frozen=True)
@@ -139,11 +332,11 @@ class TeacherSpec:
     rebuild it), which `train_teacher` imports instead of training.
     """
 
-    arch: str
-    checkpoint: str | None = None
-    epochs: int = 3
-    lr: float = 0.05
-    batch_size: int = 128
+    arch: Name
+    checkpoint: Name | None = None
+    epochs: PosInt = 3
+    lr: PosFloat = 0.05
+    batch_size: PosInt = 128
 
     def train_config(self, shared: TrainConfig) -> TrainConfig:
         """The shared `train_teacher.train` recipe with this teacher's epochs, batch size and learning rate."""
@@ -162,7 +355,7 @@ class TrainTeacherConfig:
 class AugmentConfig:
     """`teach.augment`: the random views 1..V-1 (view 0 is the plain image): crop with zero padding, flip."""
 
-    pad: int = 4
+    pad: NonNegInt = 4
     flip: bool = True
 
 
@@ -170,45 +363,45 @@ class AugmentConfig:
 class TeachConfig:
     """`teach`: run each teacher once over the shards and cache raw logits."""
 
-    views: int = 2  # cached augmentation views per sample (view 0 = plain image)
-    test_views: int = 1
-    view_seed: int = 0
+    views: PosInt = 2  # cached augmentation views per sample (view 0 = plain image)
+    test_views: PosInt = 1
+    view_seed: NonNegInt = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    dtype: str = "float16"  # float16 | float32
-    batch_size: int = 512
-    chunk_rows: int = 1000  # zarr chunk rows (inner chunks of one store shard)
-    compressor: str = "blosc-zstd"  # blosc-zstd | zstd | none
-    topk: int = 0  # 0 = dense logits; k > 0 = top-k layout
-    budget: int | None = None  # max teacher calls (sample-views) on the train split; None = all
-    strategy: str = "random"  # random | class_balanced
-    budget_seed: int = 0
-    threads: int | None = None
-    cluster: str = "none"  # none (one process) | local (dask LocalCluster) | scheduler address tcp://host:8786
-    workers: int = 2  # LocalCluster worker processes (cluster: local); teach.threads is split among them
+    dtype: Literal["float16", "float32"] = "float16"
+    batch_size: PosInt = 512
+    chunk_rows: PosInt = 1000  # zarr chunk rows (inner chunks of one store shard)
+    compressor: Literal["blosc-zstd", "zstd", "none"] = "blosc-zstd"
+    topk: NonNegInt = 0  # 0 = dense logits; k > 0 = top-k layout
+    budget: PosInt | None = None  # max teacher calls (sample-views) on the train split; None = all
+    strategy: Literal["random", "class_balanced"] = "random"  # == pipeline.cache.budget.STRATEGIES
+    budget_seed: NonNegInt = 0
+    threads: PosInt | None = None
+    cluster: Name = "none"  # none (one process) | local (dask LocalCluster) | scheduler address tcp://host:8786
+    workers: PosInt = 2  # LocalCluster worker processes (cluster: local); teach.threads is split among them
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """`distill`: train students on shards joined with cached logits."""
 
-    teachers: tuple[str, ...] = ("cnn",)
-    losses: tuple[str, ...] = ("ce", "kd")
-    budgets: tuple[Any, ...] = ("full",)
-    seeds: tuple[int, ...] = (0,)
-    student: str = "cnn_tiny"
+    teachers: Annotated[tuple[Name, ...], NONEMPTY] = ("cnn",)
+    losses: Annotated[tuple[Name, ...], NONEMPTY] = ("ce", "kd")
+    budgets: Annotated[tuple[PosInt | Literal["full"], ...], NONEMPTY] = ("full",)
+    seeds: Annotated[tuple[NonNegInt, ...], NONEMPTY] = (0,)
+    student: Name = "cnn_tiny"
     train: TrainConfig = field(default_factory=TrainConfig)
-    loss_params: dict[str, dict[str, Any]] = field(default_factory=dict)
-    unqueried: str = "drop"  # drop | ce  (budget runs: what to do with rows the teacher never saw)
-    pool_epoch_samples: int | None = None  # budget runs (queried pool): draws per epoch (None: the split's N)
-    teacher_source: str = "cache"  # cache | online
+    loss_params: dict[Name, dict[str, Any] | None] = field(default_factory=dict)  # each checked by its loss
+    unqueried: Literal["drop", "ce"] = "drop"  # budget runs: what to do with rows the teacher never saw
+    pool_epoch_samples: PosInt | None = None  # budget runs (queried pool): draws per epoch (None: the split's N)
+    teacher_source: Literal["cache", "online"] = "cache"
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     """`evaluate`: test-split metrics per student."""
 
-    batch_size: int = 1000
-    topk: tuple[int, ...] = (1, 5)
+    batch_size: PosInt = 1000
+    topk: Annotated[tuple[PosInt, ...], NONEMPTY] = (1, 5)
 
 
 @dataclass(frozen=True)
@@ -236,8 +429,7 @@ def student_ids(distill: DistillConfig) -> set[str]:
 
 def teachers_section(params: dict[str, Any]) -> dict[str, TeacherSpec]:
     """The shared teacher zoo: name -> TeacherSpec."""
-    raw = section(params, "teachers")
-    return {name: from_dict(TeacherSpec, spec or {}, f"teachers.{name}") for name, spec in raw.items()}
+    return _coerce(dict[Name, TeacherSpec], section(params, "teachers"), "teachers")
 
 
 def teacher_spec(params: dict[str, Any], name: str) -> TeacherSpec:

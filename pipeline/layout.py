@@ -90,3 +90,8 @@ class Layout:
     @property
     def reports(self) -> Path:
         return self._p("reports")
+
+    # -- what varies from run to run (never a DVC output)
+    def run_log(self, stage: str, item: str) -> Path:
+        """Wall-clock times and throughput of one stage run: `logs/<stage>/<item>.json` (git-ignored, untracked)."""
+        return self._p("logs", stage, f"{item}.json")

@@ -5,9 +5,13 @@ Kept apart from training code so the teacher stage does not depend on (and rerun
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import os
 import random
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +42,26 @@ def setup_logging(level: str | int | None = None) -> None:
     """Stage entry points log to stderr; the library itself only uses `logging.getLogger`."""
     level = level or os.environ.get("KDCACHE_LOG", "INFO")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def utc_now() -> str:
+    """The current time, ISO 8601 in UTC to the second (for run logs, never for artifacts)."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_run_log(path: str | Path | None, record: Any) -> None:
+    """Write what varies from run to run (wall-clock times, throughput) as JSON to `path` (None: nowhere).
+
+    Artifacts never carry these, so equal inputs give byte-identical DVC outputs; `path` is a run log
+    (`Layout.run_log`: `logs/<stage>/<item>.json`, git-ignored, tracked by no stage). Replaced atomically.
+    """
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def rank_world() -> tuple[int, int]:

@@ -10,19 +10,36 @@ A stage module is parse, load, call, write::
         teach_store(run.manifest(), ..., cfg, ...) # one library call
 
 `--params` and `--shards` are common to every stage; `Stage.layout` knows every artifact path.
+
+    if __name__ == "__main__":
+        run_main(main)                             # a user error: one line `<command>: error: ...`, exit 2
+
+`run_command` is the one place a user error (`pipeline.errors.is_user_error`) becomes that line; the
+`kdcache` command runs its subcommands through it too. `KDCACHE_DEBUG=1` prints the traceback as well;
+any other exception is a bug and propagates with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import contextlib
+import contextvars
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from pipeline.config import PrepareConfig, from_dict, load_params, section
+from pipeline.errors import is_user_error, user_message
 from pipeline.layout import Layout
 from pipeline.runtime import setup_logging
+
+USER_ERROR_EXIT = 2  # as argparse exits on a usage error
+
+_PROG: contextvars.ContextVar[str | None] = contextvars.ContextVar("kdcache_prog", default=None)
 
 T = TypeVar("T")
 
@@ -31,7 +48,7 @@ def stage_parser(name: str, doc: str | None, *, shards: bool = True) -> argparse
     """The stage's parser with the common options (`--params`, and `--shards` where the stage reads shards)."""
     first, _, rest = (doc or "").strip().partition("\n")
     ap = argparse.ArgumentParser(
-        prog=f"python -m stages.{name}",
+        prog=_PROG.get() or f"python -m stages.{name}",
         description=first,
         epilog=rest.strip() or None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -74,6 +91,35 @@ def start(parser: argparse.ArgumentParser, argv: list[str] | None) -> Stage:
     return Stage(args=args, params=params, layout=Layout(name))
 
 
-def run_main(main: Callable[[list[str] | None], Any]) -> None:
-    """A stage's `if __name__ == "__main__":` body."""
-    main(None)
+@contextlib.contextmanager
+def invoked_as(prog: str) -> Iterator[None]:
+    """Inside the block, stage parsers call themselves `prog` (`kdcache teach` rather than `python -m stages.teach`)."""
+    token = _PROG.set(prog)
+    try:
+        yield
+    finally:
+        _PROG.reset(token)
+
+
+def run_command(prog: str, fn: Callable[[], Any]) -> int:
+    """Run `fn()`; a user error prints `<prog>: error: <message>` on stderr and returns 2, else `fn`'s exit code.
+
+    The message is one line; `KDCACHE_DEBUG=1` prints the traceback before it. Bugs propagate unchanged.
+    """
+    try:
+        return int(fn() or 0)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        if os.environ.get("KDCACHE_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"{prog}: error: {user_message(e)}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT
+
+
+def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> NoReturn:
+    """A stage's `if __name__ == "__main__":` body: `main(argv)`, user errors as one line and exit code 2."""
+    spec = getattr(sys.modules.get(main.__module__), "__spec__", None)
+    module = spec.name if spec is not None else main.__module__  # `python -m stages.teach` runs as __main__
+    prog = _PROG.get() or f"python -m {module}"
+    sys.exit(run_command(prog, lambda: main(argv)))

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     name = run.args.name
     checkpoint = run.args.checkpoint or run.layout.teacher_checkpoint(name)
     out = run.args.out or run.layout.store(name)
-    teach_store(run.manifest(), checkpoint, out, cfg, name, force=run.args.force, reuse=run.args.reuse)
+    log = run.layout.run_log("teach", name)
+    teach_store(run.manifest(), checkpoint, out, cfg, name, force=run.args.force, reuse=run.args.reuse, run_log=log)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     spec = teacher_spec(run.params, run.args.name)
     cfg = run.section(TrainTeacherConfig, "train_teacher")
     out_dir = run.args.out_dir or run.layout.teachers
-    train_teacher(run.manifest(), run.args.name, spec, cfg, out_dir, resume=run.args.resume)
+    log = run.layout.run_log("train_teacher", run.args.name)
+    train_teacher(run.manifest(), run.args.name, spec, cfg, out_dir, resume=run.args.resume, run_log=log)
 
 
 if __name__ == "__main__":

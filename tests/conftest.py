@@ -141,6 +141,24 @@ def fresh_manifest(tmp_path: Path) -> Manifest:
     return write_dataset(tmp_path / "shards", "tiny", splits, classes, shard_size=64)
 
 
+def file_digests(root: Path) -> dict[str, str]:
+    """Every file under `root` (or `root` itself) -> its sha256: what DVC's hash of an output depends on."""
+    import hashlib
+
+    root = Path(root)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    names = [str(p.relative_to(root)) if p != root else p.name for p in files]
+    return {n: hashlib.sha256(p.read_bytes()).hexdigest() for n, p in zip(names, files, strict=True)}
+
+
+def assert_same_files(a: Path, b: Path) -> None:
+    """Byte for byte: the same files (names and contents) under `a` and `b` (stores, student folders, metrics)."""
+    da, db = file_digests(a), file_digests(b)
+    assert sorted(da) == sorted(db), f"different files: {sorted(set(da) ^ set(db))}"
+    differ = sorted(k for k in da if da[k] != db[k])
+    assert not differ, f"files differ between {a} and {b}: {differ}"
+
+
 def linear_teacher(manifest: Manifest, seed: int = 0) -> torch.nn.Module:
     """A deterministic small teacher for store tests (no training needed)."""
     from pipeline.models import build_for

@@ -122,6 +122,29 @@ def _stale(cwd: Path) -> set[str]:
     return set(json.loads(res.stdout or "{}"))
 
 
+def _run_lock_commands(proj: Path, folder: Path) -> Path:
+    """Run every stage command `proj`'s dvc.lock records (`python -m stages.<name> ...`) in a fresh copy of `proj`'s
+    code and params, in this process, each with torch's default thread count as in its own process."""
+    import importlib
+    import shlex
+
+    make_project(folder, yaml.safe_load((proj / "params.yaml").read_text()))
+    stages = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    default = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                                 capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    os.chdir(folder)
+    try:
+        for stage in stages.values():
+            _, _, module, *args = shlex.split(stage["cmd"])  # python -m stages.<name> ...
+            torch.set_num_threads(default)
+            importlib.import_module(module).main(args)
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    return folder
+
+
 @pytest.mark.slow
 def test_dvc_reruns_only_what_a_change_touches(tmp_path):
     """`dvc repro` a tiny pipeline, then check which stages each kind of edit makes stale."""
@@ -133,6 +156,15 @@ def test_dvc_reruns_only_what_a_change_touches(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert Path(proj / "reports/report.md").exists()
     assert _stale(proj) == set()
+
+    # 0. Reproducible: the same pipeline run once more in a fresh folder (each stage's command from dvc.lock, in
+    # this process) and recorded with `dvc commit` gives the very dvc.lock `dvc repro` wrote: identical outputs,
+    # identical hashes, so a fresh clone's `dvc repro` leaves `git diff dvc.lock` empty.
+    again = _run_lock_commands(proj, tmp_path / "again")
+    assert _dvc(again, "init", "--no-scm", "-q").returncode == 0
+    res = _dvc(again, "commit", "--force", "-q")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (again / "dvc.lock").read_text() == (proj / "dvc.lock").read_text()
 
     # 1. A new teacher: only its own train_teacher/teach/distill/evaluate stages (and the report) are stale.
     p = yaml.safe_load((proj / "params.yaml").read_text())
@@ -223,6 +255,8 @@ def _pipeline_imports(root: Path, module: str, seen: set[str]) -> set[str]:
 # paths (dvc.yaml spells them in outs), stage wiring and the packages' lazy export tables do not change results.
 PLUMBING = {
     "pipeline.config",
+    "pipeline.errors",  # which exceptions print one line instead of a traceback
+    "pipeline.lock",  # one writer per output: how a stage runs, never what it writes
     "pipeline.runtime",
     "pipeline.layout",
     "pipeline.stage",

@@ -20,7 +20,8 @@ from pipeline.cache.store import LogitStore, StoreError, StoreWriter, partial_pa
 from pipeline.cache.teach import build_spec, run_teach
 from pipeline.data.shards import write_dataset
 from pipeline.data.views import ViewRecipe
-from tests.conftest import linear_teacher, synthetic_splits
+from pipeline.lock import lock_path
+from tests.conftest import assert_same_files, linear_teacher, synthetic_splits
 
 RECIPES = {"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}
 TEACHER = {"name": "t", "arch": "cnn_tiny", "weights_sha256": "abc"}
@@ -193,10 +194,12 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(fresh_manifest, tmp_pa
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists() and partial_path(out).exists()
+    assert json.loads(lock_path(out).read_text())["pid"] == proc.pid  # the dead writer's lock is left behind
     finished = len(list(done_dir.iterdir()))
     assert 2 <= finished < 4
     res = subprocess.run([sys.executable, "-c", _script(tmp_path, m.root, out, 0.0)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+    assert f"taking over the stale lock {lock_path(out)} of pid {proc.pid}" in res.stderr
     calls = int(res.stdout.split("CALLS")[1])
     # Only unfinished shards were recomputed: (4 - finished) train shards x 2 views + 2 test shards x 1 view.
     assert calls == (4 - finished) * 64 * 2 + 96
@@ -208,3 +211,5 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(fresh_manifest, tmp_pa
         np.testing.assert_array_equal(a.read_all(), b.read_all())
         np.testing.assert_array_equal(a.queried(), b.queried())
     assert json.loads((out / "zarr.json").read_text())["attributes"]["complete"] is True
+    assert_same_files(out, ref)  # byte for byte, no stray temp file of the killed write: DVC sees the same output
+    assert not lock_path(out).exists()

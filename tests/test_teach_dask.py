@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -35,8 +36,9 @@ from pipeline.cache.teach_dask import (
 )
 from pipeline.data.shards import Manifest, sha256_file
 from pipeline.data.views import ViewRecipe
+from pipeline.lock import lock_path
 from pipeline.models import load_model, save_model
-from tests.conftest import linear_teacher
+from tests.conftest import assert_same_files, linear_teacher
 
 distributed = pytest.importorskip("distributed")
 
@@ -100,18 +102,8 @@ def client(cluster: str) -> Iterator[distributed.Client]:
 
 
 def assert_same_store(a: Path, b: Path) -> None:
-    """Bit for bit: the same files with the same bytes; root attrs equal except the timestamps."""
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    assert files_a == files_b
-    for rel in files_a:
-        if rel == Path("zarr.json"):
-            attrs = [json.loads((root / rel).read_text())["attributes"] for root in (a, b)]
-            for at in attrs:
-                del at["created"], at["finished"]
-            assert attrs[0] == attrs[1]
-        else:
-            assert (a / rel).read_bytes() == (b / rel).read_bytes(), f"{rel} differs"
+    """Bit for bit: the same files with the same bytes, attributes included (a store holds no timestamps)."""
+    assert_same_files(a, b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +258,60 @@ def test_worker_killed_mid_run_is_rescheduled_and_redoes_only_its_unfinished_sha
     # The rescheduled task skipped its finished shard: 5 of the 6 shards computed by the surviving attempts.
     assert "computed 5 shards on the cluster" in caplog.text
     assert_same_store(out, reference)
+
+
+DRIVER = """
+import json, sys
+from pipeline.cache.teach_dask import run_teach_dask
+from pipeline.data.shards import load_manifest
+from tests.test_teach_dask import BATCH, RECIPES, spec_for
+shards, checkpoint, identity, out, cluster = sys.argv[1:]
+m = load_manifest(shards)
+run_teach_dask(m, checkpoint, out, spec_for(m, json.loads(identity)), RECIPES, cluster=cluster, batch_size=BATCH,
+               shards_per_task=2)
+"""
+
+
+def test_driver_killed_mid_run_then_rerun_takes_over_and_equals_single_process(
+    tiny_manifest, teacher, reference, cluster, client, tmp_path, caplog
+):
+    """SIGKILL of the driver: its lock and partial store stay; the next driver takes the stale lock over (the
+    killed driver's orphaned tasks stop at their next shard: the lock changed hands) and finishes the store."""
+    m, out = tiny_manifest, tmp_path / "d.zarr"
+    client.run(_patch, sleep=0.4)  # a slow teacher, so the kill lands mid-run
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = [str(m.root), str(teacher[0]), json.dumps(teacher[1]), str(out), cluster]
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, *args], env=env)
+    done = partial_path(out) / "train" / "done" / "c"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (done.exists() and any(done.iterdir())):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and partial_path(out).exists()
+    assert json.loads(lock_path(out).read_text())["pid"] == proc.pid
+    client.run(_patch)  # a healthy teacher for the rerun
+    with caplog.at_level(logging.WARNING, logger="pipeline.lock"):
+        run_teach_dask(m, teacher[0], out, spec_for(m, teacher[1]), RECIPES, cluster=cluster, batch_size=BATCH)
+    assert f"taking over the stale lock {lock_path(out)} of pid {proc.pid}" in caplog.text
+    assert_same_store(out, reference)
+    assert not lock_path(out).exists()
+
+
+def test_a_task_stops_when_its_driver_no_longer_holds_the_lock(tiny_manifest, teacher, tmp_path):
+    """An orphaned task (its driver was killed, another run took the store over) writes no further shard."""
+    from pipeline.cache.teach_dask import teach_shards
+    from pipeline.lock import StoreLockedError
+
+    m, out = tiny_manifest, tmp_path / "d.zarr"
+    spec = spec_for(m, teacher[1])
+    StoreWriter(out, spec)  # the partial store a driver created
+    killed = {"host": "h", "pid": 1, "since": "then", "command": "teach"}
+    lock_path(out).write_text(json.dumps({**killed, "pid": 2}))  # the lock is another driver's now
+    kw = dict(batch_size=BATCH, threads=1, owner=killed)
+    with pytest.raises(StoreLockedError, match="no longer holds the lock"):
+        teach_shards(m, str(teacher[0]), teacher[1]["weights_sha256"], str(out), spec, RECIPES, [("train", 0)], **kw)
+    assert StoreWriter(out, spec, create=False).pending("train") == [0, 1, 2, 3]
 
 
 def test_budget_and_views_equal_single_process(tiny_manifest, teacher, cluster, tmp_path):

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("random", "class_balanced")
@@ -27,7 +29,7 @@ def selection_order(labels: np.ndarray, views: int, strategy: str, seed: int) ->
     within one call per class.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown budget strategy '{strategy}'; available: {list(STRATEGIES)}")
+        raise ConfigError(f"unknown budget strategy '{strategy}'; available: {list(STRATEGIES)}")
     n = len(labels)
     rng = np.random.default_rng([seed, 0xB0D6E7])
     ids = rng.permutation(n * views)
@@ -46,17 +48,25 @@ def selection_order(labels: np.ndarray, views: int, strategy: str, seed: int) ->
 
 def resolve_budget(budget: int | str | None, total: int) -> int:
     """Budget param -> number of calls. None / 'full' = all; larger than the data set = clamp, with a warning."""
-    if budget is None or budget == "full":
+    b = parse_budget(budget)
+    if b is None:
         return total
-    try:
-        b = int(budget)
-    except (TypeError, ValueError):
-        raise ValueError(f"budget must be a positive integer or 'full', got {budget!r}") from None
-    if b <= 0:
-        raise ValueError(f"budget must be positive (got {b}); use 'full' for no limit")
     if b > total:
         log.warning("budget %d exceeds the %d sample-views available; using all of them", b, total)
         return total
+    return b
+
+
+def parse_budget(budget: int | str | None) -> int | None:
+    """A budget as given (params.yaml, `--budget`): a positive integer, or None / 'full' (no limit)."""
+    if budget is None or budget == "full":
+        return None
+    try:
+        b = int(budget)
+    except (TypeError, ValueError):
+        raise ConfigError(f"budget must be a positive integer or 'full', got {budget!r}") from None
+    if b <= 0 or isinstance(budget, bool) or (isinstance(budget, float) and budget != b):
+        raise ConfigError(f"budget must be a positive integer or 'full', got {budget!r}")
     return b
 
 
@@ -95,7 +105,7 @@ class BudgetSpec:
 
     def prefix(self, n: int | str | None) -> BudgetSpec:
         """The same selection order, cut at `n` calls (a distill budget below the store's)."""
-        return BudgetSpec(None if n in (None, "full") else int(n), self.strategy, self.seed)
+        return BudgetSpec(parse_budget(n), self.strategy, self.seed)
 
     def to_attrs(self) -> dict[str, Any]:
         return {"n": self.n, "strategy": self.strategy, "seed": self.seed}

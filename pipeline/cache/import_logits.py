@@ -4,9 +4,13 @@ Accepted files, one per split, rows in the manifest's index order unless keys sa
 - `.npy`: (N, C) or (N, V, C) float array;
 - `.npz`: array `logits` of that shape, optional `keys` (N,) (sample keys or integer indices);
 - `.parquet`: a key column and a logits column (list of C floats per row; or of V*C, reshaped).
-Rows that are all NaN count as *not queried* (a budget-limited teacher); any other NaN/Inf is an
-error. The result has the same schema and attributes as a store written by `teach`, so every
-downstream stage treats it the same; the teacher's identity is the file's sha256.
+
+Rules for the values: a row (one sample-view) that is all NaN counts as *not queried* (a budget-limited
+teacher); any Inf (an overflow), or NaN mixed with numbers, is an error naming the file, the row and
+the sample key. A split with no queried row at all is an error unless `--allow-empty` says it is meant.
+Pickled `.npy`/`.npz` files are refused (loading them could run code). The result has the same schema
+and attributes as a store written by `teach`, so every downstream stage treats it the same; the
+teacher's identity is the files' sha256. The import holds the store's writer lock.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from pipeline.cache.store import StoreError, StoreWriter
 from pipeline.cache.teach import build_spec
 from pipeline.data.shards import Manifest, load_manifest, sample_key, sha256_file
 from pipeline.data.views import ViewRecipe
+from pipeline.errors import UserError
 from pipeline.layout import Layout
+from pipeline.lock import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +40,18 @@ def read_logits_file(
     if not path.exists():
         raise FileNotFoundError(f"logits file {path} not found")
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False), None
-    if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            if "logits" not in z:
-                raise StoreError(f"{path}: .npz needs an array named 'logits' (found {sorted(z.files)})")
-            return z["logits"], (z["keys"].tolist() if "keys" in z else None)
+    if suffix in (".npy", ".npz"):
+        try:
+            return _read_numpy(path, suffix)
+        except ValueError as e:  # numpy's own errors: pickled objects, a bad header, a truncated file
+            if isinstance(e, StoreError):
+                raise
+            if "allow_pickle" in str(e):
+                raise StoreError(
+                    f"{path} holds pickled Python objects, not a numeric array; kdcache never unpickles input "
+                    "files: save a float array, e.g. np.save(path, logits.astype('float32'))"
+                ) from e
+            raise StoreError(f"{path}: not a readable {suffix} file ({e})") from e
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -60,6 +71,34 @@ def read_logits_file(
     raise StoreError(f"{path}: unsupported logits file type '{suffix}'; use .npy, .npz or .parquet")
 
 
+def _read_numpy(path: Path, suffix: str) -> tuple[np.ndarray, list | None]:
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False), None
+    with np.load(path, allow_pickle=False) as z:
+        if "logits" not in z:
+            raise StoreError(f"{path}: .npz needs an array named 'logits' (found {sorted(z.files)})")
+        return z["logits"], (z["keys"].tolist() if "keys" in z else None)
+
+
+def check_values(logits: np.ndarray, keys: list | None, path: Path) -> None:
+    """The import rules on (N, V, C) logits in file order: a row (sample-view) is all NaN or all finite.
+
+    An all-NaN row is a sample-view the teacher was not asked (budget); Inf anywhere is an overflow and
+    NaN mixed with numbers a broken row: both are errors naming the file, the row and the sample key.
+    """
+    nan = np.isnan(logits)  # (N, V, C)
+    bad = ~np.isfinite(logits).all(-1) & ~nan.all(-1)  # (N, V): not all NaN, yet not all finite
+    if bad.any():
+        r, v = (int(x) for x in np.argwhere(bad)[0])
+        key = keys[r] if keys is not None else sample_key(r)
+        what = "Inf (an overflow)" if np.isinf(logits[r, v]).any() else "NaN mixed with numbers"
+        view = f", view {v}" if logits.shape[1] > 1 else ""
+        raise StoreError(
+            f"{path}: row {r} (key {key}{view}) holds {what}; {int(bad.sum())} row(s) like it. A row is either all "
+            "NaN (not queried) or all finite logits"
+        )
+
+
 def align(
     logits: np.ndarray, keys: list | None, manifest: Manifest, split: str, views: int | None, path: Path
 ) -> np.ndarray:
@@ -77,8 +116,12 @@ def align(
         raise StoreError(f"{path}: logits shape {logits.shape}, expected (N, C) or (N, V, C) with N={n}, C={c}")
     if len(logits) != n:
         raise StoreError(f"{path}: {len(logits)} rows but split '{split}' of {manifest.root} has N={n}")
+    check_values(logits, keys, path)  # before reordering: the error names the file's own row
     if keys is not None:
-        idx = np.array([int(k) for k in keys])
+        try:
+            idx = np.array([int(k) for k in keys])
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"{path}: keys must be sample keys like '00000042' or integer indices ({e})") from e
         if sorted(idx.tolist()) != list(range(n)):
             bad = sorted(set(range(n)) - set(idx.tolist()))[:5]
             raise StoreError(
@@ -102,52 +145,56 @@ def import_logits(
     force: bool = False,
     key_column: str = "key",
     logits_column: str = "logits",
+    allow_empty: bool = False,
 ) -> Path:
-    arrays = {}
-    for split, path in files.items():
-        logits, keys = read_logits_file(path, key_column, logits_column)
-        arrays[split] = align(logits, keys, manifest, split, views_recipe.views if views_recipe else None, path)
-    recipes = {}
-    for split, arr in arrays.items():
-        v = arr.shape[1]
-        base = views_recipe or ViewRecipe(views=1)
-        if v > 1 and views_recipe is None:
-            raise StoreError(f"{files[split]} has {v} views: pass --view-seed/--pad/--flip saying how they were made")
-        recipes[split] = ViewRecipe(views=v, seed=base.seed, pad=base.pad, flip=base.flip)
-    digest = "+".join(sha256_file(files[s])[:16] for s in sorted(files))
-    teacher = {
-        "name": name,
-        "arch": "external",
-        "weights_sha256": digest,
-        "source": {s: str(p) for s, p in files.items()},
-    }
-    spec = build_spec(
-        manifest,
-        teacher,
-        recipes,
-        dtype=dtype,
-        topk=topk,
-        compressor="blosc-zstd",
-        chunk_rows=1000,
-    )
-    spec = dataclasses.replace(spec, extra={"budget": {"n": None, "imported": True}})
-    writer = StoreWriter(out, spec, force=force)
-    for split, arr in arrays.items():
-        s = spec.splits[split]
-        for j in writer.pending(split):
-            start, stop = s.shard_range(j)
-            block = arr[start:stop]
-            finite = np.isfinite(block)
-            queried = finite.all(-1)  # (n, V)
-            partly = finite.any(-1) & ~queried
-            if partly.any():
-                r = int(np.flatnonzero(partly.any(1))[0]) + start
+    """Build the store at `out` from logits files (one per split); see the module doc for formats and rules.
+
+    `allow_empty`: accept a split in which no sample-view was queried (all NaN); otherwise an error.
+    """
+    with exclusive(out, f"logit store {out}"):
+        arrays = {}
+        for split, path in files.items():
+            logits, keys = read_logits_file(path, key_column, logits_column)
+            arrays[split] = align(logits, keys, manifest, split, views_recipe.views if views_recipe else None, path)
+            if not allow_empty and np.isnan(arrays[split]).all():
                 raise StoreError(
-                    f"{files[split]}: row {r} (key {sample_key(r)}) mixes NaN/Inf with numbers; "
-                    "a row is either all NaN (not queried) or all finite"
+                    f"{path}: every row of split '{split}' is NaN, i.e. the teacher answered none of its samples; "
+                    "pass --allow-empty if that is meant"
                 )
-            writer.write_shard(split, j, block, queried)
-    return writer.finalize({"imported_from": {s: str(p) for s, p in files.items()}})
+        recipes = {}
+        for split, arr in arrays.items():
+            v = arr.shape[1]
+            base = views_recipe or ViewRecipe(views=1)
+            if v > 1 and views_recipe is None:
+                raise StoreError(
+                    f"{files[split]} has {v} views: pass --view-seed/--pad/--flip saying how they were made"
+                )
+            recipes[split] = ViewRecipe(views=v, seed=base.seed, pad=base.pad, flip=base.flip)
+        digest = "+".join(sha256_file(files[s])[:16] for s in sorted(files))
+        teacher = {
+            "name": name,
+            "arch": "external",
+            "weights_sha256": digest,
+            "source": {s: str(p) for s, p in files.items()},
+        }
+        spec = build_spec(
+            manifest,
+            teacher,
+            recipes,
+            dtype=dtype,
+            topk=topk,
+            compressor="blosc-zstd",
+            chunk_rows=1000,
+        )
+        spec = dataclasses.replace(spec, extra={"budget": {"n": None, "imported": True}})
+        writer = StoreWriter(out, spec, force=force)
+        for split, arr in arrays.items():
+            s = spec.splits[split]
+            for j in writer.pending(split):
+                start, stop = s.shard_range(j)
+                block = arr[start:stop]  # (n, V, C), checked by `check_values`: each row all NaN or all finite
+                writer.write_shard(split, j, block, ~np.isnan(block).all(-1))
+        return writer.finalize({"imported_from": {s: str(p) for s, p in files.items()}})
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -174,6 +221,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key-column", default="key")
     p.add_argument("--logits-column", default="logits")
     p.add_argument("--force", action="store_true", help="overwrite an existing store")
+    p.add_argument("--allow-empty", action="store_true", help="accept a split whose rows are all NaN (nothing queried)")
     p.set_defaults(func=_cmd)
 
 
@@ -184,8 +232,8 @@ def _cmd(args: argparse.Namespace) -> int:
     files = {}
     for item in args.logits:
         split, sep, path = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--logits expects SPLIT=FILE, got '{item}'")
+        if not sep or not split or not path:
+            raise UserError(f"--logits expects SPLIT=FILE, e.g. --logits train=train.npy; got '{item}'")
         files[split] = Path(path)
     manifest = load_manifest(args.shards)
     recipe = None
@@ -203,6 +251,7 @@ def _cmd(args: argparse.Namespace) -> int:
         force=args.force,
         key_column=args.key_column,
         logits_column=args.logits_column,
+        allow_empty=args.allow_empty,
     )
     print(f"wrote {out}")
     return 0

@@ -13,7 +13,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from pipeline.cache.store import PARTIAL_SUFFIX, partial_path
+from pipeline.cache.store import PARTIAL_SUFFIX, StoreError, partial_path
 
 ENTROPY_BINS = 20
 
@@ -67,7 +67,7 @@ def inspect_store(
     root = zarr.open_group(str(target), mode="r")
     attrs = dict(root.attrs)
     if split not in root:
-        raise KeyError(f"{target} has no split '{split}'; splits: {sorted(k for k, _ in root.groups())}")
+        raise StoreError(f"{target} has no split '{split}'; splits: {sorted(k for k, _ in root.groups())}")
     g = root[split]
     sa = dict(g.attrs)
     n, v, c = sa["n"], sa["views"], sa["num_classes"]
@@ -84,7 +84,6 @@ def inspect_store(
         "layout": f"top-{attrs['topk']}" if attrs.get("topk") else "dense",
         "compressor": attrs.get("compressor"),
         "library": attrs.get("library"),
-        "created": attrs.get("created"),
         "split": split,
         "shape": {"N": n, "V": v, "C": c},
         "view_recipe": sa.get("view_recipe"),

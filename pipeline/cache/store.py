@@ -2,7 +2,7 @@
 
 Layout (one group per teacher, one sub-group per split)::
 
-    <teacher>.zarr/                 attrs: schema, teacher, dataset, dtype, library, created, complete
+    <teacher>.zarr/                 attrs: schema, teacher, dataset, dtype, library, complete
       <split>/                      attrs: n, num_classes, views, view_recipe, shard_rows, teacher_calls
         logits      (N, V, C)       raw logits (never softmaxed), float16 | float32      [dense layout]
         topk_values (N, V, k)       raw logits of the k largest classes                    [top-k layout]
@@ -15,14 +15,18 @@ Row `i` is sample `i` of the split's manifest. A store shard covers exactly one 
 index range, so one tar shard's logits are one contiguous (and one-file) read. Unqueried rows hold
 NaN. Writing happens in `<teacher>.zarr.partial/`, renamed into place only when every shard is done:
 a partial output is never taken for a finished one. Writers own whole store shards, so any number of
-processes (dask workers) can fill disjoint shards of one store safely.
+processes (dask workers) can fill disjoint shards of one store safely; one process at a time owns the
+store as a whole (`pipeline.lock.exclusive`, taken by teach, the dask driver and import-logits).
+
+The store holds no wall-clock time: equal inputs give a byte-identical store, so DVC sees an
+unchanged output (run times go to the teach stage's log file, `Layout.run_log`).
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
+import re
 import shutil
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -35,6 +39,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.data.shards import Manifest
+from pipeline.errors import UserError
 from pipeline.layout import PARTIAL_SUFFIX, partial_path
 
 log = logging.getLogger(__name__)
@@ -44,7 +49,12 @@ FLOAT16_MAX = 65504.0
 COMPRESSORS = ("blosc-zstd", "zstd", "none")
 
 
-class StoreError(ValueError):
+# zarr's LocalStore writes `<file>.<uuid4 hex>.partial` and renames it into place: one left behind (a writer
+# killed mid-write) is junk that would change the finished store's bytes.
+_ZARR_TEMP = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+class StoreError(UserError, ValueError):
     """A logit store that cannot be used as asked (mismatch, incomplete, corrupt)."""
 
 
@@ -223,7 +233,6 @@ class StoreWriter:
                 "topk": spec.topk,
                 "compressor": spec.compressor,
                 "library": library_version(),
-                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "complete": False,
                 **spec.extra,
             }
@@ -288,14 +297,10 @@ class StoreWriter:
             g = self.group[split]
             calls[split] = int(g["queried"][:].sum())
             g.attrs["teacher_calls"] = calls[split]
-        self.group.attrs.update(
-            {
-                "teacher_calls": calls,
-                "complete": True,
-                "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                **(extra_attrs or {}),
-            }
-        )
+        self.group.attrs.update({"teacher_calls": calls, "complete": True, **(extra_attrs or {})})
+        for junk in [p for p in self.partial.rglob("*.partial") if p.is_file() and _ZARR_TEMP.search(p.name)]:
+            log.info("removing %s (a write interrupted by a killed writer)", junk)
+            junk.unlink()
         os.replace(self.partial, self.path)
         log.info("store complete: %s (teacher calls %s)", self.path, calls)
         return self.path

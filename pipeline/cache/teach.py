@@ -8,9 +8,11 @@ is the only thing on the critical path (torch, zlib and blosc release the GIL).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,9 +30,10 @@ from pipeline.cache.store import SplitSpec, StoreSpec, StoreWriter, same_content
 from pipeline.config import TeachConfig
 from pipeline.data.shards import Manifest, read_shard, sample_key, sha256_file
 from pipeline.data.views import ViewRecipe
+from pipeline.lock import exclusive
 from pipeline.models.checkpoint import load_model
 from pipeline.models.predict import predict_arrays
-from pipeline.runtime import pick_device, set_threads
+from pipeline.runtime import pick_device, set_threads, utc_now, write_run_log
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +146,29 @@ def teach_store(
     *,
     force: bool = False,
     reuse: bool = False,
+    run_log: str | Path | None = None,
 ) -> Path:
     """The `teach` stage: cache teacher `name`'s logits over every split into the store at `out`.
 
     Builds the store's identity from `cfg` (views, dtype, layout, budget) and the checkpoint's sha256;
     with `reuse`, an existing store whose budget was raised lends its teacher calls (`PreviousCalls`);
     then fills the store in this process (`run_teach`) or on a dask cluster (`teach.cluster`,
-    `pipeline.cache.teach_dask`), which write the same store bit for bit.
+    `pipeline.cache.teach_dask`), which write the same store bit for bit. The whole run holds the
+    store's writer lock (a second teach on `out` fails at once, naming this one); its wall-clock times
+    go to `run_log` (the store itself carries none, so equal inputs give a byte-identical store).
     """
-    checkpoint = Path(checkpoint)
+    with exclusive(out, f"logit store {out}"):
+        started, t0 = utc_now(), time.perf_counter()
+        path = _teach_store(manifest, Path(checkpoint), out, cfg, name, force=force, reuse=reuse)
+        record = {"store": str(path), "executor": "this process" if cfg.cluster == "none" else f"dask {cfg.cluster}"}
+        record.update(started=started, finished=utc_now(), seconds=round(time.perf_counter() - t0, 3))
+        write_run_log(run_log, record)
+    return path
+
+
+def _teach_store(
+    manifest: Manifest, checkpoint: Path, out: str | Path, cfg: TeachConfig, name: str, *, force: bool, reuse: bool
+) -> Path:
     model, meta = load_model(checkpoint, data=manifest)  # checks the teacher fits the data set before any work
     recipes = view_recipes(cfg, manifest)
     teacher = {"name": name, "arch": meta["arch"], "weights_sha256": sha256_file(checkpoint)}
@@ -220,49 +237,57 @@ def run_teach(
     shards: Iterable[tuple[str, int]] | None = None,
     finalize: bool = True,
     previous: PreviousCalls | None = None,
+    guard: Callable[[], None] | None = None,
 ) -> StoreWriter:
     """Fill the store at `out` (resuming a partial one) and finalize it.
 
     `shards` restricts the work to given (split, shard) pairs (dask tasks); `finalize=False` leaves
     the partial store for a driver that finalizes after all tasks are done. `previous` supplies
     teacher calls an earlier store already made (a smaller budget): only the new ones are computed.
+    Without `shards` this call owns the store and holds its writer lock; a dask task (`shards` given)
+    writes its disjoint shards under the driver's lock, and `guard()` (called before each shard) raises
+    when that lock has changed hands.
     """
-    device = device or torch.device("cpu")
-    if isinstance(model, nn.Module):
-        model.eval().to(device, memory_format=torch.channels_last)  # inputs are channels_last already
-    writer = StoreWriter(out, spec, force=force, create=shards is None)
-    masks = query_masks(manifest, spec)
-    todo = list(shards) if shards is not None else [(s, j) for s in spec.splits for j in writer.pending(s)]
-    total = sum(spec.splits[s].num_shards for s in spec.splits)
-    if not todo:
-        log.info("all %d shards already cached in %s", total, writer.partial)
-    with ThreadPoolExecutor(1, thread_name_prefix="decode") as reader, ThreadPoolExecutor(1) as wpool:
-        nxt: Future | None = reader.submit(load_shard, manifest, *todo[0]) if todo else None
-        pending_write: Future | None = None
-        bar = tqdm(total=len(todo), desc=f"teach {spec.teacher.get('name', '')}", unit="shard", disable=None)
-        for k, (split, j) in enumerate(todo):
-            batch = nxt.result()
-            nxt = reader.submit(load_shard, manifest, *todo[k + 1]) if k + 1 < len(todo) else None
-            s = spec.splits[split]
-            start, stop = s.shard_range(j)
-            need = masks[split][start:stop]  # (n, V) sample-views this store must hold
-            old_logits, old_q = previous.block(split, start, stop) if previous else (None, None)
-            if old_q is not None:
-                need = need & ~old_q  # only calls the earlier budget did not make
-            logits = shard_logits(model, batch, recipes[split], need, s.num_classes, batch_size, device)
-            if old_q is not None:
-                keep = old_q & masks[split][start:stop]
-                logits[keep] = old_logits[keep]
+    owner = exclusive(out, f"logit store {out}") if shards is None else contextlib.nullcontext()
+    with owner:
+        device = device or torch.device("cpu")
+        if isinstance(model, nn.Module):
+            model.eval().to(device, memory_format=torch.channels_last)  # inputs are channels_last already
+        writer = StoreWriter(out, spec, force=force, create=shards is None)
+        masks = query_masks(manifest, spec)
+        todo = list(shards) if shards is not None else [(s, j) for s in spec.splits for j in writer.pending(s)]
+        total = sum(spec.splits[s].num_shards for s in spec.splits)
+        if not todo:
+            log.info("all %d shards already cached in %s", total, writer.partial)
+        with ThreadPoolExecutor(1, thread_name_prefix="decode") as reader, ThreadPoolExecutor(1) as wpool:
+            nxt: Future | None = reader.submit(load_shard, manifest, *todo[0]) if todo else None
+            pending_write: Future | None = None
+            bar = tqdm(total=len(todo), desc=f"teach {spec.teacher.get('name', '')}", unit="shard", disable=None)
+            for k, (split, j) in enumerate(todo):
+                if guard is not None:
+                    guard()
+                batch = nxt.result()
+                nxt = reader.submit(load_shard, manifest, *todo[k + 1]) if k + 1 < len(todo) else None
+                s = spec.splits[split]
+                start, stop = s.shard_range(j)
+                need = masks[split][start:stop]  # (n, V) sample-views this store must hold
+                old_logits, old_q = previous.block(split, start, stop) if previous else (None, None)
+                if old_q is not None:
+                    need = need & ~old_q  # only calls the earlier budget did not make
+                logits = shard_logits(model, batch, recipes[split], need, s.num_classes, batch_size, device)
+                if old_q is not None:
+                    keep = old_q & masks[split][start:stop]
+                    logits[keep] = old_logits[keep]
+                if pending_write is not None:
+                    pending_write.result()  # surface write errors; keep at most one write in flight
+                pending_write = wpool.submit(writer.write_shard, split, j, logits, masks[split][start:stop], batch.keys)
+                bar.update(1)
             if pending_write is not None:
-                pending_write.result()  # surface write errors; keep at most one write in flight
-            pending_write = wpool.submit(writer.write_shard, split, j, logits, masks[split][start:stop], batch.keys)
-            bar.update(1)
-        if pending_write is not None:
-            pending_write.result()
-        bar.close()
-    if finalize:
-        finalize_store(writer, manifest, previous)
-    return writer
+                pending_write.result()
+            bar.close()
+        if finalize:
+            finalize_store(writer, manifest, previous)
+        return writer
 
 
 class PreviousCalls:

@@ -36,8 +36,10 @@ import torch
 
 from pipeline.cache.store import StoreError, StoreSpec, StoreWriter
 from pipeline.cache.teach import PreviousCalls, finalize_store, run_teach
+from pipeline.config import ConfigError
 from pipeline.data.shards import Manifest, sha256_file
 from pipeline.data.views import ViewRecipe
+from pipeline.lock import StoreLockedError, exclusive, holder
 from pipeline.runtime import pick_device
 
 log = logging.getLogger(__name__)
@@ -139,13 +141,25 @@ def teach_shards(
     batch_size: int,
     threads: int,
     previous: str | None = None,
+    owner: dict[str, Any] | None = None,
 ) -> list[tuple[str, int]]:
     """One dask task: fill store shards `shards` of the partial store `out`; returns the shards computed.
 
     Shards already marked done are skipped, so a retried or rescheduled task (its first attempt
     died after finishing some shards) recomputes only what is missing. `previous`: path of an
-    earlier store whose teacher calls are reused (`PreviousCalls`, a raised budget).
+    earlier store whose teacher calls are reused (`PreviousCalls`, a raised budget). `owner`: the
+    driver's lock record; before each shard the task checks the store is still the driver's, so a task
+    orphaned by a killed driver stops once another run has taken the store over.
     """
+
+    def driver_holds_lock() -> None:
+        if owner is not None and holder(out) != owner:
+            raise StoreLockedError(
+                f"the teach driver {owner.get('pid')}@{owner.get('host')} no longer holds the lock of {out} "
+                f"(now: {holder(out) or 'nobody'}); this task stops"
+            )
+
+    driver_holds_lock()
     # Per task, not per process: set_num_threads binds the OpenMP pool of the calling thread, and
     # dask may run tasks on different executor threads.
     torch.set_num_threads(threads)
@@ -165,6 +179,7 @@ def teach_shards(
             shards=todo,
             finalize=False,
             previous=PreviousCalls(Path(previous)) if previous else None,
+            guard=driver_holds_lock,
         )
     return todo
 
@@ -176,7 +191,7 @@ def teach_shards(
 def check_cluster(cluster: str) -> None:
     """Accept "local" or a scheduler address; anything else is a clear error listing the options."""
     if cluster != "local" and not _ADDRESS.match(cluster):
-        raise ValueError(
+        raise ConfigError(
             f"teach.cluster must be 'none', 'local' or a scheduler address like 'tcp://host:8786'; got '{cluster}'"
         )
 
@@ -196,7 +211,7 @@ def local_cluster(workers: int) -> Any:
     from distributed import LocalCluster
 
     if workers < 1:
-        raise ValueError(f"teach.workers must be >= 1 for a local cluster, got {workers}")
+        raise ConfigError(f"teach.workers must be >= 1 for a local cluster, got {workers}")
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         # the nannies read the variables now and reuse them when they restart a dead worker
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
@@ -256,87 +271,91 @@ def run_teach_dask(
     previous: an earlier store's teacher calls to reuse (as in `run_teach`); discarded once this store is final.
 
     Raises TeachClusterError if any task failed: the partial store keeps every finished shard, and
-    re-running computes exactly the missing ones.
+    re-running computes exactly the missing ones. The driver holds the store's writer lock for the
+    whole run; the workers write their disjoint shards under it (and stop if it changes hands).
     """
-    from distributed import as_completed
-    from tqdm.auto import tqdm
+    with exclusive(out, f"logit store {out}"):
+        from distributed import as_completed
+        from tqdm.auto import tqdm
 
-    check_cluster(cluster)  # a typo fails before anything is created
-    name = spec.teacher.get("name", "teacher")
-    checkpoint = Path(checkpoint_path).resolve()  # workers may run elsewhere: no cwd-relative paths
-    out = Path(out).resolve()
-    manifest = dataclasses.replace(manifest, root=Path(manifest.root).resolve())
-    previous_path = str(Path(previous.path).resolve()) if previous else None
-    sha = sha256_file(checkpoint)
-    claimed = spec.teacher.get("weights_sha256")
-    if claimed and claimed != sha:
-        raise StoreError(
-            f"store spec names teacher weights {claimed[:12]} but {checkpoint} has sha256 {sha[:12]}: "
-            "the store would mislabel its teacher"
-        )
-    writer = StoreWriter(out, spec, force=force, create=True)  # skeleton + attrs, or resume a partial one
-    pending = [(s, j) for s in spec.splits for j in writer.pending(s)]
-    total = sum(s.num_shards for s in spec.splits.values())
-    if pending:
-        run_id = uuid.uuid4().hex[:8]  # fresh task keys: a long-lived scheduler may remember a failed run's keys
-        with connect(cluster, workers) as client:
-            n_workers = len(client.scheduler_info().get("workers", {})) or workers
-            tasks = plan_tasks(pending, shards_per_task or default_shards_per_task(len(pending), n_workers))
-            res = resources if resources is not None else _gpu_resources(client)
-            log.info(
-                "teach %s: %d of %d shards pending -> %d tasks on %d workers (%d torch threads each%s)",
-                name,
-                len(pending),
-                total,
-                len(tasks),
-                n_workers,
-                threads_per_worker,
-                f", resources {res}" if res else "",
+        owner = holder(out)  # this process's lock record: every task checks it before each shard
+        check_cluster(cluster)  # a typo fails before anything is created
+        name = spec.teacher.get("name", "teacher")
+        checkpoint = Path(checkpoint_path).resolve()  # workers may run elsewhere: no cwd-relative paths
+        out = Path(out).resolve()
+        manifest = dataclasses.replace(manifest, root=Path(manifest.root).resolve())
+        previous_path = str(Path(previous.path).resolve()) if previous else None
+        sha = sha256_file(checkpoint)
+        claimed = spec.teacher.get("weights_sha256")
+        if claimed and claimed != sha:
+            raise StoreError(
+                f"store spec names teacher weights {claimed[:12]} but {checkpoint} has sha256 {sha[:12]}: "
+                "the store would mislabel its teacher"
             )
-            futures = {
-                client.submit(
-                    teach_shards,
-                    manifest,
-                    str(checkpoint),
-                    sha,
-                    str(out),
-                    spec,
-                    recipes,
-                    task,
-                    batch_size=batch_size,
-                    threads=threads_per_worker,
-                    previous=previous_path,
-                    key=f"teach-{name}-{task[0][0]}-{task[0][1]}-{task[-1][1]}-{run_id}",
-                    retries=retries,
-                    pure=False,
-                    resources=res,
-                ): task
-                for task in tasks
-            }
-            failed: list[tuple[list[tuple[str, int]], BaseException | str]] = []
-            computed = 0
-            bar = tqdm(total=len(futures), desc=f"teach {name} (dask)", unit="task", disable=None)
-            # Wait for every task even after a failure: each finished shard is work a re-run keeps.
-            for fut in as_completed(list(futures)):
-                task = futures[fut]
-                if fut.status == "finished":
-                    computed += len(fut.result())
-                else:
-                    err = fut.exception() if fut.status == "error" else fut.status
-                    log.error("teach task %s..%s failed: %r", task[0], task[-1], err)
-                    failed.append((task, err))
-                bar.update(1)
-            bar.close()
-        if failed:
-            missing = sum(len(writer.pending(s)) for s in spec.splits)
-            (first, *_), err = failed[0]
-            raise TeachClusterError(
-                f"{len(failed)} of {len(tasks)} teach tasks failed (first: shards from {first}: {err!r}); "
-                f"{missing} of {total} shards are missing in {writer.partial}. "
-                "Re-run teach: finished shards are kept and only the missing ones are computed."
-            )
-        log.info("computed %d shards on the cluster (%d were already done)", computed, total - len(pending))
-    else:
-        log.info("all %d shards already cached in %s", total, writer.partial)
-    finalize_store(writer, manifest, previous)  # the same attrs as run_teach writes: identical stores
-    return writer
+        writer = StoreWriter(out, spec, force=force, create=True)  # skeleton + attrs, or resume a partial one
+        pending = [(s, j) for s in spec.splits for j in writer.pending(s)]
+        total = sum(s.num_shards for s in spec.splits.values())
+        if pending:
+            run_id = uuid.uuid4().hex[:8]  # fresh task keys: a long-lived scheduler may remember a failed run's keys
+            with connect(cluster, workers) as client:
+                n_workers = len(client.scheduler_info().get("workers", {})) or workers
+                tasks = plan_tasks(pending, shards_per_task or default_shards_per_task(len(pending), n_workers))
+                res = resources if resources is not None else _gpu_resources(client)
+                log.info(
+                    "teach %s: %d of %d shards pending -> %d tasks on %d workers (%d torch threads each%s)",
+                    name,
+                    len(pending),
+                    total,
+                    len(tasks),
+                    n_workers,
+                    threads_per_worker,
+                    f", resources {res}" if res else "",
+                )
+                futures = {
+                    client.submit(
+                        teach_shards,
+                        manifest,
+                        str(checkpoint),
+                        sha,
+                        str(out),
+                        spec,
+                        recipes,
+                        task,
+                        batch_size=batch_size,
+                        threads=threads_per_worker,
+                        previous=previous_path,
+                        owner=owner,
+                        key=f"teach-{name}-{task[0][0]}-{task[0][1]}-{task[-1][1]}-{run_id}",
+                        retries=retries,
+                        pure=False,
+                        resources=res,
+                    ): task
+                    for task in tasks
+                }
+                failed: list[tuple[list[tuple[str, int]], BaseException | str]] = []
+                computed = 0
+                bar = tqdm(total=len(futures), desc=f"teach {name} (dask)", unit="task", disable=None)
+                # Wait for every task even after a failure: each finished shard is work a re-run keeps.
+                for fut in as_completed(list(futures)):
+                    task = futures[fut]
+                    if fut.status == "finished":
+                        computed += len(fut.result())
+                    else:
+                        err = fut.exception() if fut.status == "error" else fut.status
+                        log.error("teach task %s..%s failed: %r", task[0], task[-1], err)
+                        failed.append((task, err))
+                    bar.update(1)
+                bar.close()
+            if failed:
+                missing = sum(len(writer.pending(s)) for s in spec.splits)
+                (first, *_), err = failed[0]
+                raise TeachClusterError(
+                    f"{len(failed)} of {len(tasks)} teach tasks failed (first: shards from {first}: {err!r}); "
+                    f"{missing} of {total} shards are missing in {writer.partial}. "
+                    "Re-run teach: finished shards are kept and only the missing ones are computed."
+                )
+            log.info("computed %d shards on the cluster (%d were already done)", computed, total - len(pending))
+        else:
+            log.info("all %d shards already cached in %s", total, writer.partial)
+        finalize_store(writer, manifest, previous)  # the same attrs as run_teach writes: identical stores
+        return writer

@@ -52,12 +52,14 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from PIL import Image
 
+from pipeline.config import NONEMPTY, NonNegInt, PosInt
 from pipeline.data.shards import Manifest, read_rows
+from pipeline.errors import InputError
 from pipeline.layout import partial_path
 
 log = logging.getLogger(__name__)
@@ -78,18 +80,22 @@ PARAMS: dict[str, tuple[Any, ...]] = {
 }
 
 
+CorruptionName = Literal[tuple(PARAMS)]  # type: ignore[valid-type]  # the names above, checked by from_dict
+Severity = Literal[SEVERITIES]  # type: ignore[valid-type]
+
+
 @dataclass(frozen=True)
 class CorruptConfig:
     """`corrupt`: which corrupted copies of the test split to make (params.yaml section `corrupt`).
 
     Lives here rather than in `pipeline.config` so the stage's code is one module; same rules
-    (`config.from_dict` rejects unknown keys).
+    (`config.from_dict` checks every value and rejects unknown keys).
     """
 
-    corruptions: tuple[str, ...] = tuple(PARAMS)
-    severities: tuple[int, ...] = SEVERITIES
-    seed: int = 0
-    limit: int | None = 2000  # test images per corruption (a seeded subset); None = the whole split
+    corruptions: Annotated[tuple[CorruptionName, ...], NONEMPTY] = tuple(PARAMS)
+    severities: Annotated[tuple[Severity, ...], NONEMPTY] = SEVERITIES
+    seed: NonNegInt = 0
+    limit: PosInt | None = 2000  # test images per corruption (a seeded subset); None = the whole split
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,9 +357,9 @@ def load_corrupted(folder: str | Path, manifest: Manifest | None = None) -> Corr
     meta = json.loads((folder / "meta.json").read_text())
     if meta.get("version") != FORMAT_VERSION:
         got = meta.get("version")
-        raise ValueError(f"{folder}: format version {got} != {FORMAT_VERSION}; re-run `dvc repro corrupt`")
+        raise InputError(f"{folder}: format version {got} != {FORMAT_VERSION}; re-run `dvc repro corrupt`")
     if manifest is not None and meta["manifest_sha256"] != manifest.sha256:
-        raise ValueError(
+        raise InputError(
             f"{folder} was made from data set {meta['dataset']} (manifest {meta['manifest_sha256'][:12]}...), "
             f"but evaluation uses {manifest.dataset} (manifest {manifest.sha256[:12]}...): re-run `dvc repro corrupt`"
         )

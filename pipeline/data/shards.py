@@ -31,6 +31,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pipeline.errors import InputError, UserError
 from pipeline.layout import partial_path
 from pipeline.data.tario import decode_png_fast, encode_png, tar_samples
 
@@ -39,6 +40,17 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 KEY_DIGITS = 8
+
+
+class ShardError(UserError, ValueError):
+    """A tar shard that does not hold what the manifest says (missing, corrupt, truncated, reordered)."""
+
+
+class UnknownSplitError(ShardError, KeyError):
+    """A split the manifest does not have (a KeyError too: `manifest.split(name)` is a lookup)."""
+
+
+_REPREPARE = "re-run `dvc repro prepare` (or `dvc pull`)"
 
 
 def sample_key(index: int) -> str:
@@ -93,7 +105,7 @@ class Manifest:
 
     def split(self, name: str) -> SplitManifest:
         if name not in self.splits:
-            raise KeyError(f"split '{name}' not in {self.root / MANIFEST}; splits: {sorted(self.splits)}")
+            raise UnknownSplitError(f"split '{name}' not in {self.root / MANIFEST}; splits: {sorted(self.splits)}")
         return self.splits[name]
 
     def shard_urls(self, split: str) -> list[str]:
@@ -127,9 +139,20 @@ def load_manifest(root: str | Path) -> Manifest:
     if not path.exists():
         raise FileNotFoundError(f"no manifest at {path}: run `dvc repro prepare` (or `python -m stages.prepare`) first")
     raw = path.read_bytes()
-    d = json.loads(raw)
-    if d.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{path}: manifest version {d.get('version')} != {MANIFEST_VERSION}; re-run prepare")
+    try:
+        d = json.loads(raw)
+    except ValueError as e:
+        raise ShardError(f"{path} is not valid JSON ({e}); {_REPREPARE}") from e
+    if not isinstance(d, dict) or d.get("version") != MANIFEST_VERSION:
+        found = d.get("version") if isinstance(d, dict) else type(d).__name__
+        raise ShardError(f"{path}: manifest version {found} != {MANIFEST_VERSION}; {_REPREPARE}")
+    try:
+        return _manifest_from(d, path, raw)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ShardError(f"{path} is not a kdcache manifest ({type(e).__name__}: {e}); {_REPREPARE}") from e
+
+
+def _manifest_from(d: dict[str, Any], path: Path, raw: bytes) -> Manifest:
     splits = {
         name: SplitManifest(
             n=s["n"], shards=tuple(ShardInfo(**x) for x in s["shards"]), label_counts=tuple(s["label_counts"])
@@ -147,13 +170,6 @@ def load_manifest(root: str | Path) -> Manifest:
         root=path.parent.resolve(),
         sha256=hashlib.sha256(raw).hexdigest(),
     )
-
-
-class ShardError(ValueError):
-    """A tar shard that does not hold what the manifest says (missing, corrupt, truncated, reordered)."""
-
-
-_REPREPARE = "re-run `dvc repro prepare` (or `dvc pull`)"
 
 
 def iter_shard(
@@ -279,7 +295,7 @@ class ChannelStats:
 
     def result(self) -> tuple[list[float], list[float]]:
         if self.s is None or self.ss is None or self.n == 0:
-            raise ValueError("no images to compute channel statistics from")
+            raise InputError("no images to compute channel statistics from")
         mean = self.s / (255.0 * self.n)
         std = np.sqrt(np.maximum(self.ss / (255.0**2 * self.n) - mean**2, 1e-12))
         return [round(float(x), 6) for x in mean], [round(float(x), 6) for x in std]
@@ -294,11 +310,11 @@ def _sample_iter(split: str, samples: Samples, num_classes: int) -> Iterator[tup
     if isinstance(samples, tuple) and len(samples) == 2 and isinstance(samples[0], np.ndarray):
         imgs, labels = samples
         if imgs.dtype != np.uint8 or imgs.ndim != 4:
-            raise ValueError(f"split {split}: images must be (N, H, W, C) uint8, got {imgs.shape} {imgs.dtype}")
+            raise InputError(f"split {split}: images must be (N, H, W, C) uint8, got {imgs.shape} {imgs.dtype}")
         if len(imgs) != len(labels):
-            raise ValueError(f"split {split}: {len(imgs)} images but {len(labels)} labels")
+            raise InputError(f"split {split}: {len(imgs)} images but {len(labels)} labels")
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"split {split}: labels outside [0, {num_classes})")
+            raise InputError(f"split {split}: labels outside [0, {num_classes})")
         return zip(imgs, (int(y) for y in labels), strict=True)
     return iter(samples)
 
@@ -342,14 +358,14 @@ def write_split(
             if shape is None:
                 shape = tuple(img.shape)
                 if img.dtype != np.uint8 or img.ndim != 3:
-                    raise ValueError(f"split {split}: images must be (H, W, C) uint8, got {img.shape} {img.dtype}")
+                    raise InputError(f"split {split}: images must be (H, W, C) uint8, got {img.shape} {img.dtype}")
             elif tuple(img.shape) != shape:
-                raise ValueError(
+                raise InputError(
                     f"split {split}: image {n} has shape {tuple(img.shape)}, the first had {shape}; "
                     "all images must share one size (set the source's resize option)"
                 )
             if not 0 <= label < num_classes:
-                raise ValueError(f"split {split}: image {n} has label {label} outside [0, {num_classes})")
+                raise InputError(f"split {split}: image {n} has label {label} outside [0, {num_classes})")
             if writer is None:
                 start = n
                 f = open(out_dir / f"{split}-{len(shards):06d}.tar", "wb")  # noqa: SIM115 (closed in close_shard)
@@ -371,7 +387,7 @@ def write_split(
         if f is not None and not f.closed:
             f.close()
     if shape is None:
-        raise ValueError(f"split {split}: no images")
+        raise InputError(f"split {split}: no images")
     used = int(np.flatnonzero(counts).max()) + 1  # label counts up to the largest label seen, as before
     return SplitManifest(n=n, shards=tuple(shards), label_counts=tuple(int(c) for c in counts[:used])), shape
 
@@ -414,7 +430,7 @@ def write_dataset(
             total=total,
         )
     if len(set(shapes.values())) != 1:
-        raise ValueError(f"splits have different image shapes {shapes}; set a resize option for the source")
+        raise InputError(f"splits have different image shapes {shapes}; set a resize option for the source")
     mean, std = stats.result()
     manifest = {
         "version": MANIFEST_VERSION,

@@ -11,7 +11,9 @@ Sources (the keys of :data:`SOURCES`, used by the ``prepare`` stage via :func:`l
 - ``synthetic``: small deterministic, learnable images for tests and demos.
 
 Every reader takes ``(root, split, *, <its options>)``; options are keyword-only so a misspelt option
-is a ``TypeError`` naming the valid ones instead of being silently ignored.
+is a ``TypeError`` (:class:`OptionError`) naming the valid ones instead of being silently ignored. Bad
+options and sources are :class:`~pipeline.config.ConfigError`; unreadable or malformed files are
+:class:`~pipeline.errors.InputError` (both ValueErrors, and user errors: one clean line at the command line).
 """
 
 from __future__ import annotations
@@ -33,12 +35,21 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import ConfigError
+from pipeline.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "test")
 
 #: Where a source's files live when the user installed them the documented way.
 DEFAULT_ROOTS: dict[str, str] = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
+
+
+
+class OptionError(ConfigError, TypeError):
+    """An option (`prepare.options`) the source does not take: a ConfigError, and a TypeError like a bad keyword."""
+
 
 FASHION_MNIST_CLASSES: list[str] = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -89,12 +100,12 @@ class SplitData:
 
 def _check_split(source: str, split: str, valid: tuple[str, ...] = SPLITS) -> None:
     if split not in valid:
-        raise ValueError(f"source {source!r} has no split {split!r}; valid splits: {list(valid)}")
+        raise ConfigError(f"source {source!r} has no split {split!r}; valid splits: {list(valid)}")
 
 
 def _check_choice(name: str, value: object, valid: tuple[object, ...]) -> None:
     if value not in valid:
-        raise ValueError(f"option {name}={value!r} is invalid; valid values: {list(valid)}")
+        raise ConfigError(f"option {name}={value!r} is invalid; valid values: {list(valid)}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,7 +124,7 @@ def _read_bytes_maybe_gzip(path: Path) -> bytes:
     try:
         return gzip.decompress(raw)
     except (OSError, EOFError) as e:  # BadGzipFile is an OSError; a truncated stream raises EOFError
-        raise ValueError(f"{path}: corrupt or truncated gzip file ({e}); re-download or reinstall it") from e
+        raise InputError(f"{path}: corrupt or truncated gzip file ({e}); re-download or reinstall it") from e
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -125,19 +136,19 @@ def read_idx(path: str | Path) -> np.ndarray:
     path = Path(path)
     raw = _read_bytes_maybe_gzip(path)
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_DTYPES:
-        raise ValueError(
+        raise InputError(
             f"{path}: not an IDX file (magic bytes {raw[:4].hex() or 'none'}; expected 0000 + a type code in "
             f"{[hex(c) for c in _IDX_DTYPES]} + ndim)"
         )
     ndim = raw[3]
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: IDX header declares {ndim} dims but the file ends after {len(raw)} bytes")
+        raise InputError(f"{path}: IDX header declares {ndim} dims but the file ends after {len(raw)} bytes")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     if len(raw) != expected:
-        raise ValueError(
+        raise InputError(
             f"{path}: IDX header declares shape {tuple(dims)} ({expected} bytes) but the file holds {len(raw)} "
             "bytes; it is truncated or corrupt: re-download it"
         )
@@ -177,17 +188,17 @@ def _load_idx_split(source: str, root: Path, split: str, classes: list[str], fix
     assert img_path is not None and lbl_path is not None  # for type checkers: ensured just above
     images, labels = read_idx(img_path), read_idx(lbl_path)
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{img_path}: expected uint8 images of shape (N, H, W), got {images.dtype} {images.shape}")
+        raise InputError(f"{img_path}: expected uint8 images of shape (N, H, W), got {images.dtype} {images.shape}")
     if labels.ndim != 1:
-        raise ValueError(f"{lbl_path}: expected labels of shape (N,), got {labels.shape}")
+        raise InputError(f"{lbl_path}: expected labels of shape (N,), got {labels.shape}")
     if len(images) != len(labels):
-        raise ValueError(
+        raise InputError(
             f"{img_path} holds {len(images)} images but {lbl_path} holds {len(labels)} labels; "
             "the pair is mismatched or one file is from another data set"
         )
     labels = labels.astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise ValueError(f"{lbl_path}: labels span [{labels.min()}, {labels.max()}], expected [0, {len(classes)})")
+        raise InputError(f"{lbl_path}: labels span [{labels.min()}, {labels.max()}], expected [0, {len(classes)})")
     return SplitData(images[..., None], labels, list(classes), [str(img_path), str(lbl_path)])
 
 
@@ -243,13 +254,13 @@ def _load_cifar_pickle(path: Path, expected: list[str]) -> dict[str, Any]:
             # The original files are Python 2 pickles: encoding="bytes" keeps their str keys/values as bytes.
             obj = _ArrayUnpickler(f, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise ValueError(f"{path}: not a readable CIFAR pickle ({e}); re-download the data set") from e
+        raise InputError(f"{path}: not a readable CIFAR pickle ({e}); re-download the data set") from e
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
+        raise InputError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
     out = {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
     absent = [k for k in expected if k not in out]
     if absent:
-        raise ValueError(
+        raise InputError(
             f"{path}: pickle lacks key(s) {absent}; found keys {sorted(out)}, expected {expected} "
             "(is this the CIFAR python version, and the right one of CIFAR-10/CIFAR-100?)"
         )
@@ -324,11 +335,11 @@ def _load_cifar(
         data = np.asarray(batch["data"])
         lab = np.asarray(batch[labels_key], dtype=np.int64)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{path}: 'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
+            raise InputError(f"{path}: 'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
         if lab.shape != (len(data),):
-            raise ValueError(f"{path}: {len(data)} images but {labels_key!r} has shape {lab.shape}")
+            raise InputError(f"{path}: {len(data)} images but {labels_key!r} has shape {lab.shape}")
         if lab.size and (lab.min() < 0 or lab.max() >= len(classes)):
-            raise ValueError(
+            raise InputError(
                 f"{path}: {labels_key!r} span [{lab.min()}, {lab.max()}] but {meta_path} names {len(classes)} classes"
             )
         # Rows are channel-planar (1024 R, 1024 G, 1024 B, each row-major): -> (N, 32, 32, 3).
@@ -463,19 +474,19 @@ def _scan_tar(archive: Path, wanted: set[str]) -> _Tree:
                             rel = "/".join(parts[off + 2 : -1]) or "."
                             entries.append(_Entry(-1, f"{archive}::{member.name}", (rel, parts[-1]), data=f.read()))
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise ValueError(f"{archive}: unreadable tar archive ({e}); re-download or re-create it") from e
+        raise InputError(f"{archive}: unreadable tar archive ({e}); re-download or re-create it") from e
     prefixes = sorted({prefix for prefix, _ in found})
     if "" in prefixes:
         prefix = ""  # splits at top level win over a class folder that happens to be named like a split
     elif len(prefixes) == 1:
         prefix = prefixes[0]
     elif not prefixes:
-        raise ValueError(
+        raise InputError(
             f"{archive}: no ImageFolder inside: expected members train/<class>/<image> (optionally under one top "
             "folder)"
         )
     else:
-        raise ValueError(f"{archive}: several top folders hold splits ({prefixes}); the archive must hold one")
+        raise InputError(f"{archive}: several top folders hold splits ({prefixes}); the archive must hold one")
     tree = _Tree(f"{archive}::{prefix}" if prefix else str(archive), ignored=ignored)
     for (p, split), classes in found.items():
         if p == prefix:
@@ -501,13 +512,13 @@ def _check_classes(tree: _Tree, folder: str) -> list[str]:
     """Class list of ``folder``, after checking that every split has the same classes (labels index them)."""
     classes = list(tree.splits[folder])
     if not classes:
-        raise ValueError(f"{tree.location}: {folder}/ holds no class folders; expected {folder}/<class>/<image>")
+        raise InputError(f"{tree.location}: {folder}/ holds no class folders; expected {folder}/<class>/<image>")
     for other, other_classes in tree.splits.items():
         if other == folder or set(other_classes) == set(classes):
             continue
         only_here = sorted(set(classes) - set(other_classes))
         only_there = sorted(set(other_classes) - set(classes))
-        raise ValueError(
+        raise InputError(
             f"{tree.location}: class folders differ between {folder}/ and {other}/: only in {folder}/: {only_here}; "
             f"only in {other}/: {only_there}. Labels index the sorted class list, so both splits need the same "
             "classes: add or remove the folders"
@@ -588,7 +599,7 @@ class SplitStream:
                 arr = _decode(entry, self.mode, self.resize)
             except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
                 if self.on_corrupt == "error":
-                    raise ValueError(
+                    raise InputError(
                         f"cannot decode image {entry.name}: {type(e).__name__}: {e}. Fix or delete it, or pass "
                         "on_corrupt='skip' to drop undecodable images"
                     ) from e
@@ -598,7 +609,7 @@ class SplitStream:
             if first is None:
                 first = (entry.name, hw)
             elif hw != first[1]:
-                raise ValueError(
+                raise InputError(
                     f"image {entry.name} is {hw[1]}x{hw[0]} (WxH) but {first[0]} is {first[1][1]}x{first[1][0]}; "
                     f"images of a split must share one size: pass resize=<int> (e.g. resize={first[1][0]})"
                 )
@@ -609,7 +620,7 @@ class SplitStream:
                 self.location, len(self.skipped), len(self.entries), self.folder, ", ".join(self.skipped[:3]),
             )  # fmt: skip
         if first is None:
-            raise ValueError(
+            raise InputError(
                 f"{self.location}: no decodable image in {self.folder}/ ({len(self.skipped)} skipped as corrupt)"
             )
 
@@ -633,11 +644,11 @@ def open_imagefolder(
     _check_choice("mode", mode, ("RGB", "L", None))
     _check_choice("on_corrupt", on_corrupt, ("error", "skip"))
     if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
-        raise ValueError(f"option resize={resize!r} is invalid; expected a positive int or None")
+        raise ConfigError(f"option resize={resize!r} is invalid; expected a positive int or None")
     wanted = {split, "val"} if split == "test" else {split}
     if root.is_file():
         if not tarfile.is_tarfile(root):
-            raise ValueError(f"{root}: is a file but not a tar archive; pass an ImageFolder directory or a .tar[.gz]")
+            raise InputError(f"{root}: is a file but not a tar archive; pass an ImageFolder directory or a .tar[.gz]")
         tree = _scan_tar(root, wanted)
     elif root.is_dir():
         tree = _scan_dir(root, wanted)
@@ -647,7 +658,7 @@ def open_imagefolder(
     classes = _check_classes(tree, folder)
     empty = [c for c in classes if not tree.splits[folder][c]]
     if empty:
-        raise ValueError(
+        raise InputError(
             f"{tree.location}: empty class folder(s) in {folder}/: {empty} (no image files"
             f"{'; non-image files are ignored' if tree.ignored else ''}). Add images or remove the folder(s)"
         )
@@ -723,7 +734,7 @@ def load_synthetic(
     _check_split("synthetic", split)
     for name, value, low in (("n", n, 1), ("size", size, 4), ("num_classes", num_classes, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"option {name}={value!r} is invalid; expected an int >= {low}")
+            raise ConfigError(f"option {name}={value!r} is invalid; expected an int >= {low}")
     _check_choice("channels", channels, (1, 3))
     proto = np.random.default_rng([seed, 0])  # templates: independent of the split, so test matches train
     coarse = proto.normal(size=(num_classes, 4, 4, channels))
@@ -766,14 +777,14 @@ def check_options(source: str, options: dict[str, Any]) -> None:
     valid = source_options(source)
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise TypeError(f"source {source!r} got unknown option(s) {unknown}; valid options: {sorted(valid)}")
+        raise OptionError(f"source {source!r} got unknown option(s) {unknown}; valid options: {sorted(valid)}")
 
 
 def _reader(source: str) -> Callable[..., SplitData]:
     try:
         return SOURCES[source]
     except KeyError:
-        raise ValueError(f"unknown source {source!r}; available: {sorted(SOURCES)}") from None
+        raise ConfigError(f"unknown source {source!r}; available: {sorted(SOURCES)}") from None
 
 
 def load_split(source: str, root: str | Path | None, split: str, **options: Any) -> SplitData:
@@ -786,8 +797,9 @@ def load_split(source: str, root: str | Path | None, split: str, **options: Any)
         **options: the source's keyword options (see :func:`source_options`).
 
     Raises:
-        ValueError: unknown source or split, bad option value, malformed data.
-        TypeError: an option the source does not take (the message lists the valid ones).
+        ConfigError (a ValueError): unknown source or split, bad option value.
+        InputError (a ValueError): malformed data.
+        OptionError (a ConfigError and a TypeError): an option the source does not take (listing the valid ones).
         FileNotFoundError: missing files (the message says how to get them).
     """
     reader = _reader(source)
@@ -795,7 +807,7 @@ def load_split(source: str, root: str | Path | None, split: str, **options: Any)
     if root is None and source != "synthetic":
         default = DEFAULT_ROOTS.get(source)
         if default is None:
-            raise ValueError(f"source {source!r} needs a root (set `prepare.root` in params.yaml)")
+            raise ConfigError(f"source {source!r} needs a root (set `prepare.root` in params.yaml)")
         root = default
     start = time.perf_counter()
     data = reader(Path(root) if root is not None else None, split, **options)

@@ -60,12 +60,12 @@ def build_loss(name: str, **params: Any) -> nn.Module:
     :class:`CombinedLoss` for the semantics (CE counted once, with weight ``weights["ce"]``).
 
     Raises:
-        ValueError: unknown loss name (the message lists the available ones).
+        LossConfigError (a ValueError): unknown loss name (the message lists the available ones).
         LossConfigError (a TypeError and a ValueError): unknown or invalid parameters (the message
             lists the valid ones).
     """
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"loss name must be a non-empty string, got {name!r}; available: {sorted(LOSSES)}")
+        raise LossConfigError(f"loss name must be a non-empty string, got {name!r}; available: {sorted(LOSSES)}")
     if "+" in name:
         return _build_combined(name, params)
     cls = _loss_class(name.strip())
@@ -75,7 +75,7 @@ def build_loss(name: str, **params: Any) -> nn.Module:
 
 def _loss_class(name: str) -> type[nn.Module]:
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; available: {sorted(LOSSES)}")
+        raise LossConfigError(f"unknown loss {name!r}; available: {sorted(LOSSES)}")
     return LOSSES[name]
 
 
@@ -95,9 +95,9 @@ def _build_combined(name: str, params: Mapping[str, Any]) -> CombinedLoss:
     for part in names:
         _loss_class(part)
     if len(set(names)) != len(names):
-        raise ValueError(f"loss {name!r} repeats a component")
+        raise LossConfigError(f"loss {name!r} repeats a component")
     if "ce" in names:
-        raise ValueError(
+        raise LossConfigError(
             f"loss {name!r}: 'ce' cannot be a component, every combination already has one CE term "
             "(set its weight with weights={'ce': w})"
         )

@@ -23,6 +23,8 @@ from typing import Any, Protocol, TypeVar, overload
 import torch
 from torch import nn
 
+from pipeline.config import ConfigError
+
 __all__ = [
     "TORCHVISION_PREFIX",
     "DataSpec",
@@ -82,21 +84,22 @@ def _torchvision_names() -> list[str]:
 def canonical_arch(arch: str) -> str:
     """The registry name for ``arch``: ``'WRN-40-2'`` -> ``'wrn_40_2'``, ``'ShuffleV1'`` -> ``'shufflenetv1'``.
 
-    ``tv:<name>`` is returned with ``<name>`` lower-cased. Unknown names raise ``ValueError`` listing the options.
+    ``tv:<name>`` is returned with ``<name>`` lower-cased. Unknown names raise ``ConfigError`` (a ``ValueError``)
+    listing the options.
     """
     if not isinstance(arch, str) or not arch.strip():
-        raise ValueError(f"architecture must be a non-empty string; got {arch!r}")
+        raise ConfigError(f"architecture must be a non-empty string; got {arch!r}")
     name = arch.strip()
     if name.lower().startswith(TORCHVISION_PREFIX):
         tv_name = name[len(TORCHVISION_PREFIX) :].strip().lower()
         available = _torchvision_names()
         if tv_name not in available:
-            raise ValueError(f"unknown torchvision model {tv_name!r} in {arch!r}; available: {available}")
+            raise ConfigError(f"unknown torchvision model {tv_name!r} in {arch!r}; available: {available}")
         return TORCHVISION_PREFIX + tv_name
     key = name.lower().replace("-", "_")
     key = _ALIASES.get(key, key)
     if key not in _MODELS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown architecture {arch!r}; available: {list_models()} "
             f"(hyphenated aliases such as 'wrn-40-2' work too), or '{TORCHVISION_PREFIX}<name>' for a torchvision "
             f"model, e.g. '{TORCHVISION_PREFIX}resnet18'"

@@ -5,7 +5,9 @@ learning-rate schedule evaluated per step (`pipeline.training.schedule`), option
 bf16 autocast on CUDA and channels_last memory format everywhere. Every epoch ends with a checkpoint
 (`last.pt`: model, optimizer, epoch, history, architecture, per-rank RNG and loss state) written
 atomically, so `resume=True` continues an interrupted run to the same weights as an uninterrupted
-one with the same seed (the data stream is a pure function of `(seed, epoch)`).
+one with the same seed (the data stream is a pure function of `(seed, epoch)`). The history (and so
+`history.json`, `last.pt` and the curves) holds no wall-clock value: equal inputs give byte-identical
+files; each epoch's seconds, samples/s and loader wait go to the run log (`run_log`) instead.
 
 Teacher logits come from the batch (`"logits"`, cached) or from a live `teacher` module (online
 mode, for comparison); the student never sees a teacher object in cache mode.
@@ -42,9 +44,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.config import TrainConfig
-from pipeline.models.checkpoint import atomic_write, torch_save_atomic
+from pipeline.models.checkpoint import CheckpointError, atomic_write, torch_save_atomic
 from pipeline.models.predict import to_input
-from pipeline.runtime import rank_world
+from pipeline.runtime import rank_world, write_run_log
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.pool import ComparisonTracker
 from pipeline.training.schedule import lr_at, make_optimizer
@@ -124,6 +126,7 @@ def train(
     stop_after_epoch: int | None = None,
     arch: str | None = None,
     on_batch: Callable[[int, dict[str, Any]], None] | None = None,
+    run_log: str | Path | None = None,
 ) -> list[dict[str, float]]:
     """Train `model` in place; returns the per-epoch history (also written to `out_dir/history.json`).
 
@@ -131,7 +134,8 @@ def train(
     `stop_after_epoch` ends the run early after that (0-based) epoch (used to test resume).
     `arch` names the architecture in the checkpoint (default: `arch_label(model)`); resuming a
     checkpoint of another architecture is an error. `on_batch(epoch, batch)` sees every real batch
-    (tests use it to check which samples each rank trained on).
+    (tests use it to check which samples each rank trained on). `run_log`: a JSON file (outside every
+    DVC output) for each epoch's timings (`seconds`, `samples_per_s`, `data_wait_s`), written by rank 0.
     Under an initialised process group with world size > 1 the model trains with DDP (see module doc).
     """
     device = device or torch.device("cpu")
@@ -151,6 +155,7 @@ def train(
     else:
         history, start_epoch = [], 0
         torch.manual_seed(cfg.seed)
+    timings = _earlier_timings(run_log, start_epoch)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
     ddp_model = model
@@ -192,13 +197,16 @@ def train(
             # as it is now, so setting the epoch early is safe.
             train_set.set_epoch(epoch + 1)
             next_it = iter(loader)
-        row = _epoch_row(run, totals, epoch, plan.steps)
+        row, timing = _epoch_row(run, totals, epoch, plan.steps)
         if rank == 0 and test_set is not None and _eval_due(cfg, epoch):
             row["test_acc"] = _held_out_accuracy(model, test_set, cfg.batch_size * 2, device)
         row = _share(row, world)  # every rank returns the same history (rank 0's has the held-out accuracy)
         history.append(row)
         if rank == 0:
-            log.info("%s epoch %d/%d: %s", desc, epoch + 1, cfg.epochs, {k: round(v, 4) for k, v in row.items()})
+            shown = {k: round(v, 4) for k, v in {**row, **timing}.items() if k != "epoch"}
+            log.info("%s epoch %d/%d: %s", desc, epoch + 1, cfg.epochs, shown)
+            timings.append(timing)
+            write_run_log(run_log, timings)
         _save(run, out_dir, epoch, history, arch)
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
@@ -225,10 +233,18 @@ def _restore(
     """
     if not path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint {path} to resume from (run without --resume)")
-    state = torch.load(path, map_location=device, weights_only=False)
+    try:
+        # our own file (written by `_save`), not a user's: it holds RNG states and optimizer objects
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # a truncated or foreign file: torch raises many types
+        raise CheckpointError(
+            f"--resume: cannot read {path} ({type(e).__name__}: {e}); delete it and run without --resume"
+        ) from e
+    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "history", "ranks"} <= set(state):
+        raise CheckpointError(f"--resume: {path} is not a training checkpoint of kdcache; run without --resume")
     found = state.get("arch")
     if found is not None and found != arch:
-        raise ValueError(
+        raise CheckpointError(
             f"--resume: checkpoint {path} is of architecture '{found}', but this run trains '{arch}'; "
             "use another output folder or drop --resume"
         )
@@ -236,7 +252,7 @@ def _restore(
         model.load_state_dict(state["model"])
     except RuntimeError as e:  # old checkpoint without `arch`, or a label that hides a shape change
         first = str(e).strip().splitlines()[0]
-        raise ValueError(
+        raise CheckpointError(
             f"--resume: checkpoint {path} (architecture '{found or 'unrecorded'}') does not fit "
             f"the model '{arch}': {first}"
         ) from e
@@ -353,8 +369,22 @@ def _batch_loss(
     return parts, s, y
 
 
-def _epoch_row(run: _Run, totals: _EpochTotals, epoch: int, steps: int) -> dict[str, float]:
-    """The epoch's history row: per-sample means of every loss part over all ranks, accuracy, lr, throughput."""
+def _earlier_timings(run_log: str | Path | None, start_epoch: int) -> list[dict[str, float]]:
+    """The timing rows a resumed run keeps from its run log (epochs before `start_epoch`)."""
+    if run_log is None or start_epoch == 0 or not Path(run_log).exists():
+        return []
+    try:
+        rows = json.loads(Path(run_log).read_text())
+    except ValueError:  # a log is a nicety: an unreadable one starts over
+        return []
+    return (
+        [r for r in rows if isinstance(r, dict) and r.get("epoch", 0) <= start_epoch] if isinstance(rows, list) else []
+    )
+
+
+def _epoch_row(run: _Run, totals: _EpochTotals, epoch: int, steps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """The epoch's history row (per-sample means of every loss part over all ranks, accuracy, lr, steps) and its
+    timing row (seconds, samples/s, loader wait: what varies between identical runs, kept out of the history)."""
     mine = (totals.seen, int(totals.correct), {k: float(v) for k, v in totals.sums.items()})  # one host sync
     seen_all, correct_all, sums_all = 0, 0, {}
     for n, ok, sm in _gather(mine, run.world):
@@ -368,10 +398,14 @@ def _epoch_row(run: _Run, totals: _EpochTotals, epoch: int, steps: int) -> dict[
         row["distinct_comparisons"] = run.comparisons.distinct  # this rank's, so far
     row.update({f"train_{k}": v / seen_all for k, v in sums_all.items()})
     row["train_acc"] = correct_all / seen_all
-    row["samples_per_s"] = seen_all / totals.seconds
     row["steps"] = steps
-    row["data_wait_s"] = totals.waited  # rank 0's (or this process's) time blocked on the loader
-    return row
+    timing = {
+        "epoch": epoch + 1,
+        "seconds": totals.seconds,
+        "samples_per_s": seen_all / totals.seconds,
+        "data_wait_s": totals.waited,  # rank 0's (or this process's) time blocked on the loader
+    }
+    return row, timing
 
 
 def _eval_due(cfg: TrainConfig, epoch: int) -> bool:
@@ -399,7 +433,9 @@ def _save(run: _Run, out_dir: Path, epoch: int, history: list[dict[str, float]],
         "model": run.model.state_dict(),
         "optimizer": run.opt.state_dict(),
         "epoch": epoch,
-        "history": history,
+        # Through JSON: pickle's bytes depend on which strings are shared objects (a resumed run's history
+        # comes from torch.load); rebuilt in one go, equal histories pickle to equal bytes.
+        "history": json.loads(json.dumps(history)),
         "arch": arch,
         "world_size": run.world,
         "ranks": ranks,

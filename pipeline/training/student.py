@@ -25,8 +25,8 @@ from pipeline.cache.store import LogitStore
 from pipeline.config import ConfigError, DistillConfig, student_id
 from pipeline.data.shards import Manifest
 from pipeline.layout import Layout
-from pipeline.losses import build_loss
-from pipeline.models.checkpoint import load_model, save_model
+from pipeline.losses import LossConfigError, build_loss
+from pipeline.models.checkpoint import atomic_write, load_model, save_model
 from pipeline.models.registry import build_for
 from pipeline.runtime import pick_device, rank_world, seed_everything, set_threads
 from pipeline.training.dataset import DistillDataset
@@ -131,7 +131,10 @@ def run_student(
         )
     if cfg.teacher_source not in ("cache", "online"):
         raise ConfigError(f"distill.teacher_source must be 'cache' or 'online', got '{cfg.teacher_source}'")
-    loss_fn = build_loss(run.loss, **(cfg.loss_params[run.loss] or {}))
+    try:
+        loss_fn = build_loss(run.loss, **(cfg.loss_params[run.loss] or {}))
+    except LossConfigError as e:  # name the key: the loss only knows its own parameter names
+        raise ConfigError(f"distill.loss_params.{run.loss}: {e}", where=f"distill.loss_params.{run.loss}") from e
     store_path = Path(store or layout.store(run.teacher))
     train_store = LogitStore(store_path, "train", manifest)
     labels = None if run.is_full else manifest.iter_labels("train")
@@ -163,6 +166,7 @@ def run_student(
         teacher=teacher,
         desc=run.sid,
         arch=cfg.student,
+        run_log=layout.run_log("distill", run.sid) if rank == 0 else None,
     )
     meta = {
         "student_id": run.sid,
@@ -180,7 +184,6 @@ def run_student(
         return meta  # only rank 0 writes outputs
     save_model(out / "model.pt", model.cpu(), cfg.student, extra=meta)
     curves_path = Path(curves or layout.curves(run.sid))
-    curves_path.parent.mkdir(parents=True, exist_ok=True)
-    curves_path.write_text(json.dumps(history, indent=1) + "\n")
+    atomic_write(curves_path, lambda f: f.write((json.dumps(history, indent=1) + "\n").encode()))
     log.info("student %s done: test top-1 %.4f", run.sid, history[-1].get("test_acc", float("nan")))
     return meta

@@ -20,7 +20,7 @@ from pipeline.data.shards import Manifest
 from pipeline.data.views import ViewRecipe
 from pipeline.layout import Layout
 from pipeline.losses.ce import CELoss
-from pipeline.models.checkpoint import import_state_dict, load_model, save_model
+from pipeline.models.checkpoint import atomic_write, import_state_dict, load_model, save_model
 from pipeline.models.registry import Normalized, build_for
 from pipeline.runtime import pick_device, seed_everything, set_threads
 from pipeline.training.dataset import DistillDataset
@@ -48,10 +48,12 @@ def train_teacher(
     *,
     resume: bool = False,
     device: torch.device | None = None,
+    run_log: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train (or import) teacher `name`; write `<out_dir>/<name>.pt` and `<name>.json`; return the metrics.
 
     `out_dir` is `Layout.teachers` in the pipeline; a demo teacher's epoch checkpoints go to `<name>.run/`.
+    `run_log`: where the training's per-epoch timings go (the metrics file holds none, so it is reproducible).
     """
     files = Layout.teacher_files(out_dir, name)
     device = device or pick_device()
@@ -83,6 +85,7 @@ def train_teacher(
             device=device,
             resume=resume,
             desc=f"teacher {name}",
+            run_log=run_log,
         )
         source = "trained by train_teacher"
     logits, labels = predict_split(model.to(device), test_set, 1000, device)
@@ -94,6 +97,8 @@ def train_teacher(
         "test_top5": topk_accuracy(logits, labels, 5),
     }
     save_model(files.checkpoint, model.cpu(), spec.arch, extra={"name": name, "test_top1": metrics["test_top1"]})
-    files.metrics.write_text(json.dumps({**metrics, "history": history}, indent=1) + "\n")
+    atomic_write(
+        files.metrics, lambda f: f.write((json.dumps({**metrics, "history": history}, indent=1) + "\n").encode())
+    )
     log.info("teacher %s (%s): test top-1 %.4f -> %s", name, spec.arch, metrics["test_top1"], files.checkpoint)
     return metrics
