@@ -165,7 +165,7 @@ def time_train(p: Pair, mode: str, cfg: TrainConfig, out: Path) -> tuple[float, 
     teacher = p.teacher if mode == "online" else None
     ds = dataset(p, cached=mode != "ce")
     cpu0 = time.thread_time()
-    row = train(model, loss, ds, cfg, out / mode, teacher=teacher, desc=mode)[-1]
+    row = train(model, loss, ds, cfg, out / mode, teacher=teacher, desc=mode).history[-1]
     n = ds.num_samples()
     return row["samples_per_s"], (time.thread_time() - cpu0) / n, row["data_wait_s"] / n
 

@@ -79,6 +79,10 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
         return cls(**kwargs)
     except TypeError as e:  # missing required keys
         raise ConfigError(f"{where}: {e}") from e
+    except ConfigError as e:  # a value check of the dataclass (`key: problem`): name where the key sits
+        msg = str(e)
+        head = msg.split(":", 1)[0]
+        raise ConfigError(f"{where}.{msg}" if head in fields else f"{where}: {msg}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +101,17 @@ class PrepareConfig:
     splits: tuple[str, ...] = ("train", "test")
     limit: int | None = None  # keep the first n samples of each split (quick runs)
     shuffle_seed: int | None = 0  # permute the train split once before sharding (None: keep source order)
+    # Validation split carved out of train (seeded, class-stratified): a fraction in (0, 1) or a count of
+    # images; 0 or None = no validation split (checkpoints are then the last epoch's).
+    val: float | int | None = 0.1
+    val_seed: int = 0
+
+    def __post_init__(self) -> None:
+        v = self.val
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+            raise ConfigError(f"val: expected a fraction in (0, 1), a count of images or 0, got {v!r}")
+        if isinstance(v, float) and not v < 1:
+            raise ConfigError(f"val: a fraction must be below 1 (got {v}); give a count of images instead")
 
 
 @dataclass(frozen=True)
@@ -115,11 +130,22 @@ class OptimConfig:
     grad_clip: float | None = None
 
 
+DEFAULT_EPOCHS = 3
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything the one training loop needs besides the model and the loss."""
+    """Everything the one training loop needs besides the model and the loss.
 
-    epochs: int = 3
+    Length: `steps` optimizer steps exactly, or `epochs` passes over the data raised to at least
+    `min_steps` steps (so a small data set still gets enough updates); neither = 3 epochs. See
+    `pipeline.training.schedule.resolve_schedule`.
+    """
+
+    epochs: int | None = None
+    steps: int | None = None
+    min_steps: int = 0
+    select: str = "best_val"  # best_val: keep the epoch checkpoint best on the validation split | last
     batch_size: int = 128
     workers: int = 1
     shuffle_buffer: int = 2000
@@ -127,7 +153,23 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    eval_every: int = 1  # test accuracy every n epochs (0: only at the end)
+    eval_every: int = 1  # validation accuracy every n epochs (0: only at the end): the checkpoints `select` sees
+
+    def __post_init__(self) -> None:
+        check_length(self.epochs, self.steps)
+        if self.select not in ("best_val", "last"):
+            raise ConfigError(f"select: expected 'best_val' or 'last', got {self.select!r}")
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 0:
+            raise ConfigError(f"min_steps: expected a non-negative integer, got {self.min_steps!r}")
+
+
+def check_length(epochs: Any, steps: Any) -> None:
+    """A training length is `epochs` or `steps` (positive integers), never both."""
+    if epochs is not None and steps is not None:
+        raise ConfigError(f"give `epochs` or `steps`, not both (got epochs={epochs}, steps={steps}); delete one")
+    for key, value in (("epochs", epochs), ("steps", steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -141,14 +183,19 @@ class TeacherSpec:
 
     arch: str
     checkpoint: str | None = None
-    epochs: int = 3
+    epochs: int | None = None  # or `steps`; neither: the shared recipe's (train_teacher.train)
+    steps: int | None = None
     lr: float = 0.05
     batch_size: int = 128
 
+    def __post_init__(self) -> None:
+        check_length(self.epochs, self.steps)
+
     def train_config(self, shared: TrainConfig) -> TrainConfig:
-        """The shared `train_teacher.train` recipe with this teacher's epochs, batch size and learning rate."""
+        """The shared `train_teacher.train` recipe with this teacher's length, batch size and learning rate."""
         optim = dataclasses.replace(shared.optim, lr=self.lr)
-        return dataclasses.replace(shared, epochs=self.epochs, batch_size=self.batch_size, optim=optim)
+        length = {"epochs": self.epochs, "steps": self.steps} if (self.epochs or self.steps) else {}
+        return dataclasses.replace(shared, batch_size=self.batch_size, optim=optim, **length)
 
 
 @dataclass(frozen=True)
@@ -201,6 +248,13 @@ class DistillConfig:
     unqueried: str = "drop"  # drop | ce  (budget runs: what to do with rows the teacher never saw)
     pool_epoch_samples: int | None = None  # budget runs (queried pool): draws per epoch (None: the split's N)
     teacher_source: str = "cache"  # cache | online
+
+    def __post_init__(self) -> None:
+        for key in ("teachers", "losses", "budgets", "seeds"):
+            values = [str(v) for v in getattr(self, key)]
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise ConfigError(f"{key}: {repeated} listed twice; each {key[:-1]} once (a matrix axis)")
 
 
 @dataclass(frozen=True)
