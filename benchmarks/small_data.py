@@ -78,7 +78,12 @@ def run_pipeline(name: str, folder: Path, work: Path, seeds: list[int]) -> dict:
     params["prepare"].update(name=name, source="imagefolder", root=str(folder), options={})
     params["distill"]["seeds"] = seeds
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    # dvc.yaml's commands run `python`: this interpreter's (the venv's), whether or not the venv is activated
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env, check=True)
     wall = time.perf_counter() - start

@@ -308,3 +308,14 @@ def test_an_imported_checkpoint_with_shuffled_classes_is_refused(tmp_path, monke
     Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with pytest.raises(TeacherCheckError, match=r"teacher mine reaches .* near chance.*another class order"):
         train_teacher.main(["--name", "mine"])
+
+
+def test_mean_std_ci_against_a_by_hand_t_interval():
+    from pipeline.evaluation.stats import format_mean, mean_std_ci, t975
+
+    m, s, h = mean_std_ci([0.86, 0.88, 0.87])
+    assert m == pytest.approx(0.87) and s == pytest.approx(0.01)
+    assert h == pytest.approx(4.303 * 0.01 / 3**0.5)  # t_{0.975, 2} = 4.303
+    assert mean_std_ci([0.5]) == (0.5, 0.0, None) and format_mean([0.5]) == "50.00"
+    assert format_mean([0.86, 0.88, 0.87]) == "87.00 ± 1.00 [84.52, 89.48]"
+    assert t975(40) == 1.96
