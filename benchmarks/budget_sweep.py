@@ -29,11 +29,13 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", default=["100", "300", "1000", "3000", "full"])
     ap.add_argument("--losses", nargs="+", default=["ce", "kd", "dist", "cmkd", "ckd"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--epochs", type=int, default=2, help="distill.train.epochs for every run (full included)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="distill.train.steps for every run (full included); default: params.yaml"
+    )
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     work = Path(args.out) / "budget"
-    overrides = {"train": {"epochs": args.epochs}}
+    overrides = {"train": {"steps": args.steps, "epochs": None}} if args.steps else {}
     for budget in args.budgets:
         for loss in args.losses:
             for seed in args.seeds:
