@@ -1,7 +1,7 @@
 """Budget sweep: student accuracy against teacher calls (the CKD paper's main figure, from our runs).
 
     python -m benchmarks.budget_sweep [--teacher resnet] [--budgets 100 300 1000 3000 full]
-        [--losses ce kd dist cmkd ckd] [--seeds 0] [--epochs 2] [--out benchmarks/results]
+        [--losses ce kd dist cmkd ckd] [--seeds 0] [--steps 500] [--out benchmarks/results]
 
 Every student is trained exactly as `dvc repro` trains a `distill@<teacher>-<loss>-<budget>-<seed>`
 stage (through `benchmarks.students.run_student`): budget n uses the first n teacher calls of the
@@ -29,11 +29,16 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", default=["100", "300", "1000", "3000", "full"])
     ap.add_argument("--losses", nargs="+", default=["ce", "kd", "dist", "cmkd", "ckd"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--epochs", type=int, default=2, help="distill.train.epochs for every run (full included)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="distill.train.steps for every run (full included); default: params.yaml",
+    )
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     work = Path(args.out) / "budget"
-    overrides = {"train": {"epochs": args.epochs}}
+    overrides = {"train": {"steps": args.steps, "epochs": None}} if args.steps else {}
     for budget in args.budgets:
         for loss in args.losses:
             for seed in args.seeds:

@@ -45,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     target = work / "params.yaml"
     if not target.exists() or target.read_text() != new:
         target.write_text(new)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    # dvc.yaml's commands run `python`: this interpreter's (the venv's), whether or not the venv is activated
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env, check=True)
     print(f"dvc repro: {time.perf_counter() - start:.0f} s wall in {work}")

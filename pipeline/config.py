@@ -271,7 +271,15 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
         raise ConfigError(f"{where}: missing required key(s) {missing}", where=where)
     hints = typing.get_type_hints(cls, include_extras=True)
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a check across fields (`__post_init__`, `key: problem`): name where the key sits
+        if e.where:
+            raise
+        msg = str(e)
+        head = msg.split(":", 1)[0]
+        path = f"{where}.{head}" if head in fields else where
+        raise ConfigError(f"{where}.{msg}" if head in fields else f"{where}: {msg}", where=path) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +298,10 @@ class PrepareConfig:
     splits: Annotated[tuple[Name, ...], NONEMPTY] = ("train", "test")
     limit: PosInt | None = None  # keep the first n samples of each split (quick runs)
     shuffle_seed: NonNegInt | None = 0  # permute the train split once before sharding (None: keep source order)
+    # Validation split carved out of train (seeded, class-stratified): a fraction in (0, 1) or a count of
+    # images; 0 or None = no validation split (checkpoints are then the last epoch's).
+    val: Fraction | NonNegInt | None = 0.1
+    val_seed: NonNegInt = 0
 
 
 @dataclass(frozen=True)
@@ -308,11 +320,22 @@ class OptimConfig:
     grad_clip: PosFloat | None = None
 
 
+DEFAULT_EPOCHS = 3
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything the one training loop needs besides the model and the loss."""
+    """Everything the one training loop needs besides the model and the loss.
 
-    epochs: PosInt = 3
+    Length: `steps` optimizer steps exactly, or `epochs` passes over the data raised to at least
+    `min_steps` steps (so a small data set still gets enough updates); neither = 3 epochs. See
+    `pipeline.training.schedule.resolve_schedule`.
+    """
+
+    epochs: PosInt | None = None
+    steps: PosInt | None = None
+    min_steps: NonNegInt = 0
+    select: Literal["best_val", "last"] = "best_val"  # keep the epoch best on the validation split | the last
     batch_size: PosInt = 128
     workers: NonNegInt = 1
     shuffle_buffer: NonNegInt = 2000
@@ -320,7 +343,16 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     threads: PosInt | None = None  # torch intra-op threads (None: torch's default)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    eval_every: NonNegInt = 1  # test accuracy every n epochs (0: only at the end)
+    eval_every: NonNegInt = 1  # validation accuracy every n epochs (0: only at the end): the checkpoints `select` sees
+
+    def __post_init__(self) -> None:
+        check_length(self.epochs, self.steps)
+
+
+def check_length(epochs: Any, steps: Any) -> None:
+    """A training length is `epochs` or `steps`, never both (each is checked as a positive integer by its field)."""
+    if epochs is not None and steps is not None:
+        raise ConfigError(f"give `epochs` or `steps`, not both (got epochs={epochs}, steps={steps}); delete one")
 
 
 @dataclass(frozen=True)
@@ -334,14 +366,19 @@ class TeacherSpec:
 
     arch: Name
     checkpoint: Name | None = None
-    epochs: PosInt = 3
+    epochs: PosInt | None = None  # or `steps`; neither: the shared recipe's (train_teacher.train)
+    steps: PosInt | None = None
     lr: PosFloat = 0.05
     batch_size: PosInt = 128
 
+    def __post_init__(self) -> None:
+        check_length(self.epochs, self.steps)
+
     def train_config(self, shared: TrainConfig) -> TrainConfig:
-        """The shared `train_teacher.train` recipe with this teacher's epochs, batch size and learning rate."""
+        """The shared `train_teacher.train` recipe with this teacher's length, batch size and learning rate."""
         optim = dataclasses.replace(shared.optim, lr=self.lr)
-        return dataclasses.replace(shared, epochs=self.epochs, batch_size=self.batch_size, optim=optim)
+        length = {"epochs": self.epochs, "steps": self.steps} if (self.epochs or self.steps) else {}
+        return dataclasses.replace(shared, batch_size=self.batch_size, optim=optim, **length)
 
 
 @dataclass(frozen=True)
@@ -394,6 +431,13 @@ class DistillConfig:
     unqueried: Literal["drop", "ce"] = "drop"  # budget runs: what to do with rows the teacher never saw
     pool_epoch_samples: PosInt | None = None  # budget runs (queried pool): draws per epoch (None: the split's N)
     teacher_source: Literal["cache", "online"] = "cache"
+
+    def __post_init__(self) -> None:
+        for key in ("teachers", "losses", "budgets", "seeds"):
+            values = [str(v) for v in getattr(self, key)]
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise ConfigError(f"{key}: {repeated} listed twice; each {key[:-1]} once (a matrix axis)")
 
 
 @dataclass(frozen=True)

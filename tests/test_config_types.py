@@ -243,7 +243,7 @@ def test_valid_params_load(which):
         ("distill", {"unqueried": "keep"}, "distill.unqueried: expected one of ['drop', 'ce'], got 'keep'"),
         ("distill", {"teacher_source": "live"}, "distill.teacher_source: expected one of ['cache', 'online']"),
         ("distill", {"losses": []}, "distill.losses: expected a non-empty list, got []"),
-        ("train_teacher", {"train": {"epochs": True}}, "train_teacher.train.epochs: expected a positive integer"),
+        ("train_teacher", {"train": {"epochs": True}}, "train_teacher.train.epochs: expected null or a positive"),
         ("corrupt", {"severities": [6]}, "corrupt.severities[0]: expected one of [1, 2, 3, 4, 5], got 6"),
         ("corrupt", {"corruptions": ["fog"]}, "corrupt.corruptions[0]: expected one of ['gaussian_noise'"),
         ("evaluate", {"topk": [0]}, "evaluate.topk[0]: expected a positive integer, got 0"),

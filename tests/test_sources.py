@@ -381,7 +381,16 @@ def test_streamed_imagefolder_shards_equal_in_memory_ones(tmp_path: Path) -> Non
 
     root = make_imagefolder(tmp_path / "ds")
     save_image(root / "train" / "ant" / "gray.png", 90, mode="L")  # mode None + a gray image: RGB for all
-    params = {"prepare": {"name": "ds", "source": "imagefolder", "root": str(root), "shard_size": 3, "shuffle_seed": 1}}
+    params = {
+        "prepare": {
+            "name": "ds",
+            "source": "imagefolder",
+            "root": str(root),
+            "shard_size": 3,
+            "shuffle_seed": 1,
+            "val": 0,
+        }
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     prepare.main(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "streamed")])
     splits = {}
@@ -532,3 +541,19 @@ def test_real_cifar10_jpeg_test_split() -> None:
     assert data.images.shape == (10000, 32, 32, 3)
     assert data.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     assert np.bincount(data.labels).tolist() == [1000] * 10
+
+
+def test_streamed_imagefolder_gets_a_stratified_validation_split(tmp_path: Path) -> None:
+    """prepare.val on a streamed ImageFolder: one image of each class moves to `val`, none is decoded twice."""
+    import yaml
+
+    from pipeline.data.shards import load_manifest
+    from stages import prepare
+
+    root = make_imagefolder(tmp_path / "ds")
+    params = {"prepare": {"name": "ds", "source": "imagefolder", "root": str(root), "shard_size": 3, "val": 3}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    prepare.main(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "out")])
+    m = load_manifest(tmp_path / "out")
+    assert m.split("val").label_counts == (1, 1, 1) and m.split("train").label_counts == (1, 1, 2)
+    assert m.split("test").n == 7

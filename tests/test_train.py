@@ -70,9 +70,8 @@ def run(data, out: Path, loss: str, workers: int, **kw) -> tuple[torch.nn.Module
     model = student(m, kw.get("arch") or "cnn_tiny", kw.pop("dropout", 0.0))
     loss_fn = build_loss(loss, **({"T": 4.0} if loss != "ce" else {}))
     train_set = DistillDataset(m, "train", store, seed=0, shuffle_buffer=40)
-    test_set = DistillDataset(m, "test", shuffle=False)
-    hist = train(model, loss_fn, train_set, cfg(workers=workers), out, test_set=test_set, **kw)
-    return model, hist
+    held = DistillDataset(m, "test", shuffle=False)  # this tiny data set has no val split: any held-out split works
+    return model, train(model, loss_fn, train_set, cfg(workers=workers), out, val_set=held, **kw).history
 
 
 @pytest.mark.parametrize(
@@ -93,7 +92,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(data, tmp_path, loss, work
     assert [r["epoch"] for r in hist_res] == [1, 2]
     for a, b in zip(hist_full, hist_res, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
-        assert a["test_acc"] == b["test_acc"]
+        assert a["val_acc"] == b["val_acc"]
 
 
 def test_curves_have_loss_parts_accuracy_and_lr(data, tmp_path):
@@ -101,9 +100,9 @@ def test_curves_have_loss_parts_accuracy_and_lr(data, tmp_path):
     on_disk = json.loads((tmp_path / "kd" / "history.json").read_text())
     assert on_disk == hist and [r["epoch"] for r in hist] == [1, 2]
     for row in hist:
-        for key in ("lr", "train_loss", "train_ce", "train_kd", "train_acc", "test_acc", "steps"):
+        for key in ("lr", "train_loss", "train_ce", "train_kd", "train_acc", "val_acc", "steps"):
             assert key in row and np.isfinite(row[key]), key
-        assert 0 <= row["train_acc"] <= 1 and 0 <= row["test_acc"] <= 1
+        assert 0 <= row["train_acc"] <= 1 and 0 <= row["val_acc"] <= 1
         # wall-clock values vary between identical runs: they live in the run log, never in the history
         assert not {"samples_per_s", "data_wait_s", "seconds"} & set(row)
     timings = json.loads((tmp_path / "logs" / "kd.json").read_text())
@@ -190,7 +189,7 @@ def test_distill_stage_online_mode_and_resume_errors(tmp_path, monkeypatch):
     assert not Path("data/students/small-kd-full-0/model.pt").exists()
     distill.main(["--teacher", "small", "--loss", "kd"])
     curves = json.loads(Path("plots/curves/small-kd-full-0.json").read_text())
-    assert np.isfinite(curves[-1]["train_loss"]) and "test_acc" in curves[-1]
+    assert np.isfinite(curves[-1]["train_loss"]) and "val_acc" in curves[-1]
     state = torch.load("data/students/small-kd-full-0/last.pt", weights_only=False)
     assert state["arch"] == "cnn_tiny"
     # The same student folder with another student architecture: refused, naming both.

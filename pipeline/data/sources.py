@@ -18,6 +18,7 @@ options and sources are :class:`~pipeline.config.ConfigError`; unreadable or mal
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import inspect
 import io
@@ -75,6 +76,11 @@ class SplitData:
     classes: list[str]
     source_files: list[str] = field(default_factory=list)
     skipped: int = 0
+
+    def subset(self, index: np.ndarray) -> SplitData:
+        """The images at `index`, in that order."""
+        files = [self.source_files[i] for i in index] if len(self.source_files) == len(self.labels) else []
+        return SplitData(self.images[index], self.labels[index], self.classes, files or list(self.source_files))
 
     def __post_init__(self) -> None:
         # Validate once here so every consumer (shards, views, store) can trust shapes and dtypes.
@@ -567,6 +573,14 @@ class SplitStream:
         """Reorder the images by ``default_rng(seed).permutation`` (before decoding; what prepare's shuffle does)."""
         perm = np.random.default_rng(seed).permutation(len(self.entries))
         self.entries = [self.entries[i] for i in perm]
+
+    def labels(self) -> np.ndarray:
+        """(N,) int64 labels from the index (no decoding)."""
+        return np.array([e.label for e in self.entries], dtype=np.int64)
+
+    def subset(self, index: np.ndarray) -> SplitStream:
+        """The images at `index`, in that order (a new stream; nothing decoded)."""
+        return dataclasses.replace(self, entries=[self.entries[i] for i in index], skipped=[])
 
     def resolve_mode(self) -> None:
         """``mode=None``: ``L`` if every image is grayscale, else ``RGB`` (reads headers only)."""

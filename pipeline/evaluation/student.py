@@ -36,6 +36,9 @@ META_KEYS = (
     "teacher_calls",
     "train_samples",
     "distinct_comparisons",
+    "schedule",
+    "selected_epoch",
+    "val_top1",
 )
 
 

@@ -12,6 +12,12 @@ files; each epoch's seconds, samples/s and loader wait go to the run log (`run_l
 Teacher logits come from the batch (`"logits"`, cached) or from a live `teacher` module (online
 mode, for comparison); the student never sees a teacher object in cache mode.
 
+Length and selection: the run's length is resolved once from the config and the data's size
+(`pipeline.training.schedule.resolve_schedule`: `steps`, or `epochs` raised to `min_steps`) and logged.
+After every `eval_every` epochs the model is scored on the validation split (never the test split),
+and with `select: best_val` the weights of the best-scoring epoch are the ones returned (ties keep
+the earlier epoch); the history records `val_acc` per epoch, `TrainResult` the selected epoch.
+
 Under `torch.distributed` (world size > 1) the model is wrapped in DistributedDataParallel. DDP
 needs every rank to run the same number of forward/backward passes, but shards are split across
 ranks whole, so ranks can receive different sample counts. Every rank therefore computes the
@@ -22,7 +28,8 @@ the gradient all-reduce and the optimizer stay in lockstep, and real ranks scale
 sample is dropped or repeated. Only rank 0 writes checkpoints and curves and evaluates.
 
 The loop reads top to bottom as its steps: `_restore` (resume), `_train_epoch` (the step loop, one
-`_batch_loss` per batch), `_epoch_row` (cross-rank totals), `_held_out_accuracy`, `_save`.
+`_batch_loss` per batch), `_epoch_row` (cross-rank totals), `_held_out_accuracy` + `_Selection`
+(validation and the best epoch), `_save`.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,7 +57,7 @@ from pipeline.models.predict import to_input
 from pipeline.runtime import rank_world, write_run_log
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.pool import ComparisonTracker
-from pipeline.training.schedule import lr_at, make_optimizer
+from pipeline.training.schedule import Schedule, lr_at, make_optimizer, resolve_schedule
 from pipeline.training.source import BatchSource, EpochPlan
 from pipeline.training.transport import FEATURE_PREFIX, make_loader
 from pipeline.training.validate import predict_split, topk_accuracy
@@ -98,6 +106,49 @@ class _Run:
     teacher: nn.Module | None = None  # online mode only
     comparisons: ComparisonTracker | None = None
     idle_x: torch.Tensor | None = None  # (1, C, H, W): the input of a zero-weight step
+    schedule: Schedule | None = None  # resolved once the loader's plan is known
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: the per-epoch history, the resolved schedule and the checkpoint it kept."""
+
+    history: list[dict[str, float]]
+    schedule: Schedule
+    selected_epoch: int  # 1-based epoch whose weights the model now holds
+    val_acc: float | None  # its validation top-1 (None without a validation split)
+
+    def summary(self) -> dict[str, Any]:
+        """For metrics files: schedule, selection and validation accuracy."""
+        return {
+            "schedule": self.schedule.to_dict(),
+            "selected_epoch": self.selected_epoch,
+            "val_top1": self.val_acc,
+        }
+
+
+@dataclass
+class _Selection:
+    """The best epoch on validation so far, and a CPU copy of its weights (rank-local; saved for resume)."""
+
+    enabled: bool
+    best_acc: float | None = None
+    best_epoch: int = 0
+    state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, model: nn.Module, epoch: int, val_acc: float | None) -> None:
+        if not self.enabled or val_acc is None:
+            return
+        if self.best_acc is None or val_acc > self.best_acc:  # strictly better: ties keep the earlier epoch
+            self.best_acc, self.best_epoch = val_acc, epoch + 1
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    def to_state(self) -> dict[str, Any]:
+        return {"best_acc": self.best_acc, "best_epoch": self.best_epoch, "state": self.state}
+
+    def load(self, d: dict[str, Any] | None) -> None:
+        if d:
+            self.best_acc, self.best_epoch, self.state = d["best_acc"], d["best_epoch"], d["state"]
 
 
 @dataclass
@@ -118,7 +169,7 @@ def train(
     cfg: TrainConfig,
     out_dir: str | Path,
     *,
-    test_set: DistillDataset | None = None,
+    val_set: DistillDataset | None = None,
     device: torch.device | None = None,
     resume: bool = False,
     teacher: nn.Module | None = None,
@@ -127,10 +178,12 @@ def train(
     arch: str | None = None,
     on_batch: Callable[[int, dict[str, Any]], None] | None = None,
     run_log: str | Path | None = None,
-) -> list[dict[str, float]]:
-    """Train `model` in place; returns the per-epoch history (also written to `out_dir/history.json`).
+) -> TrainResult:
+    """Train `model` in place; returns the history (also written to `out_dir/history.json`) and the selection.
 
     loss_fn(student (B, C), teacher (B, C), target (B,), epoch=float) -> {"loss": ..., parts...}.
+    val_set: the held-out split scored after every `cfg.eval_every` epochs (`cfg.select: best_val` keeps
+    the best epoch's weights; without a val_set the last epoch's are kept).
     `stop_after_epoch` ends the run early after that (0-based) epoch (used to test resume).
     `arch` names the architecture in the checkpoint (default: `arch_label(model)`); resuming a
     checkpoint of another architecture is an error. `on_batch(epoch, batch)` sees every real batch
@@ -150,8 +203,11 @@ def train(
         loss_fn.to(device)
     arch = arch or arch_label(model)
     opt = make_optimizer(model, cfg.optim)
+    selection = _Selection(enabled=cfg.select == "best_val" and val_set is not None)
+    if cfg.select == "best_val" and val_set is None:
+        log.warning("%s: no validation split to select a checkpoint on: keeping the last epoch's weights", desc)
     if resume:
-        history, start_epoch = _restore(out_dir / CHECKPOINT, model, opt, loss_fn, arch, device, rank, world)
+        history, start_epoch = _restore(out_dir / CHECKPOINT, model, opt, loss_fn, arch, device, rank, world, selection)
     else:
         history, start_epoch = [], 0
         torch.manual_seed(cfg.seed)
@@ -180,8 +236,14 @@ def train(
         idle_x=torch.zeros(1, c, h, w, device=device).contiguous(memory_format=torch.channels_last),
     )
     loader = make_loader(train_set, cfg.batch_size, cfg.workers)
+    first = train_set.plan(cfg.batch_size, loader.num_workers, epoch=0)
+    schedule = resolve_schedule(cfg, first.steps, sum(first.samples))
+    run.schedule = schedule
+    epochs = math.ceil(schedule.steps / schedule.steps_per_epoch)
+    if rank == 0:
+        log.info("%s: %s", desc, schedule)
     next_it: Iterator[dict[str, Any]] | None = None  # the next epoch's loader, started before this epoch ends
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, epochs):
         if next_it is None:
             train_set.set_epoch(epoch)
         plan = train_set.plan(cfg.batch_size, loader.num_workers)
@@ -189,28 +251,38 @@ def train(
             raise RuntimeError(f"data set split for {len(plan.batches)} rank(s), but the process group has {world}")
         if plan.steps == 0:
             raise RuntimeError(f"{desc}: epoch {epoch} has no samples (empty split or budget?)")
+        steps = min(plan.steps, schedule.steps - schedule.steps_per_epoch * epoch)  # the step budget may end early
         it, next_it = (next_it if next_it is not None else iter(loader)), None
-        totals = _train_epoch(run, it, plan, epoch, on_batch)
-        if epoch + 1 < cfg.epochs and (stop_after_epoch is None or epoch < stop_after_epoch):
+        totals = _train_epoch(run, it, plan, epoch, on_batch, steps)
+        del it  # a truncated last epoch: stop its loader workers now
+        last = epoch + 1 == epochs
+        if not last and (stop_after_epoch is None or epoch < stop_after_epoch):
             # Start the next epoch's workers now: their startup (fork, store open, shuffle-buffer fill)
             # overlaps this epoch's evaluation and checkpoint. The workers take a copy of the data set
             # as it is now, so setting the epoch early is safe.
             train_set.set_epoch(epoch + 1)
             next_it = iter(loader)
-        row, timing = _epoch_row(run, totals, epoch, plan.steps)
-        if rank == 0 and test_set is not None and _eval_due(cfg, epoch):
-            row["test_acc"] = _held_out_accuracy(model, test_set, cfg.batch_size * 2, device)
-        row = _share(row, world)  # every rank returns the same history (rank 0's has the held-out accuracy)
+        row, timing = _epoch_row(run, totals, epoch, steps)
+        if rank == 0 and val_set is not None and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+            row["val_acc"] = _held_out_accuracy(model, val_set, cfg.batch_size * 2, device)
+        row = _share(row, world)  # every rank returns the same history (rank 0's has the validation accuracy)
+        selection.offer(model, epoch, row.get("val_acc"))
         history.append(row)
         if rank == 0:
             shown = {k: round(v, 4) for k, v in {**row, **timing}.items() if k != "epoch"}
-            log.info("%s epoch %d/%d: %s", desc, epoch + 1, cfg.epochs, shown)
+            log.info("%s epoch %d/%d: %s", desc, epoch + 1, epochs, shown)
             timings.append(timing)
             write_run_log(run_log, timings)
-        _save(run, out_dir, epoch, history, arch)
+        _save(run, out_dir, epoch, history, arch, selection)
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
-    return history
+    if selection.state is not None:
+        model.load_state_dict(selection.state)  # the weights of the best validation epoch
+        if rank == 0:
+            log.info("%s: kept epoch %d (validation top-1 %.4f)", desc, selection.best_epoch, selection.best_acc)
+        return TrainResult(history, schedule, selection.best_epoch, selection.best_acc)
+    final = history[-1] if history else {}
+    return TrainResult(history, schedule, int(final.get("epoch", 0)), final.get("val_acc"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,8 +298,9 @@ def _restore(
     device: torch.device,
     rank: int,
     world: int,
+    selection: _Selection,
 ) -> tuple[list[dict[str, float]], int]:
-    """Load `path` (before anything is written): weights, optimizer, this rank's RNG and loss state.
+    """Load `path` (before anything is written): weights, optimizer, this rank's RNG and loss state, selection.
 
     Returns (history so far, first epoch to run). Refuses a checkpoint of another architecture, naming both.
     """
@@ -266,6 +339,7 @@ def _restore(
     if isinstance(loss_fn, nn.Module):
         loss_fn.load_state_dict(mine["loss"])  # e.g. CKD's group sampler (its generator is module state)
     torch.set_rng_state(mine["torch_rng"])
+    selection.load(mine.get("selection"))
     log.info("resumed %s at epoch %d", path, state["epoch"] + 1)
     return state["history"], state["epoch"] + 1
 
@@ -276,19 +350,21 @@ def _train_epoch(
     plan: EpochPlan,
     epoch: int,
     on_batch: Callable[[int, dict[str, Any]], None] | None,
+    steps: int,
 ) -> _EpochTotals:
-    """One epoch of `plan.steps` optimizer steps; a rank out of data takes zero-weight steps (DDP lockstep)."""
+    """One epoch of `steps` (<= plan.steps) optimizer steps; a rank out of data takes zero-weight steps (DDP
+    lockstep). Fewer steps than the plan: the schedule's step budget ends inside this epoch."""
     cfg, opt = run.cfg, run.opt
-    steps, my_batches = plan.steps, plan.batches[run.rank]
+    my_batches = plan.batches[run.rank]
+    total_epochs = run.schedule.epochs if run.schedule else float(cfg.epochs or 1)
     totals = _EpochTotals(correct=torch.zeros((), dtype=torch.long, device=run.device))
     run.ddp_model.train()
     t0 = time.perf_counter()
-    bar = tqdm(
-        range(steps), desc=f"{run.desc} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=run.rank != 0 or None
-    )
+    desc = f"{run.desc} epoch {epoch + 1}/{math.ceil(total_epochs)}"
+    bar = tqdm(range(steps), desc=desc, leave=False, disable=run.rank != 0 or None)
     for step in bar:
-        e = epoch + step / steps  # fractional epoch: the schedule's clock
-        lr = lr_at(cfg.optim, e, cfg.epochs)
+        e = epoch + step / plan.steps  # fractional epoch: the schedule's clock
+        lr = lr_at(cfg.optim, e, total_epochs)
         for g in opt.param_groups:
             g["lr"] = lr
         t_wait = time.perf_counter()
@@ -315,7 +391,7 @@ def _train_epoch(
         if cfg.optim.grad_clip:
             nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
         opt.step()
-    if next(it, None) is not None:
+    if steps == plan.steps and next(it, None) is not None:
         raise RuntimeError(f"{run.desc}: the loader yielded more than the {my_batches} batches the epoch plan said")
     totals.seconds = time.perf_counter() - t0
     return totals
@@ -393,7 +469,8 @@ def _epoch_row(run: _Run, totals: _EpochTotals, epoch: int, steps: int) -> tuple
         for k, v in sm.items():
             sums_all[k] = sums_all.get(k, 0.0) + v
     cfg = run.cfg
-    row: dict[str, float] = {"epoch": epoch + 1, "lr": lr_at(cfg.optim, epoch + 1, cfg.epochs)}
+    total = run.schedule.epochs if run.schedule else float(cfg.epochs or 1)
+    row: dict[str, float] = {"epoch": epoch + 1, "lr": lr_at(cfg.optim, min(epoch + 1, total), total)}
     if run.comparisons is not None and run.comparisons.active:
         row["distinct_comparisons"] = run.comparisons.distinct  # this rank's, so far
     row.update({f"train_{k}": v / seen_all for k, v in sums_all.items()})
@@ -408,12 +485,8 @@ def _epoch_row(run: _Run, totals: _EpochTotals, epoch: int, steps: int) -> tuple
     return row, timing
 
 
-def _eval_due(cfg: TrainConfig, epoch: int) -> bool:
-    return epoch + 1 == cfg.epochs or bool(cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)
-
-
 def _held_out_accuracy(model: nn.Module, dataset: DistillDataset, batch_size: int, device: torch.device) -> float:
-    """Top-1 of `model` on a held-out split.
+    """Top-1 of `model` on a held-out split (the validation split: the test split is for final reporting only).
 
     On a copy: predict_split runs under inference_mode, where `.to(memory_format=...)` re-creates the
     (1, C, 1, 1) normalisation buffers as inference tensors, which DDP's buffer sync (an in-place
@@ -423,10 +496,13 @@ def _held_out_accuracy(model: nn.Module, dataset: DistillDataset, batch_size: in
     return topk_accuracy(logits, labels, 1)
 
 
-def _save(run: _Run, out_dir: Path, epoch: int, history: list[dict[str, float]], arch: str) -> None:
+def _save(
+    run: _Run, out_dir: Path, epoch: int, history: list[dict[str, float]], arch: str, selection: _Selection
+) -> None:
     """The epoch checkpoint (`last.pt`, atomic) and `history.json`; rank 0 writes, every rank's RNG is kept."""
     loss_state = run.loss_fn.state_dict() if isinstance(run.loss_fn, nn.Module) else {}
-    ranks = _gather({"torch_rng": torch.get_rng_state(), "loss": loss_state}, run.world)
+    mine = {"torch_rng": torch.get_rng_state(), "loss": loss_state, "selection": selection.to_state()}
+    ranks = _gather(mine, run.world)
     if run.rank != 0:
         return
     state = {

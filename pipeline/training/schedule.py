@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pipeline.config import OptimConfig
+from pipeline.config import DEFAULT_EPOCHS, OptimConfig, TrainConfig
 
 
 def lr_at(cfg: OptimConfig, epoch: float, total_epochs: int) -> float:
@@ -35,3 +36,63 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
             (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A training run's resolved length, recorded with its results (`to_dict`)."""
+
+    steps: int  # optimizer steps in all
+    steps_per_epoch: int  # of the epoch plan (the most batches any rank gets)
+    samples_per_epoch: int  # over all ranks
+    batch_size: int
+    rule: str  # how the length was derived from the config
+
+    @property
+    def epochs(self) -> float:
+        """Passes over the data (fractional when the step budget ends mid-epoch)."""
+        return self.steps / self.steps_per_epoch
+
+    @property
+    def samples(self) -> int:
+        """Training samples seen, over all ranks."""
+        return round(self.samples_per_epoch * self.epochs)
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {
+            "steps": self.steps,
+            "epochs": round(self.epochs, 4),
+            "samples": self.samples,
+            "steps_per_epoch": self.steps_per_epoch,
+            "batch_size": self.batch_size,
+            "rule": self.rule,
+        }
+
+    def __str__(self) -> str:
+        return (
+            f"{self.steps:,} steps = {self.epochs:.2f} epochs of {self.steps_per_epoch:,} steps "
+            f"(batch {self.batch_size}), {self.samples:,} samples seen [{self.rule}]"
+        )
+
+
+def resolve_schedule(cfg: TrainConfig, steps_per_epoch: int, samples_per_epoch: int) -> Schedule:
+    """How long a run trains, from `train.steps` / `train.epochs` / `train.min_steps` and the data's size.
+
+    The rule (documented in README "Schedules"):
+
+    1. `steps: S` -> exactly S optimizer steps (the last epoch may end early);
+    2. `epochs: E` (default 3) -> E full epochs, raised to at least `min_steps` steps: a data set too small
+       for E epochs to reach the floor trains for more epochs, ceil(min_steps / steps_per_epoch), so the
+       model gets a data-size-independent minimum of updates while large data sets keep their epochs.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError("an epoch of the training source has no batches (empty split or budget?)")
+    if cfg.steps is not None:
+        return Schedule(cfg.steps, steps_per_epoch, samples_per_epoch, cfg.batch_size, f"steps={cfg.steps}")
+    epochs = cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS
+    rule = f"epochs={epochs}"
+    if epochs * steps_per_epoch < cfg.min_steps:
+        raised = math.ceil(cfg.min_steps / steps_per_epoch)
+        rule = f"epochs={epochs} raised to {raised} by min_steps={cfg.min_steps}"
+        epochs = raised
+    return Schedule(epochs * steps_per_epoch, steps_per_epoch, samples_per_epoch, cfg.batch_size, rule)

@@ -33,6 +33,7 @@ from pipeline.training.dataset import DistillDataset
 from pipeline.training.loop import train
 from pipeline.training.pool import QueriedPool
 from pipeline.training.source import BatchSource
+from pipeline.training.validate import held_out
 
 log = logging.getLogger(__name__)
 
@@ -148,19 +149,19 @@ def run_student(
     if cfg.teacher_source == "online":
         features = None
     train_set = build_train_source(cfg, manifest, store_path, allowed, run, teacher_features=features)
-    test_set = DistillDataset(manifest, "test", shuffle=False, split_nodes=False)  # rank 0 evaluates it whole
+    val_set = held_out(manifest, "val")  # checkpoint selection; the test split is for final reporting only
     teacher = None
     if cfg.teacher_source == "online":
         teacher, _ = load_model(layout.teacher_checkpoint(run.teacher), data=manifest)
     model = build_for(cfg.student, manifest)
     out = Path(out_dir or layout.student(run.sid))
-    history = train(
+    result = train(
         model,
         loss_fn,
         train_set,
         tcfg,
         out,
-        test_set=test_set,
+        val_set=val_set,
         device=device or pick_device(),
         resume=resume,
         teacher=teacher,
@@ -176,14 +177,15 @@ def run_student(
         "seed": run.seed,
         "teacher_calls": int(allowed.sum()),
         "train_samples": train_set.pool_size() if isinstance(train_set, QueriedPool) else train_set.num_samples(),
-        "distinct_comparisons": history[-1].get("distinct_comparisons"),
+        "distinct_comparisons": result.history[-1].get("distinct_comparisons"),
         "store_teacher": train_store.teacher,
         "store": str(store_path),  # what `evaluate` compares the student with by default
+        **result.summary(),  # schedule, selected epoch, its validation top-1
     }
     if rank != 0:
         return meta  # only rank 0 writes outputs
     save_model(out / "model.pt", model.cpu(), cfg.student, extra=meta)
     curves_path = Path(curves or layout.curves(run.sid))
-    atomic_write(curves_path, lambda f: f.write((json.dumps(history, indent=1) + "\n").encode()))
-    log.info("student %s done: test top-1 %.4f", run.sid, history[-1].get("test_acc", float("nan")))
+    atomic_write(curves_path, lambda f: f.write((json.dumps(result.history, indent=1) + "\n").encode()))
+    log.info("student %s done: kept epoch %d, validation top-1 %s", run.sid, result.selected_epoch, result.val_acc)
     return meta

@@ -1,9 +1,16 @@
-"""Demo teachers: train one on the shards, or import a user's checkpoint, and record its accuracy.
+"""Demo teachers: train one on the shards, or import a user's checkpoint, check it, and record its accuracy.
 
 `train_teacher` is what `stages.train_teacher` calls. A teacher entry of the `teachers` zoo either
 names an architecture and a recipe (trained here with the same loop as the students, CE only, a
-fresh augmentation per epoch and sample) or a `checkpoint` (a kdcache checkpoint or a bare
-state_dict of `arch`), which is validated against the data set instead of trained.
+fresh augmentation per epoch and sample, the best epoch on the validation split kept) or a
+`checkpoint` (a kdcache checkpoint or a bare state_dict of `arch`), which is validated against the
+data set instead of trained.
+
+The teacher check (`teacher_check`) looks at the teacher's validation top-1 before anything is
+distilled from it: an imported teacher near chance is an error (its class order or normalisation
+does not match the data set: every student would learn noise), a trained one near chance or still
+improving at the end of its schedule gets a warning, recorded in its metrics and shown at the top
+of the report.
 """
 
 from __future__ import annotations
@@ -25,18 +32,82 @@ from pipeline.models.registry import Normalized, build_for
 from pipeline.runtime import pick_device, seed_everything, set_threads
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.loop import train
-from pipeline.training.validate import predict_split, topk_accuracy
+from pipeline.training.validate import held_out, predict_split, topk_accuracy
 
 log = logging.getLogger(__name__)
 
+#: a teacher whose validation top-1 gained more than this in its last evaluation interval is "still improving"
+STILL_IMPROVING = 0.01
 
-def import_teacher(path: str | Path, arch: str, manifest: Manifest) -> Normalized:
-    """A user's teacher: a kdcache checkpoint of `arch`, or a bare state_dict of it, checked against the data set."""
+
+class TeacherCheckError(ValueError):
+    """An imported teacher that cannot be meant for this data set (near-chance accuracy)."""
+
+
+def near_chance(top1: float, num_classes: int) -> bool:
+    """top-1 within the lowest fifth of the range between chance (1/C) and perfect."""
+    chance = 1.0 / num_classes
+    return top1 < chance + 0.2 * (1.0 - chance)
+
+
+def teacher_check(
+    name: str,
+    val_top1: float,
+    manifest: Manifest,
+    history: list[dict[str, float]],
+    *,
+    imported: bool,
+    checkpoint_meta: dict[str, Any] | None = None,
+) -> list[str]:
+    """Warnings about a teacher, from its validation top-1 and training curve; raises for a mismatched import.
+
+    - near chance (`near_chance`): an imported checkpoint raises `TeacherCheckError` naming the likely
+      causes (class order, normalisation) with the data set's side of both; a trained one warns.
+    - still improving: the last validation point is more than `STILL_IMPROVING` above the one before it,
+      which came after at least half of the schedule: the schedule ends while the teacher is still
+      learning, so a longer one (`teachers.<name>.steps`, `train_teacher.train.min_steps`) gives a
+      stronger teacher.
+    """
+    c = manifest.num_classes
+    warnings: list[str] = []
+    if near_chance(val_top1, c):
+        msg = (
+            f"teacher {name} reaches {val_top1:.1%} validation top-1 on {manifest.dataset}, near chance "
+            f"({1 / c:.1%} for {c} classes)"
+        )
+        if imported:
+            meta = checkpoint_meta or {}
+            recorded = f"mean {meta.get('mean')}, std {meta.get('std')}" if meta.get("mean") else "none recorded"
+            raise TeacherCheckError(
+                f"{msg}: its outputs do not match this data set. Likely causes: (1) another class order: this data "
+                f"set's classes are {list(manifest.classes)} in this order (label i = classes[i]); (2) another "
+                f"input normalisation: this data set's mean {list(manifest.mean)}, std {list(manifest.std)}, "
+                f"the checkpoint's {recorded}. Fix the checkpoint or `prepare` (class folders, source) and rerun"
+            )
+        warnings.append(f"{msg}: training failed; check teachers.{name}.lr and its schedule")
+    vals = [(i, r["val_acc"]) for i, r in enumerate(history) if "val_acc" in r]
+    if len(vals) >= 2 and not imported:
+        (i0, a0), (i1, a1) = vals[-2], vals[-1]
+        if a1 - a0 > STILL_IMPROVING and (i0 + 1) / len(history) >= 0.5:
+            warnings.append(
+                f"teacher {name} is still improving at the end of its schedule: validation top-1 rose "
+                f"{100 * (a1 - a0):.1f} points from epoch {i0 + 1} to {i1 + 1} ({a0:.1%} -> {a1:.1%}); a longer "
+                f"schedule (teachers.{name}.steps or train_teacher.train.min_steps) gives a stronger teacher"
+            )
+    for w in warnings:
+        log.warning(w)
+    return warnings
+
+
+def import_teacher(path: str | Path, arch: str, manifest: Manifest) -> tuple[Normalized, dict[str, Any]]:
+    """A user's teacher: a kdcache checkpoint of `arch` (and its metadata), or a bare state_dict of it ({}).
+
+    Classes and channels are checked against the data set; its accuracy by `teacher_check`.
+    """
     try:
-        model, _ = load_model(path, expected_arch=arch, data=manifest)
+        return load_model(path, expected_arch=arch, data=manifest)
     except (KeyError, ValueError, TypeError):  # not a kdcache checkpoint of `arch`: a bare state_dict (or an error)
-        model = import_state_dict(path, arch, manifest)
-    return model
+        return import_state_dict(path, arch, manifest), {}
 
 
 def train_teacher(
@@ -58,10 +129,12 @@ def train_teacher(
     files = Layout.teacher_files(out_dir, name)
     device = device or pick_device()
     set_threads(cfg.train.threads)
-    test_set = DistillDataset(manifest, "test", shuffle=False)
+    val_set = held_out(manifest, "val")
+    summary: dict[str, Any] = {}
     history: list[dict[str, float]] = []
+    meta: dict[str, Any] = {}
     if spec.checkpoint:
-        model = import_teacher(spec.checkpoint, spec.arch, manifest)
+        model, meta = import_teacher(spec.checkpoint, spec.arch, manifest)
         source = str(spec.checkpoint)
     else:
         tcfg = spec.train_config(cfg.train)
@@ -75,27 +148,32 @@ def train_teacher(
             recipe=ViewRecipe.fresh(seed=tcfg.seed),
             augment=True,
         )
-        history = train(
+        result = train(
             model,
             CELoss(),
             train_set,
             tcfg,
             files.run,
-            test_set=test_set,
+            val_set=val_set,
             device=device,
             resume=resume,
             desc=f"teacher {name}",
             run_log=run_log,
         )
+        history, summary = result.history, result.summary()
         source = "trained by train_teacher"
-    logits, labels = predict_split(model.to(device), test_set, 1000, device)
-    metrics = {
-        "teacher": name,
-        "arch": spec.arch,
-        "source": source,
-        "test_top1": topk_accuracy(logits, labels, 1),
-        "test_top5": topk_accuracy(logits, labels, 5),
-    }
+    model = model.to(device)
+    metrics: dict[str, Any] = {"teacher": name, "arch": spec.arch, "source": source}
+    if val_set is not None:
+        val_logits, val_labels = predict_split(model, val_set, 1000, device)
+        metrics["val_top1"] = topk_accuracy(val_logits, val_labels, 1)
+        metrics["warnings"] = teacher_check(
+            name, metrics["val_top1"], manifest, history, imported=bool(spec.checkpoint), checkpoint_meta=meta
+        )
+    logits, labels = predict_split(model, DistillDataset(manifest, "test", shuffle=False), 1000, device)
+    metrics["test_top1"] = topk_accuracy(logits, labels, 1)  # final reporting only: nothing is chosen on it
+    metrics["test_top5"] = topk_accuracy(logits, labels, 5)
+    metrics.update(summary)
     save_model(files.checkpoint, model.cpu(), spec.arch, extra={"name": name, "test_top1": metrics["test_top1"]})
     atomic_write(
         files.metrics, lambda f: f.write((json.dumps({**metrics, "history": history}, indent=1) + "\n").encode())

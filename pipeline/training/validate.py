@@ -10,9 +10,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.data.shards import Manifest
 from pipeline.models.predict import to_input
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.transport import make_loader
+
+
+def held_out(manifest: Manifest, split: str) -> DistillDataset | None:
+    """An unshuffled split for whole-split predictions on rank 0, or None when the data set has none."""
+    if split not in manifest.splits:
+        return None
+    return DistillDataset(manifest, split, shuffle=False, split_nodes=False)  # rank 0 evaluates it whole
 
 
 @torch.inference_mode()
