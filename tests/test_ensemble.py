@@ -370,3 +370,50 @@ def test_mtkd_trains_like_kd_on_a_single_teacher(cached, tmp_path):
         states.append(model.state_dict())
     for k in states[0]:
         torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_ensemble_results_driver_end_to_end_on_a_tiny_project(tmp_path, monkeypatch):
+    """benchmarks/ensemble_results.py on a tiny project: builds the ensemble store in its work folder (the project's
+    data is never written), trains every row once, writes the tables with intervals, and resumes without retraining."""
+    import benchmarks.ensemble_results as er
+    import benchmarks.students as students
+    from pipeline.models import save_model
+    from stages import prepare
+    from stages import teach as teach_stage
+    from tests.conftest import make_project, tiny_params
+
+    teachers = {"small": {"arch": "cnn_tiny"}, "other": {"arch": "cnn_tiny"}}
+    make_project(tmp_path, tiny_params(teachers=teachers, distill={"teachers": ["small", "other"]}))
+    monkeypatch.chdir(tmp_path)
+    prepare.main([])
+    from pipeline.data.shards import load_manifest
+
+    m = load_manifest("data/shards/tiny")
+    for k, name in enumerate(teachers):
+        save_model(f"data/teachers/{name}.pt", linear_teacher(m, seed=k), "cnn_tiny")
+        teach_stage.main(["--name", name])
+    trained: list[str] = []
+    orig = students.train_student
+    monkeypatch.setattr(students, "train_student", lambda *a, **k: trained.append(a[2].loss) or orig(*a, **k))
+    argv = ["--seeds", "0", "1", "--losses", "kd", "mtkd:confidence", "--kl-losses", "kd", "--out", "work"]
+    er.main(argv)
+    assert not Path("data/logits/small+other.zarr").exists() and Path("work/logits/small+other.zarr").exists()
+    # per seed: ce; kd from small, other, the ensemble; mtkd:confidence; kd + standardization on the three
+    assert len(trained) == 2 * 8 and trained.count("mtkd") == 2
+    std = json.loads(Path("work/metrics/small+other-kd+std-s0.json").read_text())
+    assert std["teacher"] == "small+other" and std["loss"] == "kd"
+    md = Path("work/results.md").read_text()
+    assert "| kd from small+other (ensemble) |" in md and "| small+other: mtkd:confidence |" in md
+    assert "| other: kd + standardization |" in md and "ensemble small+other vs its best member" in md
+    assert "final epoch" in md  # no validation split in this project: the last epoch's test accuracy
+    res = json.loads(Path("work/results.json").read_text())
+    assert all(
+        len(v) == 2 and all(0 <= a <= 100 for a in v) for part in ("teachers", "ensemble") for v in res[part].values()
+    )
+    trained.clear()
+    er.main(argv)  # resumable: every student is found, none retrained
+    assert trained == [] and Path("work/results.md").read_text() == md
+    mean, half = er.interval([70.0, 72.0, 74.0])
+    assert mean == 72.0 and half == pytest.approx(4.303 * 2.0 / math.sqrt(3))
+    v = er.standardized(er.variant("dkd"), "paper", {"dkd": {"alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup": 1}})
+    assert dict(v.overrides) == {"standardize": True, "T": 2.0, "alpha": 9.0, "beta": 72.0}

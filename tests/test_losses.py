@@ -196,7 +196,8 @@ def ref_cmkd(
     return out
 
 
-def ref_ckd_part(S, Tt, groups, T):
+def ref_ckd_part(S, Tt, groups, T, standardize=False):
+    """standardize: the group differences d_g z-scored before the tempered softmax (logit standardization)."""
     kls = []
     for g in groups:
         half = len(g) // 2
@@ -204,7 +205,7 @@ def ref_ckd_part(S, Tt, groups, T):
         C = len(S[0])
         ds = [n_mean([S[a][c] for a in A]) - n_mean([S[b][c] for b in Bg]) for c in range(C)]
         dt = [n_mean([Tt[a][c] for a in A]) - n_mean([Tt[b][c] for b in Bg]) for c in range(C)]
-        kls.append(n_kl(dt, ds, T))
+        kls.append(n_kl(n_zscore(dt), n_zscore(ds), T) if standardize else n_kl(dt, ds, T))
     return T * T * n_mean(kls)
 
 
@@ -670,19 +671,6 @@ def ref_dkd_std(S, Tt, y, T, alpha, beta, warmup, epoch, ce_weight):
     return ref
 
 
-def ref_ckd_std_part(S, Tt, groups, T):
-    """CKD with the group differences d_g z-scored before the tempered softmax."""
-    kls = []
-    for g in groups:
-        half = len(g) // 2
-        A, Bg = g[:half], g[half:]
-        C = len(S[0])
-        ds = [n_mean([S[a][c] for a in A]) - n_mean([S[b][c] for b in Bg]) for c in range(C)]
-        dt = [n_mean([Tt[a][c] for a in A]) - n_mean([Tt[b][c] for b in Bg]) for c in range(C)]
-        kls.append(n_kl(n_zscore(dt), n_zscore(ds), T))
-    return T * T * n_mean(kls)
-
-
 def ref_mtkd(S, M, y, T, a, b, weighting, standardize):
     """M[i][m] = member m's logits of sample i; weights per CA-MKD (confidence) or 1/M (mean)."""
     per = []
@@ -725,7 +713,7 @@ def test_ckd_standardized_golden(B, C, T, k):
     g = torch.Generator().manual_seed(B + k)
     groups = torch.stack([torch.randperm(B, generator=g)[:k] for _ in range(9)])
     out = build_loss("ckd", T=T, weight=0.6, ce_weight=0.4, standardize=True)(s, t, y, groups=groups)
-    ckd = ref_ckd_std_part(rows(s), rows(t), groups.tolist(), T)
+    ckd = ref_ckd_part(rows(s), rows(t), groups.tolist(), T, standardize=True)
     assert_matches(out, {"loss": 0.4 * n_ce(rows(s), y.tolist()) + 0.6 * ckd, "ckd": ckd})
 
 

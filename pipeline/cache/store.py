@@ -285,8 +285,10 @@ class StoreWriter:
         logits = np.where(queried[..., None], logits, np.nan).astype(np.float32)
         g = self.group[split]
         if bool(self.spec.members) != (members is not None):
-            raise StoreError(f"shard {j} of {split}: member logits given {members is not None}, spec keeps members "
-                             f"{list(self.spec.members)}")  # fmt: skip
+            raise StoreError(
+                f"shard {j} of {split}: member logits given: {members is not None}; the spec keeps members "
+                f"{list(self.spec.members)}"
+            )
         if members is not None:
             g["members"][start:stop] = self._checked_members(split, j, members, queried)
         if self.spec.topk:
