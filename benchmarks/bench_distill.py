@@ -16,6 +16,12 @@ the real `DistillDataset` + `make_loader` path, one epoch each:
 Ratios printed: (a) kd / ce (target >= 0.90); (b) (kd / online) / ideal (target >= 0.90);
 (c) loader / kd (must stay well above 1), with the worker count.
 
+`--ensemble` adds an ensemble teacher (issue 15): a second teacher of the same architecture (another seed)
+is cached, the two stores are combined into an ensemble store with its members (`pipeline.cache.ensemble`),
+and two more modes run: `ens_kd` (kd from the ensemble store: the same read path as one teacher's store,
+since the combination is materialised) and `ens_mtkd` (mtkd, which also joins the (B, M, C) member logits).
+Ratios: (d) ens_kd / kd and (e) ens_mtkd / kd.
+
 Pairs: `default` = Fashion-MNIST 28x28x1 shards (data/shards/fashion_mnist, first `--shards`
 shards, with the pipeline's cnn_small teacher cache when it matches; otherwise synthetic 28x28x1),
 student cnn_tiny, teacher cnn_small. `cifar` = synthetic 32x32x3, student resnet8, teacher resnet32
@@ -42,9 +48,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.cache.ensemble import ensemble_store  # noqa: E402
 from pipeline.cache.store import LogitStore, StoreError  # noqa: E402
 from pipeline.cache.teach import build_spec, run_teach  # noqa: E402
-from pipeline.config import OptimConfig, TrainConfig  # noqa: E402
+from pipeline.config import EnsembleSpec, OptimConfig, TrainConfig  # noqa: E402
 from pipeline.data.shards import Manifest, iter_shard, load_manifest, sha256_file, write_dataset  # noqa: E402
 from pipeline.data.sources import load_split  # noqa: E402
 from pipeline.data.views import ViewRecipe  # noqa: E402
@@ -70,6 +77,7 @@ class Pair:
     teacher_arch: str
     student_arch: str
     shards: int  # train shards used per epoch
+    ensemble: Path | None = None  # an ensemble store (with members) of this teacher and a second one (--ensemble)
 
 
 def mmacs(arch_or_model: str | nn.Module, m: Manifest) -> float:
@@ -145,10 +153,21 @@ def cifar_pair(tmp: Path, shards: int, teacher_arch: str, student_arch: str) -> 
     return Pair("cifar", "synthetic 32x32x3, fresh cache", m, store, teacher, teacher_arch, student_arch, shards)
 
 
-def dataset(p: Pair, cached: bool) -> DistillDataset:
+def add_ensemble(p: Pair, tmp: Path) -> Pair:
+    """Cache a second teacher (same architecture, another seed) and combine both stores into an ensemble store."""
+    torch.manual_seed(1)
+    second = _teach(
+        p.manifest, build_for(p.teacher_arch, p.manifest).eval(), f"{p.teacher_arch}-2", tmp / "second.zarr"
+    )
+    where = {"a": p.store, "b": second, "ens": tmp / f"{p.name}-ensemble.zarr"}
+    ensemble_store(p.manifest, "ens", EnsembleSpec(("a", "b")), where.__getitem__)
+    return dataclasses.replace(p, ensemble=where["ens"])
+
+
+def dataset(p: Pair, cached: bool, store: Path | None = None, members: bool = False) -> DistillDataset:
     """The train split joined with the cache (cached) or plain with the store's views (ce baseline)."""
     if cached:
-        ds = DistillDataset(p.manifest, "train", p.store, seed=0, shuffle_buffer=2000)
+        ds = DistillDataset(p.manifest, "train", store or p.store, seed=0, shuffle_buffer=2000, members=members)
     else:
         recipe = ViewRecipe.from_dict(LogitStore(p.store, "train").view_recipe)
         ds = DistillDataset(p.manifest, "train", seed=0, shuffle_buffer=2000, recipe=recipe, augment=True)
@@ -162,9 +181,9 @@ def time_train(p: Pair, mode: str, cfg: TrainConfig, out: Path) -> tuple[float, 
     seconds blocked on the loader."""
     torch.manual_seed(0)
     model = build_for(p.student_arch, p.manifest)
-    loss = build_loss("ce") if mode == "ce" else build_loss("kd", **KD)
+    loss = build_loss("ce") if mode == "ce" else build_loss("mtkd" if mode == "ens_mtkd" else "kd", **KD)
     teacher = p.teacher if mode == "online" else None
-    ds = dataset(p, cached=mode != "ce")
+    ds = dataset(p, mode != "ce", p.ensemble if mode.startswith("ens_") else None, members=mode == "ens_mtkd")
     cpu0 = time.thread_time()
     timings = out / f"{mode}.timings.json"  # the loop's run log: throughput is not part of the history
     train(model, loss, ds, cfg, out / mode, teacher=teacher, desc=mode, run_log=timings)
@@ -229,10 +248,11 @@ def bench(p: Pair, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
         threads=args.threads, optim=OptimConfig(lr=0.05), eval_every=0,
     )  # fmt: skip
     load0 = os.getloadavg()[0]
-    runs: dict[str, list[float]] = {k: [] for k in ("ce", "kd", "online", "loader", "t_s", "t_t")}
-    diag: dict[str, list[tuple[float, float]]] = {"ce": [], "kd": [], "online": []}
+    modes = ("ce", "kd", "online", *(("ens_kd", "ens_mtkd") if p.ensemble else ()))
+    runs: dict[str, list[float]] = {k: [] for k in (*modes, "loader", "t_s", "t_t")}
+    diag: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     for r in range(args.repeats):  # interleaved: noise from neighbours hits every mode alike
-        for mode in ("ce", "kd", "online"):
+        for mode in modes:
             sps, cpu, wait = time_train(p, mode, cfg, tmp / f"{p.name}-{r}")
             runs[mode].append(sps)
             diag[mode].append((cpu, wait))
@@ -254,6 +274,7 @@ def bench(p: Pair, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
 
 def report(p: Pair, r: dict[str, float], args: argparse.Namespace) -> None:
     n = sum(c.count for c in p.manifest.split("train").shards[: p.shards])
+    modes = [m for m in ("ce", "kd", "online", "ens_kd", "ens_mtkd") if m in r]
     s_mac, t_mac = mmacs(p.student_arch, p.manifest), mmacs(p.teacher, p.manifest)
     h, w, c = p.manifest.image_shape
     ideal = (r["t_s"] + r["t_t"]) / r["t_s"]
@@ -271,12 +292,12 @@ def report(p: Pair, r: dict[str, float], args: argparse.Namespace) -> None:
           f"(step itself {1e3 * args.batch_size * r['t_s']:.1f} ms)")  # fmt: skip
     print(
         "   main-thread CPU per sample (median; immune to other processes): "
-        + ", ".join(f"{m} {1e6 * r[f'cpu_{m}']:.0f} us" for m in ("ce", "kd", "online"))
+        + ", ".join(f"{m} {1e6 * r[f'cpu_{m}']:.0f} us" for m in modes)
         + f"; kd/ce by CPU {r['cpu_ce'] / r['cpu_kd']:.3f}"
     )
     print(
         "   blocked on the loader per sample (median): "
-        + ", ".join(f"{m} {1e6 * r[f'wait_{m}']:.1f} us" for m in ("ce", "kd", "online"))
+        + ", ".join(f"{m} {1e6 * r[f'wait_{m}']:.1f} us" for m in modes)
     )
     print(f"   {'mode':<44}{'samples/s':>12}")
     rows = [
@@ -287,6 +308,11 @@ def report(p: Pair, r: dict[str, float], args: argparse.Namespace) -> None:
         ("student step in memory (1 / t_s)", 1 / r["t_s"]),
         ("teacher forward in memory (1 / t_t)", 1 / r["t_t"]),
     ]
+    if "ens_kd" in r:
+        rows += [
+            ("ens_kd: kd from the ensemble store", r["ens_kd"]),
+            ("ens_mtkd: mtkd with member logits", r["ens_mtkd"]),
+        ]
     for name, v in rows:
         print(f"   {name:<44}{v:>12.0f}")
     print(f"   (a) kd / ce                                   {r['kd'] / r['ce']:6.3f}   target >= 0.90")
@@ -294,6 +320,11 @@ def report(p: Pair, r: dict[str, float], args: argparse.Namespace) -> None:
           f"ratio {speedup / ideal:6.3f}   target >= 0.90")  # fmt: skip
     print(f"   (c) loader / kd                               {r['loader'] / r['kd']:6.2f}   "
           f"(>> 1; {args.workers} worker(s))")  # fmt: skip
+    if "ens_kd" in r:
+        print(f"   (d) ens_kd / kd: kd from a two-teacher ensemble store {r['ens_kd'] / r['kd']:6.3f}   "
+              f"(by main-thread CPU {r['cpu_kd'] / r['cpu_ens_kd']:.3f})")  # fmt: skip
+        print(f"   (e) ens_mtkd / kd: mtkd joining the member logits    {r['ens_mtkd'] / r['kd']:6.3f}   "
+              f"(by main-thread CPU {r['cpu_kd'] / r['cpu_ens_mtkd']:.3f})")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -307,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ensemble", action="store_true", help="also time kd and mtkd from a two-teacher ensemble store")
     args = ap.parse_args(argv)
     logging.basicConfig(level=os.environ.get("KDCACHE_LOG", "WARNING"), format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -318,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
                 p = default_pair(tmp, args.shards)
             else:
                 p = cifar_pair(tmp, args.cifar_shards, args.cifar_teacher, args.cifar_student)
+            if args.ensemble:
+                p = add_ensemble(p, tmp)
             log.warning("pair %s ready in %.1f s; timing", name, time.perf_counter() - t0)
             report(p, bench(p, args, tmp), args)
 

@@ -4,7 +4,7 @@ kdcache inspect data/logits/cnn.zarr            what a logit store holds (out of
 kdcache compare metrics/a.json metrics/b.json   metrics side by side
 kdcache models ['resnet*']                      the registered architectures
 kdcache import-logits ...                       a store from logits computed elsewhere
-kdcache prepare | train-teacher | teach | distill | corrupt | evaluate | report [ARGS]
+kdcache prepare | train-teacher | teach | ensemble | distill | corrupt | evaluate | report [ARGS]
                                                 run one pipeline stage by hand (what `dvc repro` runs)
 
 A user error (bad params, a missing or bad input file, a store in use) prints one line
@@ -26,6 +26,7 @@ STAGES = {
     "prepare": "stages.prepare",
     "train-teacher": "stages.train_teacher",
     "teach": "stages.teach",
+    "ensemble": "stages.ensemble",
     "distill": "stages.distill",
     "corrupt": "stages.corrupt",
     "evaluate": "stages.evaluate",

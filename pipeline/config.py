@@ -483,6 +483,103 @@ def teacher_spec(params: dict[str, Any], name: str) -> TeacherSpec:
     return zoo[name]
 
 
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """One entry of the `ensembles` section: a teacher whose logit store is computed from its members' stores.
+
+    `members` name teachers of the `teachers` zoo or other ensembles; the store is `combine(member logits,
+    weights)` (`pipeline.cache.ensemble.COMBINES`) written by the `ensemble@<name>` stage, and no model runs.
+    `keep_members` also stores every member's logits, for losses that distil from each member (`mtkd`).
+    An ensemble has exactly two members because `dvc.yaml` can list only a fixed number of member stores as
+    a templated stage's deps (DVC cannot expand a list into `deps`, iterative/dvc#8171); nest ensembles for
+    more (see `ensembles_section`).
+    """
+
+    members: tuple[Name, ...]
+    combine: Literal["mean_logits", "mean_probs"] = "mean_logits"
+    weights: tuple[NonNegFloat, ...] | None = None  # one per member, >= 0, positive sum (None: equal weights)
+    keep_members: bool = True
+
+
+def ensembles_section(params: dict[str, Any]) -> dict[str, EnsembleSpec]:
+    """The `ensembles` section (optional): name -> EnsembleSpec, checked against the teacher zoo.
+
+    Errors name the entry and the fix: an ensemble of one (or of more than two: nest them), a member that is
+    not a teacher or ensemble, the ensemble itself among its members (directly or through other ensembles),
+    a name that is also a teacher's, weights that do not match the members or do not sum to a positive number.
+    """
+    raw = params.get("ensembles") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"ensembles: expected a mapping of name -> {{members: [a, b], ...}}, got {raw!r}")
+    teachers = set(params.get("teachers") or {})
+    out = {name: from_dict(EnsembleSpec, spec or {}, f"ensembles.{name}") for name, spec in raw.items()}
+    for name, spec in out.items():
+        _check_ensemble(name, spec, teachers, set(out))
+    for name in out:
+        _check_no_cycle(name, out, [])
+    return out
+
+
+def _check_ensemble(name: str, spec: EnsembleSpec, teachers: set[str], ensembles: set[str]) -> None:
+    where = f"ensembles.{name}"
+    members = list(spec.members) if isinstance(spec.members, (list, tuple)) else [spec.members]
+    if name in teachers:
+        raise ConfigError(f"{where}: '{name}' is also a teacher in `teachers`; give the ensemble another name")
+    if len(members) < 2:
+        raise ConfigError(
+            f"{where}: an ensemble of {len(members)} member(s) {members} is no ensemble (it would be that teacher); "
+            "name two members, e.g. members: [cnn, resnet]"
+        )
+    if len(members) > 2:
+        nested = f"{{{members[0]}_{members[1]}: {{members: [{members[0]}, {members[1]}]}}, {name}: {{members: "
+        nested += f"[{members[0]}_{members[1]}, {members[2]}], weights: [2, 1]}}}}"
+        raise ConfigError(
+            f"{where}: {len(members)} members; an ensemble stage combines exactly two stores, because dvc.yaml can "
+            "track only a fixed number of member stores per templated stage (DVC cannot template a list into deps, "
+            f"iterative/dvc#8171). Nest ensembles instead, e.g. ensembles: {nested} (members of members are "
+            "flattened for the per-member losses)"
+        )
+    if len(set(members)) != len(members):
+        raise ConfigError(f"{where}: members {members} repeat a teacher; weight it with `weights` instead")
+    if name in members:
+        raise ConfigError(f"{where}: the ensemble names itself as a member; members must be other teachers")
+    unknown = [m for m in members if m not in teachers | ensembles]
+    if unknown:
+        raise ConfigError(
+            f"{where}: member(s) {unknown} are neither teachers nor ensembles; teachers: {sorted(teachers)}, "
+            f"ensembles: {sorted(ensembles)}"
+        )
+    if spec.weights is not None:
+        w = list(spec.weights) if isinstance(spec.weights, (list, tuple)) else [spec.weights]
+        if len(w) != len(members):
+            raise ConfigError(f"{where}: {len(w)} weight(s) {w} for {len(members)} members {members}; give one each")
+        bad = [x for x in w if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0]
+        if bad:
+            raise ConfigError(f"{where}: weights must be finite numbers >= 0, got {w}")
+        if sum(w) <= 0:
+            raise ConfigError(f"{where}: weights {w} sum to {sum(w)}; they must sum to a positive number")
+    if not isinstance(spec.keep_members, bool):
+        raise ConfigError(f"{where}: keep_members must be true or false, got {spec.keep_members!r}")
+
+
+def _check_no_cycle(name: str, ensembles: dict[str, EnsembleSpec], path: list[str]) -> None:
+    """An ensemble may not contain itself through other ensembles (a -> b -> a)."""
+    if name in path:
+        chain = " -> ".join([*path[path.index(name) :], name])
+        raise ConfigError(f"ensembles: {chain} is a cycle; an ensemble cannot contain itself")
+    for m in ensembles[name].members:
+        if m in ensembles:
+            _check_no_cycle(m, ensembles, [*path, name])
+
+
+def ensemble_spec(params: dict[str, Any], name: str) -> EnsembleSpec:
+    """One checked entry of the `ensembles` section; an unknown name lists the ones configured."""
+    ensembles = ensembles_section(params)
+    if name not in ensembles:
+        raise ConfigError(f"unknown ensemble '{name}'; ensembles in params.yaml: {sorted(ensembles)}")
+    return ensembles[name]
+
+
 def load_section(cls: type[T], name: str, params_path: str | Path = DEFAULT_PARAMS) -> T:
     """Read `params.yaml` and return section `name` as dataclass `cls`."""
     return from_dict(cls, section(load_params(params_path), name), name)

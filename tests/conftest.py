@@ -34,6 +34,7 @@ TINY_PARAMS: dict = {
     "teachers": {
         "small": {"arch": "cnn_tiny", "epochs": 4, "lr": 0.1, "batch_size": 32},
     },
+    "ensembles": {},
     "train_teacher": {"train": {"workers": 0, "shuffle_buffer": 64, "seed": 0, "threads": 1}},
     "teach": {
         "views": 2,
@@ -69,6 +70,8 @@ TINY_PARAMS: dict = {
             "dist": {"beta": 1.0, "gamma": 1.0, "T": 4.0, "w": 2.0},
             "cmkd": {"T": 4.0, "scale": 4.0},
             "ckd": {"T": 4.0},
+            "lskd": {"T": 2.0, "a": 0.1, "b": 9.0},
+            "mtkd": {"T": 4.0, "a": 0.1, "b": 0.9, "weighting": "mean"},
         },
     },
     "corrupt": {

@@ -94,6 +94,9 @@ def test_dvc_outs_are_where_layout_says():
     assert outs(dvc["train_teacher"]) == {str(layout.teacher_checkpoint(t))}
     assert outs(dvc["train_teacher"], "metrics") == {str(layout.teacher_metrics(t))}
     assert outs(dvc["teach"]) == {str(layout.store(t))}
+    assert outs(dvc["ensemble"]) == {str(layout.store(t))}  # an ensemble's store is a teacher's store
+    members = [str(layout.store(f"${{item.members[{k}]}}")) for k in (0, 1)]
+    assert set(members) <= set(dvc["ensemble"]["do"]["deps"])  # it depends on its member stores
     assert outs(dvc["corrupt"]) == {str(layout.corrupt)}
     item_t = "${item.teacher}"
     assert outs(dvc["distill"]) == {str(layout.student(sid))}

@@ -196,7 +196,8 @@ def ref_cmkd(
     return out
 
 
-def ref_ckd_part(S, Tt, groups, T):
+def ref_ckd_part(S, Tt, groups, T, standardize=False):
+    """standardize: the group differences d_g z-scored before the tempered softmax (logit standardization)."""
     kls = []
     for g in groups:
         half = len(g) // 2
@@ -204,7 +205,7 @@ def ref_ckd_part(S, Tt, groups, T):
         C = len(S[0])
         ds = [n_mean([S[a][c] for a in A]) - n_mean([S[b][c] for b in Bg]) for c in range(C)]
         dt = [n_mean([Tt[a][c] for a in A]) - n_mean([Tt[b][c] for b in Bg]) for c in range(C)]
-        kls.append(n_kl(dt, ds, T))
+        kls.append(n_kl(n_zscore(dt), n_zscore(ds), T) if standardize else n_kl(dt, ds, T))
     return T * T * n_mean(kls)
 
 
@@ -543,8 +544,9 @@ def test_cmkd_entropy_direction_changes_weights():
 
 
 def test_default_hyperparameters():
-    assert build_loss("kd").hparams() == {"T": 4.0, "a": 0.1, "b": 0.9}
-    assert build_loss("dkd").hparams() == {"alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup": 20.0, "ce_weight": 1.0}
+    assert build_loss("kd").hparams() == {"T": 4.0, "a": 0.1, "b": 0.9, "standardize": False}
+    dkd = {"alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup": 20.0, "ce_weight": 1.0, "standardize": False}
+    assert build_loss("dkd").hparams() == dkd
     assert build_loss("dist").hparams() == {"beta": 1.0, "gamma": 1.0, "T": 4.0, "w": 2.0, "ce_weight": 1.0}
     cmkd = build_loss("cmkd").hparams()
     assert (cmkd["T"], cmkd["scale"], cmkd["regularization"], cmkd["regularization_strength"]) == (4.0, 4.0, "l2", 1.0)
@@ -562,7 +564,9 @@ def test_default_hyperparameters():
 def test_unknown_loss_name_lists_available():
     with pytest.raises(ValueError) as err:
         build_loss("kdd")
-    assert str(err.value) == "unknown loss 'kdd'; available: ['ce', 'ckd', 'cmkd', 'dist', 'dkd', 'kd']"
+    assert str(err.value) == (
+        "unknown loss 'kdd'; available: ['ce', 'ckd', 'cmkd', 'dist', 'dkd', 'kd', 'lskd', 'mtkd']"
+    )
     with pytest.raises(ValueError, match="unknown loss 'dkdd'"):
         build_loss("dkdd+cmkd")
 
@@ -571,7 +575,7 @@ def test_unknown_loss_name_lists_available():
 def test_unknown_parameter_lists_valid_ones(exc):
     with pytest.raises(exc) as err:
         build_loss("kd", T=4, temprature=2)
-    assert "temprature" in str(err.value) and "['T', 'a', 'b']" in str(err.value)
+    assert "temprature" in str(err.value) and "['T', 'a', 'b', 'standardize']" in str(err.value)
     with pytest.raises(exc, match="ce_weight"):
         build_loss("ckd", sed=1)
 
@@ -652,3 +656,173 @@ def test_precomputed_teacher_features_give_the_same_loss_and_gradient(name, para
             loss(s, t, y, epoch=1.0, teacher_features={})
         with pytest.raises(ValueError, match="rows"):
             loss(s, t, y, epoch=1.0, teacher_features={k: v[:5] for k, v in feats.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# logit standardization (Sun et al., CVPR 2024) and multi-teacher KD (issue 15)
+# --------------------------------------------------------------------------------------------------
+
+
+def ref_dkd_std(S, Tt, y, T, alpha, beta, warmup, epoch, ce_weight):
+    """DKD on z-scored rows; CE stays on the raw student logits."""
+    ref = ref_dkd([n_zscore(s) for s in S], [n_zscore(t) for t in Tt], y, T, alpha, beta, warmup, epoch, 0.0)
+    ref["ce"] = n_ce(S, y)
+    ref["loss"] += ce_weight * ref["ce"]
+    return ref
+
+
+def ref_mtkd(S, M, y, T, a, b, weighting, standardize):
+    """M[i][m] = member m's logits of sample i; weights per CA-MKD (confidence) or 1/M (mean)."""
+    per = []
+    for s, ms, yi in zip(S, M, y, strict=True):
+        k = len(ms)
+        if weighting == "mean" or k == 1:
+            w = [1.0 / k] * k
+        else:
+            ce = [-n_log_softmax(z)[yi] for z in ms]
+            soft = n_softmax(ce)
+            w = [(1 - q) / (k - 1) for q in soft]
+        zs = n_zscore(s) if standardize else s
+        per.append(sum(wm * n_kl(n_zscore(z) if standardize else z, zs, T) for wm, z in zip(w, ms, strict=True)))
+    kd = T * T * n_mean(per)
+    return {"loss": a * n_ce(S, y) + b * kd, "ce": n_ce(S, y), "kd": kd}
+
+
+@pytest.mark.parametrize("B,C,T", SHAPES_T)
+def test_kd_standardized_golden(B, C, T):
+    s, t, y = make(B, C, seed=B + 7 * C)
+    out = build_loss("kd", T=T, a=0.3, b=0.7, standardize=True)(s, t, y)
+    S, Tt = rows(s), rows(t)
+    ref = ref_kd([n_zscore(r) for r in S], [n_zscore(r) for r in Tt], y.tolist(), T, 0.0, 0.7)
+    assert_matches(out, {"loss": 0.3 * n_ce(S, y.tolist()) + ref["loss"], "ce": n_ce(S, y.tolist()), "kd": ref["kd"]})
+
+
+@pytest.mark.parametrize("B,C,T", SHAPES_T)
+def test_dkd_standardized_golden(B, C, T):
+    s, t, y = make(B, C, seed=B * C + 1)
+    out = build_loss("dkd", alpha=9.0, beta=72.0, T=T, warmup=20, ce_weight=0.9, standardize=True)(s, t, y, epoch=5.5)
+    assert_matches(out, ref_dkd_std(rows(s), rows(t), y.tolist(), T, 9.0, 72.0, 20.0, 5.5, 0.9))
+
+
+@pytest.mark.parametrize("B,C,T", SHAPES_T)
+@pytest.mark.parametrize("k", [2, 4])
+def test_ckd_standardized_golden(B, C, T, k):
+    if k > B:
+        pytest.skip("batch smaller than a group")
+    s, t, y = make(B, C, seed=B + 11 * C)
+    g = torch.Generator().manual_seed(B + k)
+    groups = torch.stack([torch.randperm(B, generator=g)[:k] for _ in range(9)])
+    out = build_loss("ckd", T=T, weight=0.6, ce_weight=0.4, standardize=True)(s, t, y, groups=groups)
+    ckd = ref_ckd_part(rows(s), rows(t), groups.tolist(), T, standardize=True)
+    assert_matches(out, {"loss": 0.4 * n_ce(rows(s), y.tolist()) + 0.6 * ckd, "ckd": ckd})
+
+
+@pytest.mark.parametrize("B,C,T", SHAPES_T)
+def test_lskd_golden_with_the_papers_defaults(B, C, T):
+    """lskd = kd on z-scored logits, defaults from the official recipe (base temperature 2, KD weight 9, CE 0.1)."""
+    s, t, y = make(B, C, seed=B + 13 * C)
+    assert build_loss("lskd").hparams() == {"T": 2.0, "a": 0.1, "b": 9.0}
+    S, Tt, Y = rows(s), rows(t), y.tolist()
+    ref = ref_kd([n_zscore(r) for r in S], [n_zscore(r) for r in Tt], Y, 2.0, 0.0, 9.0)
+    assert_matches(build_loss("lskd")(s, t, y), {"loss": 0.1 * n_ce(S, Y) + ref["loss"], "kd": ref["kd"]})
+    ref = ref_kd([n_zscore(r) for r in S], [n_zscore(r) for r in Tt], Y, T, 0.0, 0.5)
+    assert_matches(build_loss("lskd", T=T, a=0.2, b=0.5)(s, t, y), {"loss": 0.2 * n_ce(S, Y) + ref["loss"]})
+
+
+@pytest.mark.parametrize("name", ["kd", "lskd", "dkd", "ckd"])
+def test_standardized_losses_ignore_each_rows_logit_scale(name):
+    """The point of standardization: a student whose logits are the teacher's times any positive per-row scale
+    plus a shift has the same standardized loss as one equal to the teacher (the distillation term is 0)."""
+    s, t, y = make(12, 10, seed=5)
+    t = t.double()
+    scale = torch.rand(12, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 5 + 0.2
+    params = {} if name == "lskd" else {"standardize": True}
+    if name == "ckd":  # differences of scaled rows are not a scaled difference: one scale for the whole batch
+        scale = scale[:1].expand(12, 1)
+    groups = (
+        {
+            "groups": torch.tensor(
+                [
+                    [0, 1],
+                    [2, 3],
+                    [
+                        4,
+                        5,
+                    ],
+                    [6, 7],
+                ]
+            )
+        }
+        if name == "ckd"
+        else {}
+    )
+    out = build_loss(name, **params)(t * scale + 3.0, t, y, epoch=50.0, **groups)
+    parts = {"kd": ["kd"], "lskd": ["kd"], "dkd": ["tckd", "nckd"], "ckd": ["ckd"]}[name]
+    assert all(abs(float(out[p])) < 1e-10 for p in parts), {p: float(out[p]) for p in parts}
+    plain = build_loss(name, **({"T": 2.0} if name == "lskd" else {}))
+    if name != "lskd":  # without standardization the scale mismatch is a loss
+        assert float(plain(t * scale + 3.0, t, y, epoch=50.0, **groups)[parts[0]]) > 1e-3
+
+
+@pytest.mark.parametrize("B,C,M,T", [(4, 5, 2, 1.0), (7, 3, 3, 2.5), (16, 10, 2, 4.0), (9, 100, 4, 4.0)])
+@pytest.mark.parametrize("weighting", ["mean", "confidence"])
+@pytest.mark.parametrize("standardize", [False, True])
+def test_mtkd_golden(B, C, M, T, weighting, standardize):
+    s, t, y = make(B, C, seed=B + C + M)
+    members = torch.randn(B, M, C, generator=torch.Generator().manual_seed(M)) * 3
+    loss = build_loss("mtkd", T=T, a=0.2, b=0.8, weighting=weighting, standardize=standardize)
+    out = loss(s, t, y, members=members)
+    ref = ref_mtkd(rows(s), members.double().tolist(), y.tolist(), T, 0.2, 0.8, weighting, standardize)
+    assert_matches(out, ref)
+    assert float(out["teachers"]) == M
+    w = loss.member_weights(members, y)
+    assert torch.allclose(w.sum(1), torch.ones(B))  # weights of a sample sum to one over the members
+
+
+def test_mtkd_confidence_prefers_the_member_closer_to_the_label():
+    _, _, y = make(6, 5, seed=3)
+    good = 8.0 * torch.nn.functional.one_hot(y, 5).float()  # confident and right
+    bad = 8.0 * torch.nn.functional.one_hot((y + 1) % 5, 5).float()  # confident and wrong
+    w = build_loss("mtkd", weighting="confidence").member_weights(torch.stack([bad, good], 1), y)
+    assert (w[:, 1] > 0.99).all() and (w[:, 0] < 0.01).all()
+
+
+@pytest.mark.parametrize("params", [{}, {"standardize": True, "T": 2.0}, {"weighting": "confidence"}])
+def test_mtkd_on_a_single_teacher_is_kd(params):
+    """Without members (a single teacher's store) the teacher is the one member: the same loss and gradient as kd."""
+    s, t, y = make(16, 10, seed=4)
+    s.requires_grad_(True)
+    kd_params = {k: v for k, v in params.items() if k != "weighting"}
+    a, b = build_loss("mtkd", **params)(s, t, y), build_loss("kd", **kd_params)(s, t, y)
+    (ga,) = torch.autograd.grad(a["loss"], s)
+    (gb,) = torch.autograd.grad(b["loss"], s)
+    assert torch.allclose(a["loss"], b["loss"], rtol=1e-6) and torch.allclose(ga, gb, rtol=1e-5, atol=1e-8)
+    same = build_loss("mtkd", **params)(s, t, y, members=t[:, None, :])
+    assert torch.allclose(same["loss"], a["loss"], rtol=1e-6)
+
+
+def test_one_call_contract_and_inputs_a_loss_cannot_use():
+    """Every loss takes forward(s, t, y, epoch=, groups=, teacher_features=, members=); an input given to a loss
+    that cannot use it is an error naming it (never silently dropped); a combination hands each component all."""
+    s, t, y = make(8, 6, seed=6)
+    members = torch.randn(8, 3, 6, generator=torch.Generator().manual_seed(0))
+    groups = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    for name in ALL:
+        out = build_loss(name)(s, t, y, epoch=2.0, groups=None, teacher_features=None, members=None)
+        assert "loss" in out
+    with pytest.raises(ValueError, match=r"'kd' cannot use \['members'\]"):
+        build_loss("kd")(s, t, y, members=members)
+    with pytest.raises(ValueError, match=r"'mtkd' cannot use \['groups'\]"):
+        build_loss("mtkd")(s, t, y, groups=groups)
+    with pytest.raises(ValueError, match=r"cannot use \['teacher_features'\]"):
+        build_loss("kd")(s, t, y, teacher_features={"q": t})
+    with pytest.raises(ValueError, match=r"'kd\+dist' cannot use \['groups', 'members'\]"):
+        build_loss("kd+dist")(s, t, y, groups=groups, members=members)
+    with pytest.raises(ValueError, match=r"members must be \(B, M, C\)"):
+        build_loss("mtkd")(s, t, y, members=members[:, :, :5])
+    S, Tt, Y = rows(s), rows(t), y.tolist()
+    out = build_loss("mtkd+ckd")(s, t, y, groups=groups, members=members)
+    mt = ref_mtkd(S, members.double().tolist(), Y, 4.0, 0.0, 1.0, "mean", False)["kd"]
+    expected = n_ce(S, Y) + 0.9 * mt + ref_ckd_part(S, Tt, groups.tolist(), 4.0)
+    assert math.isclose(float(out["loss"]), expected, rel_tol=RTOL)
+    assert float(out["mtkd/teachers"]) == 3.0

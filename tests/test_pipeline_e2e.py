@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from PIL import Image
 from pipeline.cache.store import LogitStore
 from pipeline.config import ConfigError
 from stages import corrupt, distill, evaluate, prepare, report, teach, train_teacher
-from tests.conftest import make_project, tiny_params
+from tests.conftest import TINY_PARAMS, make_project, tiny_params
 
 ALL_LOSSES = ["ce", "kd", "dkd", "dist", "cmkd", "ckd"]
 TINY_TEACHER = {"arch": "cnn_tiny", "epochs": 1, "lr": 0.1, "batch_size": 32}
@@ -151,8 +152,11 @@ def _run_lock_commands(proj: Path, folder: Path) -> Path:
 @pytest.mark.slow
 def test_dvc_reruns_only_what_a_change_touches(tmp_path):
     """`dvc repro` a tiny pipeline, then check which stages each kind of edit makes stale."""
-    # Two budgets: the full cache and a 40-call budget (queried pool), as a `dvc exp run -S` sweep would.
-    proj = make_project(tmp_path / "proj", tiny_params(distill={"budgets": ["full", 40], "pool_epoch_samples": 64}))
+    # Two budgets: the full cache and a 40-call budget (queried pool), as a `dvc exp run -S` sweep would. A second
+    # cached teacher (`other`, no students) lets step 4 add an ensemble of two cached teachers.
+    teachers = {"small": TINY_PARAMS["teachers"]["small"], "other": TINY_TEACHER}
+    params = tiny_params(teachers=teachers, distill={"budgets": ["full", 40], "pool_epoch_samples": 64})
+    proj = make_project(tmp_path / "proj", params)
     res = _dvc(proj, "init", "--no-scm", "-q")
     assert res.returncode == 0, res.stderr
     res = _dvc(proj, "repro", "-q")
@@ -192,6 +196,28 @@ def test_dvc_reruns_only_what_a_change_touches(tmp_path):
     p["teach"]["threads"], p["teach"]["cluster"] = 2, "local"
     (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     assert _stale(proj) == set()
+
+    # 4. An ensemble of the two cached teachers: its own stage and its students, never a teach stage; building
+    # it leaves only the students to run.
+    p["ensembles"] = {"both": {"members": ["small", "other"], "combine": "mean_probs"}}
+    p["distill"]["teachers"] = ["small", "both"]
+    (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    students = {
+        f"{t}@both-{loss}-{b}-0" for t in ("distill", "evaluate") for loss in ("ce", "kd") for b in ("full", 40)
+    }
+    assert _stale(proj) == {"ensemble@both", "report"} | students
+    res = _dvc(proj, "repro", "-q", "ensemble@both")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert _stale(proj) == {"report"} | students
+    assert LogitStore(proj / "data/logits/both.zarr", "train").member_names == ("small", "other")
+    # 5. A member changes (its recipe): `dvc repro ensemble@both` reruns that member's stages and the ensemble,
+    # not the other member's.
+    p["teachers"]["other"]["lr"] = 0.05
+    (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    res = _dvc(proj, "repro", "ensemble@both")
+    assert res.returncode == 0, res.stdout + res.stderr
+    ran = set(re.findall(r"Running stage '([^']+)'", res.stdout))
+    assert ran == {"train_teacher@other", "teach@other", "ensemble@both"}, res.stdout
 
 
 def test_teach_deps_exclude_student_code():

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import DistillConfig, PrepareConfig, TeachConfig, TrainTeacherConfig, from_dict, teachers_section
+from pipeline.config import (
+    DistillConfig,
+    PrepareConfig,
+    TeachConfig,
+    TrainTeacherConfig,
+    ensembles_section,
+    from_dict,
+    teachers_section,
+)
 from pipeline.data.sources import SOURCES
 from pipeline.losses import build_loss
 from pipeline.models import canonical_arch
@@ -29,7 +37,7 @@ def test_profile_is_valid(path):
     for spec in zoo.values():
         canonical_arch(spec.arch)
     canonical_arch(d.student)
-    assert set(d.teachers) <= set(zoo)
+    assert set(d.teachers) <= set(zoo) | set(ensembles_section(p))  # ensembles are checked against the zoo
     for loss in d.losses:
         build_loss(loss, **(d.loss_params[loss] or {}))
 

@@ -3,7 +3,8 @@
 Owns: the Zarr store (`store`: `StoreWriter`, `LogitStore`, `StoreError`), teacher-call budgets
 (`budget`: `BudgetSpec`, selection orders), the teacher pass (`teach`: `teach_store` with a local
 executor `run_teach` and a dask one in `teach_dask`), importing logits computed elsewhere
-(`import_logits`) and summarising a store (`inspect_store`).
+(`import_logits`), ensemble teachers computed from member stores (`ensemble`: `ensemble_store`) and
+summarising a store (`inspect_store`).
 
 May import: `pipeline.data`, `pipeline.models`, and the core (`config`, `runtime`, `layout`). Never
 training, losses or evaluation: editing student code must not rerun a teacher.
@@ -27,6 +28,7 @@ __getattr__, __all__ = lazy_exports(
         "teach_store": "teach",
         "run_teach_dask": "teach_dask",
         "import_logits": "import_logits",
+        "ensemble_store": "ensemble",
         "inspect_store": "inspect_store",
     },
 )

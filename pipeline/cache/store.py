@@ -9,6 +9,7 @@ Layout (one group per teacher, one sub-group per split)::
         topk_indices(N, V, k)       their class ids (smallest unsigned int that fits C)
         tail_mass   (N, V)          softmax(z)[classes outside the top k].sum()  (T = 1)
         queried     (N, V) bool     which sample-views the teacher actually saw (budget mode)
+        members     (N, V, M, C)    an ensemble's member-teacher logits, M = len(attrs["members"]) [optional]
         done        (S,) bool       per store shard: written completely (resume + concurrent writers)
 
 Row `i` is sample `i` of the split's manifest. A store shard covers exactly one WebDataset shard's
@@ -116,6 +117,9 @@ class StoreSpec:
     compressor: str = "blosc-zstd"
     chunk_rows: int = 1000
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. budget selection recipe
+    # Member teachers whose logits an ensemble store keeps next to the combined ones (`members` array);
+    # which members they are is part of the ensemble's identity in `extra`.
+    members: tuple[str, ...] = ()
 
     def identity(self) -> dict[str, Any]:
         """The attrs a resumed run must agree on."""
@@ -211,6 +215,10 @@ class StoreWriter:
             def arr(key: str, shape: tuple[int, ...], dtype: Any, fill: Any) -> None:
                 _create_array(g, key, shape, dtype, fill, rows, shard_rows, compressors)  # noqa: B023 (called now)
 
+            if spec.members:
+                if k:
+                    raise StoreError("member logits are kept dense: an ensemble store with members cannot be top-k")
+                arr("members", (n, v, len(spec.members), c), spec.dtype, np.nan)
             if k:
                 if k >= c:
                     raise StoreError(f"store.topk={k} must be smaller than the number of classes {c}")
@@ -234,6 +242,7 @@ class StoreWriter:
                 "compressor": spec.compressor,
                 "library": library_version(),
                 "complete": False,
+                **({"members": list(spec.members)} if spec.members else {}),
                 **spec.extra,
             }
         )
@@ -246,12 +255,19 @@ class StoreWriter:
         return [int(j) for j in np.flatnonzero(~done)]
 
     def write_shard(
-        self, split: str, j: int, logits: np.ndarray, queried: np.ndarray | None = None, keys: list[str] | None = None
+        self,
+        split: str,
+        j: int,
+        logits: np.ndarray,
+        queried: np.ndarray | None = None,
+        keys: list[str] | None = None,
+        members: np.ndarray | None = None,
     ) -> None:
         """Write store shard `j` of `split` whole, then mark it done.
 
         logits: (n_j, V, C) float32 raw logits for the shard's rows (NaN where not queried);
-        queried: (n_j, V) bool (default: all True); keys name rows in error messages.
+        queried: (n_j, V) bool (default: all True); keys name rows in error messages;
+        members: (n_j, V, M, C) member-teacher logits, required exactly when the spec keeps members.
         """
         s = self.spec.splits[split]
         start, stop = s.shard_range(j)
@@ -277,6 +293,13 @@ class StoreWriter:
             raise StoreError(f"logits in shard {j} of {split} exceed float16's range; set teach.dtype: float32")
         logits = np.where(queried[..., None], logits, np.nan).astype(np.float32)
         g = self.group[split]
+        if bool(self.spec.members) != (members is not None):
+            raise StoreError(
+                f"shard {j} of {split}: member logits given: {members is not None}; the spec keeps members "
+                f"{list(self.spec.members)}"
+            )
+        if members is not None:
+            g["members"][start:stop] = self._checked_members(split, j, members, queried)
         if self.spec.topk:
             values, indices, tail = topk_compress(logits, self.spec.topk)
             g["topk_values"][start:stop] = values.astype(self.spec.dtype)
@@ -286,6 +309,19 @@ class StoreWriter:
             g["logits"][start:stop] = logits.astype(self.spec.dtype)
         g["queried"][start:stop] = queried
         g["done"][j] = True  # last: a shard killed mid-write stays pending and is redone
+
+    def _checked_members(self, split: str, j: int, members: np.ndarray, queried: np.ndarray) -> np.ndarray:
+        """(n, V, M, C) member logits in the store dtype, NaN where not queried; refuses NaN/Inf or float16 overflow."""
+        s = self.spec.splits[split]
+        want = (len(queried), s.views, len(self.spec.members), s.num_classes)
+        if members.shape != want:
+            raise StoreError(f"shard {j} of {split}: members shape {members.shape} != expected {want}")
+        q = queried[:, :, None, None]  # (n, V, 1, 1)
+        if (q & ~np.isfinite(members)).any():
+            raise StoreError(f"member logits of shard {j} of {split} hold NaN/Inf on queried sample-views")
+        if self.spec.dtype == "float16" and np.abs(np.where(q, members, 0)).max(initial=0) > FLOAT16_MAX:
+            raise StoreError(f"member logits in shard {j} of {split} exceed float16's range; use float32")
+        return np.where(q, members, np.nan).astype(self.spec.dtype)
 
     def finalize(self, extra_attrs: dict[str, Any] | None = None) -> Path:
         """Check every shard is done, record call counts, and atomically move into place."""
@@ -406,7 +442,10 @@ class LogitStore:
         self.view_recipe: dict[str, Any] = sa["view_recipe"]
         self.teacher_calls: int = sa.get("teacher_calls", 0)
         self.topk: int = attrs.get("topk", 0)
+        #: an ensemble store's member teachers, in the order of the `members` array's M axis (else empty)
+        self.member_names: tuple[str, ...] = tuple(attrs.get("members") or ())
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._member_cache: OrderedDict[int, np.ndarray] = OrderedDict()
         if manifest is not None:
             self.check(manifest)
 
@@ -468,22 +507,46 @@ class LogitStore:
         zarr's per-element fancy indexing decodes a chunk per request; decoding each shard once and
         keeping a few in an LRU makes random batches ~100x faster (BENCHMARKS.md).
         """
+        return self._gather(rows, cache_shards, self._cache, lambda a, b: self._dense(a, b, dtype=None))
+
+    def _gather(self, rows: np.ndarray, cache_shards: int, cache: OrderedDict, block_of: Any) -> np.ndarray:
+        """Rows (B,) of whole-shard blocks `block_of(start, stop)` (stored dtype), kept in the LRU `cache`."""
         rows = np.asarray(rows, dtype=np.int64)
-        out = np.empty((len(rows), self.views, self.num_classes), dtype=np.float32)
+        out: np.ndarray | None = None
         shard = rows // self.shard_rows
         for j in np.unique(shard):
-            block = self._cache.get(int(j))
+            block = cache.get(int(j))
             if block is None:
                 start = int(j) * self.shard_rows
-                block = self._dense(start, min(start + self.shard_rows, self.n), dtype=None)  # stored dtype
-                self._cache[int(j)] = block
-                if len(self._cache) > cache_shards:
-                    self._cache.popitem(last=False)
+                block = block_of(start, min(start + self.shard_rows, self.n))  # stored dtype
+                cache[int(j)] = block
+                if len(cache) > cache_shards:
+                    cache.popitem(last=False)
             else:
-                self._cache.move_to_end(int(j))
+                cache.move_to_end(int(j))
+            if out is None:
+                out = np.empty((len(rows), *block.shape[1:]), dtype=np.float32)
             sel = shard == j
             out[sel] = block[rows[sel] - int(j) * self.shard_rows]
+        if out is None:  # no rows
+            out = np.empty((0, *block_of(0, 0).shape[1:]), dtype=np.float32)
         return out
+
+    def read_members(self, start: int, stop: int, dtype: npt.DTypeLike | None = np.float32) -> np.ndarray:
+        """Rows [start, stop) of an ensemble store's member logits (n, V, M, C); NaN where not queried.
+
+        dtype as in `read_block` (None: the stored dtype, what the loader reads per shard).
+        """
+        if not self.member_names:
+            raise StoreError(f"{self.path} holds no member logits (not an ensemble store kept with keep_members)")
+        if not 0 <= start <= stop <= self.n:
+            raise IndexError(f"rows [{start}, {stop}) outside [0, {self.n}) of {self.path}/{self.split}")
+        block = self.group["members"][start:stop]
+        return block if dtype is None else block.astype(dtype, copy=False)
+
+    def read_member_rows(self, rows: np.ndarray, cache_shards: int = 4) -> np.ndarray:
+        """Random rows (B,) -> member logits (B, V, M, C) float32 (whole-shard reads, as `read_rows`)."""
+        return self._gather(rows, cache_shards, self._member_cache, lambda a, b: self.read_members(a, b, dtype=None))
 
     def read_all(self) -> np.ndarray:
         return self.read_block(0, self.n)

@@ -5,9 +5,11 @@
     build_loss("kd", T=4, a=0.1, b=0.9)
     build_loss("dkd+cmkd", dkd={"beta": 8}, cmkd={"scale": 4}, weights={"dkd": 1.0, "cmkd": 0.5, "ce": 1.0})
 
-Every module's ``forward(student_logits (B, C), teacher_logits (B, C), target (B,), epoch=None)``
-returns ``{"loss": total incl. CE, "ce": ..., <parts>}`` (see :class:`base.DistillationLoss`).
-A ``+``-joined name builds a :class:`combined.CombinedLoss` that counts cross-entropy once.
+Every module's ``forward(student_logits (B, C), teacher_logits (B, C), target (B,), epoch=None, *,
+groups=None, teacher_features=None, members=None)`` returns ``{"loss": total incl. CE, "ce": ..., <parts>}``
+(see :class:`base.DistillationLoss`: one call contract; a loss reads the optional inputs in its ``reads``
+and refuses the others). A ``+``-joined name builds a :class:`combined.CombinedLoss` that counts
+cross-entropy once and hands every input to every component.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import DistillationLoss, LossConfigError
+from .base import OPTIONAL_INPUTS, DistillationLoss, LossConfigError, LossInputs
 from .ce import CELoss
 from .ckd import CKDLoss
 from .cmkd import CMKDLoss
@@ -26,9 +28,12 @@ from .combined import CombinedLoss
 from .dist import DISTLoss
 from .dkd import DKDLoss
 from .kd import KDLoss
+from .lskd import LSKDLoss
+from .mtkd import MTKDLoss
 
 __all__ = [
     "LOSSES",
+    "OPTIONAL_INPUTS",
     "CELoss",
     "CKDLoss",
     "CMKDLoss",
@@ -37,12 +42,17 @@ __all__ = [
     "DKDLoss",
     "DistillationLoss",
     "KDLoss",
+    "LSKDLoss",
     "LossConfigError",
+    "LossInputs",
+    "MTKDLoss",
     "build_loss",
     "default_params",
 ]
 
-LOSSES: dict[str, type[nn.Module]] = {cls.name: cls for cls in (CELoss, KDLoss, DKDLoss, DISTLoss, CMKDLoss, CKDLoss)}
+LOSSES: dict[str, type[nn.Module]] = {
+    cls.name: cls for cls in (CELoss, KDLoss, DKDLoss, DISTLoss, CMKDLoss, CKDLoss, LSKDLoss, MTKDLoss)
+}
 
 
 def default_params(name: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -18,7 +19,16 @@ from torch import Tensor, nn
 
 from .functional import compute_dtype
 
-__all__ = ["DistillationLoss", "LossConfigError", "check_bool", "check_choice", "check_int", "check_number"]
+__all__ = [
+    "OPTIONAL_INPUTS",
+    "DistillationLoss",
+    "LossConfigError",
+    "LossInputs",
+    "check_bool",
+    "check_choice",
+    "check_int",
+    "check_number",
+]
 
 
 class LossConfigError(TypeError, ValueError):
@@ -66,27 +76,51 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     return str(value)
 
 
+#: The optional inputs of a loss call besides (student, teacher, target, epoch); a loss lists the ones it
+#: uses in :attr:`DistillationLoss.reads` and any other one given is an error (never silently dropped).
+OPTIONAL_INPUTS = ("groups", "teacher_features", "members")
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """What :meth:`DistillationLoss.distill` may read besides the logits and the target.
+
+    Every loss receives the same object (one call contract) and reads only what it needs:
+
+    - ``epoch``: fractional epoch of the training clock (DKD's warm-up); every loss accepts it.
+    - ``groups``: ``(G, k)`` explicit comparison row indices (CKD), or None (the loss samples its own).
+    - ``features``: the loss's :meth:`DistillationLoss.teacher_features` of these teacher logits,
+      precomputed (e.g. by the loader) or computed by ``forward``; ``{}`` for a loss without features.
+    - ``members``: ``(B, M, C)`` logits of the M member teachers of an ensemble teacher (compute dtype,
+      detached), or None (a single-teacher store).
+    """
+
+    epoch: float | None = None
+    groups: Tensor | None = None
+    features: Mapping[str, Tensor] = field(default_factory=dict)
+    members: Tensor | None = None
+
+
 class DistillationLoss(nn.Module):
     """Base class: ``loss = ce_weight * CE + distill(...)``.
 
-    ``forward(student_logits (B, C), teacher_logits (B, C), target (B,) int64, epoch=None)`` returns
-    ``{"loss": total (carries the graph), "ce": CE, **parts}``. All parts are detached scalars meant
+    ``forward(student_logits (B, C), teacher_logits (B, C), target (B,) int64, epoch=None, *, groups=None,
+    teacher_features=None, members=None)`` returns ``{"loss": total (carries the graph), "ce": CE, **parts}``
+    for every loss (one contract: the training loop and combinations call all losses alike). A loss reads
+    the optional inputs named in :attr:`reads`; any other optional input given (not None) is an error, so a
+    caller never believes an input was used when it was not. All parts are detached scalars meant
     for logging and are *unweighted* (e.g. ``kd`` is ``T^2 * KL`` before the ``b`` weight), so curves
     stay comparable across weightings; only ``loss`` includes the weights.
 
     Dtype policy: inputs are promoted to at least float32 before any math (float16/bfloat16 logits
     are common when the teacher cache is stored in half precision); float64 stays float64.
-    The teacher logits are always detached: the teacher is a fixed target.
+    The teacher logits (and member logits) are always detached: the teacher is a fixed target.
     """
 
     #: registry name, set by subclasses
     name: ClassVar[str] = ""
-    #: whether :meth:`distill` accepts explicit comparison ``groups`` (CKD only)
-    accepts_groups: ClassVar[bool] = False
-    #: whether :meth:`distill` needs ``epoch`` (DKD's warm-up)
-    needs_epoch: ClassVar[bool] = False
-    #: whether :meth:`teacher_features` returns anything (:meth:`distill` then takes ``features=``)
-    uses_teacher_features: ClassVar[bool] = False
+    #: the optional inputs (of :data:`OPTIONAL_INPUTS`) :meth:`distill` reads
+    reads: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, ce_weight: float, ce_param: str = "ce_weight") -> None:
         super().__init__()
@@ -94,11 +128,12 @@ class DistillationLoss(nn.Module):
         self.ce_weight = check_number(ce_param, ce_weight, nonnegative=True)
 
     def distill(
-        self, student: Tensor, teacher: Tensor, target: Tensor, epoch: float | None
+        self, student: Tensor, teacher: Tensor, target: Tensor, inputs: LossInputs
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Return ``(weighted distillation total, unweighted named parts)``; no CE term.
 
-        ``student``/``teacher`` arrive promoted to the compute dtype, ``teacher`` detached.
+        ``student``/``teacher`` arrive promoted to the compute dtype, ``teacher`` detached; ``inputs`` holds
+        the optional inputs (see :class:`LossInputs`), already checked against :attr:`reads`.
         """
         raise NotImplementedError
 
@@ -124,16 +159,17 @@ class DistillationLoss(nn.Module):
         teacher_logits: Tensor,
         target: Tensor,
         epoch: float | None = None,
+        *,
+        groups: Tensor | None = None,
         teacher_features: Mapping[str, Tensor] | None = None,
+        members: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """See the class docstring; ``teacher_features``: :meth:`teacher_features` of these teacher
-        logits, computed elsewhere (e.g. by the loader); omitted, they are computed here. Equal results."""
+        """See the class docstring. ``groups``: ``(G, k)`` comparison row indices; ``teacher_features``:
+        :meth:`teacher_features` of these teacher logits computed elsewhere (e.g. by the loader; omitted, they
+        are computed here, with equal results); ``members``: ``(B, M, C)`` member-teacher logits."""
         student, teacher, target = prepare_inputs(student_logits, teacher_logits, target)
-        if self.uses_teacher_features:
-            features = resolve_features(self, teacher, teacher_features)
-            total, parts = self.distill(student, teacher, target, epoch, features=features)
-        else:
-            total, parts = self.distill(student, teacher, target, epoch)
+        inputs = gather_inputs(self, teacher, epoch, groups=groups, teacher_features=teacher_features, members=members)
+        total, parts = self.distill(student, teacher, target, inputs)
         return assemble(student, target, self.ce_weight, total, parts)
 
     def extra_repr(self) -> str:
@@ -142,6 +178,43 @@ class DistillationLoss(nn.Module):
     def hparams(self) -> dict[str, object]:
         """The constructor parameters, for logging."""
         return {}
+
+
+def gather_inputs(
+    loss: nn.Module,
+    teacher: Tensor,
+    epoch: float | None,
+    *,
+    groups: Tensor | None,
+    teacher_features: Mapping[str, Tensor] | None,
+    members: Tensor | None,
+) -> LossInputs:
+    """The :class:`LossInputs` of one call: inputs the loss cannot use are an error naming them, the loss's
+    teacher features resolved (given ones checked, missing ones computed), member logits checked and promoted.
+
+    An empty ``teacher_features`` mapping means "none" (what the loader sends for a loss without features).
+    """
+    reads = loss.reads
+    given = {"groups": groups, "teacher_features": teacher_features or None, "members": members}
+    unusable = sorted(k for k, v in given.items() if v is not None and k not in reads)
+    if unusable:
+        who = getattr(loss, "name", "") or type(loss).__name__
+        raise ValueError(
+            f"loss {who!r} cannot use {unusable} (it reads {sorted(reads) or 'none of the optional inputs'}); "
+            f"pass them only to a loss that uses them: groups (ckd), teacher_features (cmkd), members (mtkd)"
+        )
+    features = resolve_features(loss, teacher, teacher_features) if "teacher_features" in reads else {}
+    return LossInputs(epoch, groups, features, None if members is None else prepare_members(members, teacher))
+
+
+def prepare_members(members: Tensor, teacher: Tensor) -> Tensor:
+    """Check member logits ``(B, M, C)`` against the teacher's ``(B, C)``; promote to its dtype, detach."""
+    B, C = teacher.shape
+    if members.dim() != 3 or members.shape[0] != B or members.shape[2] != C or members.shape[1] < 1:
+        raise ValueError(
+            f"members must be (B, M, C) = ({B}, M >= 1, {C}) member-teacher logits, got shape {tuple(members.shape)}"
+        )
+    return members.detach().to(device=teacher.device, dtype=teacher.dtype)  # (B, M, C)
 
 
 def resolve_features(loss: nn.Module, teacher: Tensor, given: Mapping[str, Tensor] | None) -> dict[str, Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import DistillationLoss
+from .base import DistillationLoss, LossInputs
 
 __all__ = ["CELoss"]
 
@@ -25,7 +25,7 @@ class CELoss(DistillationLoss):
         super().__init__(weight, ce_param="weight")
 
     def distill(
-        self, student: Tensor, teacher: Tensor, target: Tensor, epoch: float | None
+        self, student: Tensor, teacher: Tensor, target: Tensor, inputs: LossInputs
     ) -> tuple[Tensor, dict[str, Tensor]]:
         # No distillation term: a zero that still lives on the right device/dtype.
         return student.new_zeros(()), {}

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import DistillationLoss, LossConfigError, assemble, check_int, check_number, prepare_inputs
-from .functional import kl_div
+from .base import DistillationLoss, LossConfigError, LossInputs, check_bool, check_int, check_number
+from .functional import kl_div, zscore
 
 __all__ = ["CKDLoss"]
 
@@ -36,6 +36,11 @@ class CKDLoss(DistillationLoss):
     Adding a per-row constant to the logits shifts ``d_g`` by a per-group constant, which the
     softmax ignores, so CKD shares KD's shift invariance.
 
+    ``standardize``: logit standardization (Sun et al., CVPR 2024, arXiv:2403.01427) applied to what CKD's
+    temperature softmax sees, the difference vectors: ``d_g`` of student and teacher are z-scored
+    (``functional.zscore``) before ``/ T``. (Z-scoring each sample's logits before taking differences would
+    leave the differences' scale to the student, the magnitude match standardization removes.)
+
     Parts: ``ckd`` (with ``T^2``, before ``weight``) and ``groups`` (number of distinct comparisons
     used, as a float; a group is identified by its unordered A set and unordered B set).
 
@@ -46,10 +51,11 @@ class CKDLoss(DistillationLoss):
         seed: seed of the group sampler.
         weight: weight of the comparative term.
         ce_weight: weight of the cross-entropy term.
+        standardize: z-score the group differences of student and teacher before the softmax.
     """
 
     name = "ckd"
-    accepts_groups = True
+    reads = frozenset({"groups"})
 
     def __init__(
         self,
@@ -59,6 +65,7 @@ class CKDLoss(DistillationLoss):
         seed: int = 0,
         weight: float = 1.0,
         ce_weight: float = 1.0,
+        standardize: bool = False,
     ) -> None:
         super().__init__(ce_weight)
         self.T = check_number("T", T, positive=True)
@@ -68,6 +75,7 @@ class CKDLoss(DistillationLoss):
         self.groups_per_step = check_int("groups_per_step", groups_per_step, minimum=1)
         self.seed = check_int("seed", seed, minimum=0)
         self.weight = check_number("weight", weight, nonnegative=True)
+        self.standardize = check_bool("standardize", standardize)
         self.generator = torch.Generator().manual_seed(self.seed)  # CPU: indices are tiny
 
     # -- sampler state travels with the module so resumed runs draw the same groups -------------
@@ -88,27 +96,11 @@ class CKDLoss(DistillationLoss):
         keys = torch.rand(self.groups_per_step, batch_size, generator=self.generator)  # (G, B)
         return keys.topk(k, dim=1, largest=False).indices  # (G, k)
 
-    def forward(
-        self,
-        student_logits: Tensor,
-        teacher_logits: Tensor,
-        target: Tensor,
-        epoch: float | None = None,
-        groups: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        student, teacher, target = prepare_inputs(student_logits, teacher_logits, target)
-        total, parts = self.distill(student, teacher, target, epoch, groups=groups)
-        return assemble(student, target, self.ce_weight, total, parts)
-
     def distill(
-        self,
-        student: Tensor,
-        teacher: Tensor,
-        target: Tensor,
-        epoch: float | None,
-        groups: Tensor | None = None,
+        self, student: Tensor, teacher: Tensor, target: Tensor, inputs: LossInputs
     ) -> tuple[Tensor, dict[str, Tensor]]:
         B = student.shape[0]
+        groups = inputs.groups
         if groups is None:
             groups = self.sample_groups(B)
         groups = _check_groups(groups, B).to(student.device)  # (G, k)
@@ -120,6 +112,8 @@ class CKDLoss(DistillationLoss):
         # (G, C): group-mean logit difference A - B, same groups for student and teacher
         d_s = student[groups[:, :half]].mean(dim=1) - student[groups[:, half:]].mean(dim=1)
         d_t = teacher[groups[:, :half]].mean(dim=1) - teacher[groups[:, half:]].mean(dim=1)
+        if self.standardize:
+            d_s, d_t = zscore(d_s), zscore(d_t)  # (G, C) each
         ckd = self.T**2 * kl_div(d_s, d_t, self.T).mean()  # (G,) -> scalar
         return self.weight * ckd, {"ckd": ckd, "groups": student.new_tensor(float(_count_distinct(groups)))}
 
@@ -131,6 +125,7 @@ class CKDLoss(DistillationLoss):
             "seed": self.seed,
             "weight": self.weight,
             "ce_weight": self.ce_weight,
+            "standardize": self.standardize,
         }
 
 

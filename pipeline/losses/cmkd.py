@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import DistillationLoss, LossConfigError, check_bool, check_choice, check_number
+from .base import DistillationLoss, LossConfigError, LossInputs, check_bool, check_choice, check_number
 from .functional import entropy, pearson, soft_rank, zscore
 
 __all__ = ["CMKDLoss"]
@@ -77,7 +77,7 @@ class CMKDLoss(DistillationLoss):
     """
 
     name = "cmkd"
-    uses_teacher_features = True
+    reads = frozenset({"teacher_features"})
 
     def __init__(
         self,
@@ -154,14 +154,9 @@ class CMKDLoss(DistillationLoss):
         return w_p, w_s
 
     def distill(
-        self,
-        student: Tensor,
-        teacher: Tensor,
-        target: Tensor,
-        epoch: float | None,
-        features: dict[str, Tensor] | None = None,
+        self, student: Tensor, teacher: Tensor, target: Tensor, inputs: LossInputs
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        feats = self.teacher_features(teacher) if features is None else features
+        feats = inputs.features or self.teacher_features(teacher)  # resolved by forward; direct callers may omit
         z_s = zscore(student) if self.use_zscore else student  # (B, C)
         w_p, w_s = self.part_weights(teacher, feats.get("entropy"))  # (B,), (B,)
         per_sample = student.new_zeros(student.shape[0])  # (B,)

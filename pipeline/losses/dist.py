@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import DistillationLoss, check_number
+from .base import DistillationLoss, LossInputs, check_number
 from .functional import pearson
 
 __all__ = ["DISTLoss"]
@@ -53,7 +53,7 @@ class DISTLoss(DistillationLoss):
         self.w = check_number("w", w, nonnegative=True)
 
     def distill(
-        self, student: Tensor, teacher: Tensor, target: Tensor, epoch: float | None
+        self, student: Tensor, teacher: Tensor, target: Tensor, inputs: LossInputs
     ) -> tuple[Tensor, dict[str, Tensor]]:
         p_s = (student / self.T).softmax(dim=1)  # (B, C)
         p_t = (teacher / self.T).softmax(dim=1)  # (B, C)

@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 _TAG_SHUFFLE = 0x5348_5546
 
 # One sample between the shard reader and the batcher: a tuple is ~5x cheaper to build and shuffle
-# than a dict of tensors. (index, image (H, W, C), label, view, sy, sx, flip, logits (C,) | None, has_teacher)
-_Item = tuple[int, np.ndarray, int, int, int, int, int, "np.ndarray | None", bool]
+# than a dict of tensors. (index, image (H, W, C), label, view, sy, sx, flip, logits (C,) | None, has_teacher,
+# members (M, C) | None)
+_Item = tuple[int, np.ndarray, int, int, int, int, int, "np.ndarray | None", bool, "np.ndarray | None"]
 
 
 class _ShardJoin:
@@ -57,9 +58,12 @@ class _ShardJoin:
         index = np.arange(info.start, info.stop)
         store = ds.store()
         self.block: np.ndarray | None = None  # (n, V, C) in the store's dtype (float16 by default)
+        self.members: np.ndarray | None = None  # (n, V, M, C) an ensemble's member logits, when the loss reads them
         if store is not None:
             # One contiguous read per shard, kept in the stored dtype: only the batched (B, C) rows get converted.
             self.block = store.read_block(info.start, info.stop, dtype=None)
+            if ds.members:
+                self.members = store.read_members(info.start, info.stop, dtype=None)
             view = pick_allowed_view(ds.seed, epoch, index, ds.allowed[info.start : info.stop])
             self.has_teacher = view >= 0  # (n,)
             if ds.unqueried == "ce":  # rows without teacher logits still train with CE on view 0
@@ -77,30 +81,33 @@ class _ShardJoin:
 
     def items(self) -> Iterator[_Item]:
         """The shard's samples in file order, each checked against the manifest's row range."""
-        info, block = self.info, self.block
+        info, block, members = self.info, self.block, self.members
         wanted = self.view >= 0
         for i, img, label in iter_shard(self.url, expect=range(info.start, info.stop), wanted=wanted):
             r = i - info.start
             v = self.view_list[r]
             sy, sx, flip = self.shift[r]
             logits = block[r, v] if block is not None else None  # (C,)
-            yield (i, img, label, v, sy, sx, flip, logits, self.has_list[r])
+            member = members[r, v] if members is not None else None  # (M, C)
+            yield (i, img, label, v, sy, sx, flip, logits, self.has_list[r], member)
 
 
 def _item_to_sample(item: _Item, pad: int) -> dict[str, Any]:
     """One item as the per-sample dict of `DistillDataset.__iter__` (augmentation applied)."""
-    i, img, label, v, sy, sx, flip, logits, has = item
+    i, img, label, v, sy, sx, flip, logits, has, member = item
     img = np.ascontiguousarray(crop_flip(img, sy, sx, bool(flip))) if v > 0 else np.array(img)  # writable, for torch
     out = {"image": torch.from_numpy(img), "label": label, "index": i, "view": v}
     if logits is not None:
         out["logits"] = torch.from_numpy(logits.astype(np.float32))  # (C,)
         out["has_teacher"] = has
+    if member is not None:
+        out["members"] = torch.from_numpy(member.astype(np.float32))  # (M, C)
     return out
 
 
 def _collate(items: list[_Item], pad: int) -> dict[str, np.ndarray]:
     """A batch of items -> numpy arrays laid out as `default_collate` of their samples would be, built at once."""
-    idx, imgs, labels, views, sy, sx, flip, logits, has = zip(*items, strict=True)
+    idx, imgs, labels, views, sy, sx, flip, logits, has, members = zip(*items, strict=True)
     images = np.stack(imgs)  # (B, H, W, C) uint8
     v = np.array(views, dtype=np.int64)
     aug = v > 0
@@ -117,6 +124,8 @@ def _collate(items: list[_Item], pad: int) -> dict[str, np.ndarray]:
     if logits[0] is not None:
         out["logits"] = np.stack(logits).astype(np.float32, copy=False)  # (B, C) float32
         out["has_teacher"] = np.array(has, dtype=bool)
+    if members[0] is not None:
+        out["members"] = np.stack(members).astype(np.float32, copy=False)  # (B, M, C) float32
     return out
 
 
@@ -133,6 +142,8 @@ class DistillDataset(IterableDataset):
     unshuffled data set is for evaluation in index order, where every rank sees the whole split).
     teacher_features: the loss's teacher side (`DistillationLoss.teacher_features`), computed per batch
     by the loader next to the batch (cached logits only).
+    members: also join an ensemble store's member logits (`members (B, M, C)` per batch, one block read
+    per shard like the logits), for a loss that reads them (`mtkd`).
     """
 
     def __init__(
@@ -150,6 +161,7 @@ class DistillDataset(IterableDataset):
         unqueried: str = "drop",
         split_nodes: bool | None = None,
         teacher_features: TeacherFeatures | None = None,
+        members: bool = False,
     ) -> None:
         super().__init__()
         if unqueried not in ("drop", "ce"):
@@ -175,12 +187,15 @@ class DistillDataset(IterableDataset):
                 raise ValueError(
                     f"allowed mask shape {self.allowed.shape} != store rows/views {(store.n, store.views)}"
                 )
+            if members and not store.member_names:
+                raise ValueError(f"members=True, but {self.store_path} holds no member logits (not an ensemble store)")
         else:
             self.recipe = recipe or ViewRecipe()
             self.num_classes = manifest.num_classes
             self.allowed = None
         self.augment = augment
         self.teacher_features = teacher_features if self.store_path else None
+        self.members = members
         # Rank/world are fixed in the main process (and shipped to DataLoader workers with the
         # pickled dataset), so workers split exactly as `plan` predicts even where they cannot see
         # the process group (spawned workers).

@@ -431,6 +431,7 @@ def _batch_loss(
         for k, v in batch.items()
         if k.startswith(FEATURE_PREFIX) and run.teacher is None
     }
+    members = batch.get("members") if run.teacher is None else None  # (B, M, C) an ensemble's member logits
     parts = compute_loss(
         run.loss_fn,
         s,
@@ -441,6 +442,7 @@ def _batch_loss(
         run.cfg.optim.label_smoothing,
         groups=groups,
         features=features or None,
+        members=None if members is None else members.to(device, non_blocking=True),
     )
     return parts, s, y
 
@@ -548,31 +550,30 @@ def compute_loss(
     label_smoothing: float,
     groups: torch.Tensor | None = None,
     features: dict[str, torch.Tensor] | None = None,
+    members: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The loss on rows with teacher logits; plain CE on rows without (budget `unqueried: ce`).
 
     s: student logits (B, C); t: teacher logits (B, C) or None (CE only, teacher training);
-    features: the loss's `teacher_features` of `t`, precomputed by the loader (rows as `t`).
+    features: the loss's `teacher_features` of `t`, precomputed by the loader (rows as `t`);
+    members: (B, M, C) the member teachers' logits of an ensemble store (rows as `t`).
+    Every loss takes the same keyword inputs (`pipeline.losses.base.DistillationLoss.forward`).
     """
     s = s.float()
     if t is None:
         ce = nn.functional.cross_entropy(s, y, label_smoothing=label_smoothing)
         return {"loss": ce, "ce": ce}
-    kw: dict[str, Any] = {}
-    if features is not None:
-        kw["teacher_features"] = features
     if has_teacher is None or bool(has_teacher.all()):
-        if groups is not None:
-            kw["groups"] = groups
-        return loss_fn(s, t, y, epoch=epoch, **kw)
+        return loss_fn(s, t, y, epoch=epoch, groups=groups, teacher_features=features, members=members)
     m = has_teacher.to(s.device)
     n_t = int(m.sum())
     ce_rest = nn.functional.cross_entropy(s[~m], y[~m], label_smoothing=label_smoothing)
     if n_t == 0:
         return {"loss": ce_rest, "ce_unqueried": ce_rest}
-    if features is not None:
-        kw["teacher_features"] = {k: v[m] for k, v in features.items()}
-    parts = loss_fn(s[m], t[m], y[m], epoch=epoch, **kw)
+    # Groups index the whole batch: the loss draws its own on the rows it gets.
+    sub_features = None if features is None else {k: v[m] for k, v in features.items()}
+    sub_members = None if members is None else members[m]
+    parts = loss_fn(s[m], t[m], y[m], epoch=epoch, teacher_features=sub_features, members=sub_members)
     frac = n_t / len(y)
     parts = dict(parts)
     parts["loss"] = frac * parts["loss"] + (1 - frac) * ce_rest

@@ -38,6 +38,7 @@ class QueriedPool:
     allowed: (N, V) bool of usable sample-views (a subset of the store's `queried`).
     epoch_samples: rows per epoch (back-to-back permutations of the pool); default N of the split.
     teacher_features: as `DistillDataset`'s, added to each batch by the loader.
+    members: also hold an ensemble store's member logits and batch them as `members (B, M, C)`.
     Batches are made in the training process (`max_workers` 0): the pool is already decoded.
     """
 
@@ -51,6 +52,7 @@ class QueriedPool:
         seed: int = 0,
         epoch_samples: int | None = None,
         teacher_features: TeacherFeatures | None = None,
+        members: bool = False,
     ) -> None:
         store = LogitStore(store_path, split=split, manifest=manifest)
         if allowed.shape != (store.n, store.views):
@@ -69,6 +71,7 @@ class QueriedPool:
         self.index = rows.astype(np.int64)
         self.view = views.astype(np.int64)
         self.logits = store.read_rows(rows)[np.arange(len(rows)), views]  # (P, C)
+        self.members = store.read_member_rows(rows)[np.arange(len(rows)), views] if members else None  # (P, M, C)
         self.teacher_features = teacher_features
         images, self.labels = read_rows(manifest, split, self.index)  # (P, H, W, C) uint8, (P,)
         self.images = recipe.apply(images, self.index, self.view)  # each sample-view with its cached view applied
@@ -119,7 +122,7 @@ class QueriedPool:
         stop = len(picks) - len(picks) % batch_size if drop_last else len(picks)
         for k in range(0, stop, batch_size):
             p = picks[k : k + batch_size]
-            yield {
+            batch = {
                 "image": self.images[p],  # (B, H, W, C) uint8, view already applied
                 "label": self.labels[p],
                 "index": self.index[p],
@@ -128,6 +131,9 @@ class QueriedPool:
                 "has_teacher": np.ones(len(p), dtype=bool),
                 "pool_id": p.astype(np.int64),  # sample-view identity, for counting CKD comparisons
             }
+            if self.members is not None:
+                batch["members"] = self.members[p]  # (B, M, C) float32
+            yield batch
 
 
 class ComparisonTracker:
@@ -142,7 +148,7 @@ class ComparisonTracker:
 
     def __init__(self, loss_fn: Any) -> None:
         mods = loss_fn.modules() if isinstance(loss_fn, nn.Module) else []
-        samplers = (m for m in mods if getattr(m, "accepts_groups", False) and hasattr(m, "sample_groups"))
+        samplers = (m for m in mods if "groups" in getattr(m, "reads", ()) and hasattr(m, "sample_groups"))
         self.sampler = next(samplers, None)
         self.seen: set[tuple[int, ...]] = set()
         self.active = False

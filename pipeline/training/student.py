@@ -78,12 +78,14 @@ def build_train_source(
     allowed: np.ndarray,
     run: StudentRun,
     teacher_features: Any = None,
+    members: bool = False,
 ) -> BatchSource:
     """The student's training data: the in-memory queried pool for budget runs, else the shard stream.
 
     A budget run's few queried sample-views live in memory; every epoch draws the same number of
     samples as a full run would, so small budgets train for the same schedule. With
     `distill.unqueried: ce` a budget run streams every sample instead, with CE on the unqueried ones.
+    `members`: join an ensemble store's member logits too (for a loss that reads them).
     """
     if not run.is_full and cfg.unqueried == "drop":
         return QueriedPool(
@@ -94,6 +96,7 @@ def build_train_source(
             seed=run.seed,
             epoch_samples=cfg.pool_epoch_samples,
             teacher_features=teacher_features,
+            members=members,
         )
     return DistillDataset(
         manifest,
@@ -104,7 +107,34 @@ def build_train_source(
         allowed=allowed,
         unqueried=cfg.unqueried,
         teacher_features=teacher_features,
+        members=members,
     )
+
+
+def wants_members(loss_fn: Any, store: LogitStore, run: StudentRun, teacher_source: str) -> bool:
+    """Whether the loader joins the store's member logits: exactly when the loss reads them and the store has them.
+
+    An ensemble store (attrs `ensemble`) has no model to run online; one built without its members cannot feed
+    a loss that reads them (an error naming the fix). A single teacher's store is a one-member ensemble for such a
+    loss (`mtkd` is then `kd`), so a distill matrix may cross every teacher with it.
+    """
+    ensemble = store.attrs.get("ensemble")
+    if ensemble and teacher_source == "online":
+        raise ConfigError(
+            f"teacher '{run.teacher}' is an ensemble of stores {ensemble.get('members')}: there is no model to run "
+            "online; use distill.teacher_source: cache"
+        )
+    if "members" not in loss_fn.reads:
+        return False
+    if store.member_names:
+        return True
+    if ensemble:
+        raise ConfigError(
+            f"loss '{run.loss}' distils from each member teacher, but ensemble '{run.teacher}' was built without "
+            f"its member logits: set ensembles.{run.teacher}.keep_members: true (or use a loss on the combined logits)"
+        )
+    log.info("loss %s on the single teacher %s: one member (the teacher itself)", run.loss, run.teacher)
+    return False
 
 
 def run_student(
@@ -145,10 +175,11 @@ def run_student(
     seed_everything(run.seed)
     # The loss's teacher side (CMKD's soft ranks...) depends on the cached logits alone: the loader's worker
     # computes it per batch, off the training step (identical results, tested).
-    features = loss_fn.teacher_features if getattr(loss_fn, "uses_teacher_features", False) else None
+    features = loss_fn.teacher_features if "teacher_features" in loss_fn.reads else None
     if cfg.teacher_source == "online":
         features = None
-    train_set = build_train_source(cfg, manifest, store_path, allowed, run, teacher_features=features)
+    members = wants_members(loss_fn, train_store, run, cfg.teacher_source)
+    train_set = build_train_source(cfg, manifest, store_path, allowed, run, teacher_features=features, members=members)
     val_set = held_out(manifest, "val")  # checkpoint selection; the test split is for final reporting only
     teacher = None
     if cfg.teacher_source == "online":

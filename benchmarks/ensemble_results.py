@@ -1,0 +1,244 @@
+"""Ensembles and logit standardization (issue 15, item 4): does the ensemble of two cached teachers teach better
+than its best member, and does standardization help here as it does on CIFAR-100?
+
+    python -m benchmarks.ensemble_results [--teachers cnn resnet] [--ensemble both] [--seeds 0 1 2]
+        [--epochs N] [--losses kd dkd dist cmkd ckd mtkd mtkd:confidence lskd] [--kl-losses kd dkd ckd]
+        [--out benchmarks/results/ensembles] [--params params.yaml]
+
+Run from a project whose `dvc repro` has cached the two teachers (the default data set, or the clone that
+`benchmarks/cifar10_profile.py` makes with `profiles/cifar10.yaml`). Every student is trained and evaluated
+exactly as the `distill`/`evaluate` stages do it (`benchmarks.students.run_student`); the project's data is
+read, never written: the ensemble's store is `data/logits/<ensemble>.zarr` when `dvc repro` built it, else
+it is built from the two member stores into `<out>/logits/`. Resumable: a student whose metrics exist is
+not trained again; interrupt and rerun freely.
+
+Tables (mean and 95% t-interval over seeds of each student's test top-1, %):
+
+1. teachers: `ce` (no teacher) and `kd` from each single teacher and from the ensemble;
+2. the ensemble with each loss in `--losses` (`mtkd` distils from each member: `mtkd:confidence` is CA-MKD's
+   per-sample weighting; `lskd` is logit-standardized KD);
+3. every KL-based loss in `--kl-losses` on each teacher and the ensemble, without and with standardization.
+   "with" is `standardize: true` plus the paper's CIFAR-100 recipe where it gives one (official code:
+   base temperature 2, KD weight x9: kd -> T 2, b 9; dkd -> T 2, alpha and beta x9); for ckd and mtkd
+   (no recipe in the paper) the same T 2 and weight x9, by analogy. `--std-recipe plain` switches only
+   `standardize` on.
+
+Selection: when a student's curves hold a validation accuracy (`val_acc` per epoch), its test accuracy is
+read at the epoch of best validation accuracy; otherwise at the last epoch (the table says which).
+Writes `<out>/results.md` (tables + the comparisons the verdict needs) and `<out>/results.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.students import run_student
+from pipeline.config import (
+    DistillConfig,
+    EnsembleSpec,
+    PrepareConfig,
+    ensembles_section,
+    from_dict,
+    load_params,
+    section,
+)
+from pipeline.layout import Layout
+from pipeline.losses import default_params
+
+KL_LOSSES = ("kd", "dkd", "ckd", "mtkd")
+# Student's t 0.975 quantiles by degrees of freedom (a 95% two-sided interval of a mean of n = df + 1 seeds).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One loss configuration: a registry loss with parameters (the project's, plus overrides)."""
+
+    key: str  # short name in tables and run names, e.g. "kd", "kd+std", "mtkd:confidence"
+    loss: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def params(self, project: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return {**default_params(self.loss), **(project.get(self.loss) or {}), **dict(self.overrides)}
+
+
+def variant(key: str) -> Variant:
+    """`kd`, `mtkd:confidence` (a weighting), or any loss name."""
+    loss, _, weighting = key.partition(":")
+    return Variant(key, loss, (("weighting", weighting),) if weighting else ())
+
+
+def standardized(v: Variant, recipe: str, project: dict[str, dict[str, Any]]) -> Variant:
+    """The variant with logit standardization (see the module docstring for the recipe)."""
+    over = dict(v.overrides, standardize=True)
+    if recipe == "paper":
+        p = v.params(project)
+        over["T"] = 2.0
+        for weight in {"kd": ("b",), "mtkd": ("b",), "dkd": ("alpha", "beta"), "ckd": ("weight",)}[v.loss]:
+            over[weight] = 9.0 * float(p[weight])
+    return Variant(f"{v.key}+std", v.loss, tuple(sorted(over.items())))
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """(mean, 95% t-interval half-width); half-width 0 for one value."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    t = T975.get(len(values) - 1, 1.96)
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def selected_accuracy(metrics: dict[str, Any], curves: Path) -> tuple[float, str]:
+    """Test top-1 at the best-validation epoch when the curves have `val_acc`, else the final test top-1."""
+    rows = json.loads(curves.read_text()) if curves.exists() else []
+    with_val = [r for r in rows if "val_acc" in r and "test_acc" in r]
+    if with_val:
+        best = max(with_val, key=lambda r: r["val_acc"])  # first of equal maxima: the earlier epoch
+        return float(best["test_acc"]), "validation"
+    return float(metrics["top1"]), "final"
+
+
+class Runner:
+    """Trains (or finds) each student once; remembers every result by run name."""
+
+    def __init__(self, out: Path, params_path: str, epochs: int | None, stores: dict[str, str | None]) -> None:
+        self.out, self.params_path, self.stores = out, params_path, stores
+        self.overrides = {"train": {"epochs": epochs}} if epochs else {}
+        params = load_params(params_path)
+        self.project_losses = from_dict(DistillConfig, section(params, "distill"), "distill").loss_params
+        self.selection: set[str] = set()
+
+    def accuracy(self, teacher: str, v: Variant, seed: int) -> float:
+        name = f"{teacher}-{v.key}-s{seed}".replace(":", "_")
+        metrics_path = self.out / "metrics" / f"{name}.json"
+        if metrics_path.exists():  # resumable
+            metrics = json.loads(metrics_path.read_text())
+        else:
+            metrics = run_student(
+                self.out,
+                name,
+                teacher=teacher,
+                loss=v.loss,
+                loss_params=v.params(self.project_losses),
+                seed=seed,
+                store=self.stores.get(teacher),
+                distill_overrides=self.overrides,
+                params_path=self.params_path,
+            )
+            print(f"{name}: top-1 {100 * metrics['top1']:.2f}", flush=True)
+        acc, how = selected_accuracy(metrics, self.out / "curves" / f"{name}.json")
+        self.selection.add(how)
+        return 100 * acc
+
+
+def ensemble_store_for(params: dict[str, Any], teachers: list[str], name: str, out: Path) -> str | None:
+    """The ensemble's store path: data/logits/<name>.zarr when built by dvc, else built here into <out>/logits."""
+    from pipeline.cache.ensemble import ensemble_store
+    from pipeline.data.shards import load_manifest
+
+    layout = Layout(from_dict(PrepareConfig, section(params, "prepare"), "prepare").name)
+    if layout.store(name).exists():
+        return None  # the layout's store: run_student finds it by name
+    spec = ensembles_section(params).get(name) or EnsembleSpec(tuple(teachers))
+    if list(spec.members) != teachers:
+        raise SystemExit(f"ensemble '{name}' in params.yaml has members {list(spec.members)}, not {teachers}")
+    path = out / "logits" / f"{name}.zarr"
+    if not path.exists():
+        where = {t: layout.store(t) for t in teachers} | {name: path}
+        ensemble_store(load_manifest(layout.shards), name, spec, where.__getitem__)
+    return str(path)
+
+
+def table(title: str, rows: list[tuple[str, list[float]]]) -> list[str]:
+    lines = [f"### {title}", "", "| | top-1 (%) | seeds |", "|---|---:|---:|"]
+    for label, accs in rows:
+        mean, half = interval(accs)
+        lines.append(f"| {label} | {mean:.2f} ± {half:.2f} | {len(accs)} |")
+    return [*lines, ""]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument(
+        "--teachers", nargs=2, default=None, help="the two members (default: the first two distill.teachers)"
+    )
+    ap.add_argument("--ensemble", default=None, help="ensemble name (default: the ensembles entry of the two, or a+b)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=None, help="distill.train.epochs override (default: params.yaml's)")
+    ap.add_argument(
+        "--losses", nargs="+", default=["kd", "dkd", "dist", "cmkd", "ckd", "mtkd", "mtkd:confidence", "lskd"]
+    )
+    ap.add_argument("--kl-losses", nargs="+", default=["kd", "dkd", "ckd"], choices=list(KL_LOSSES))
+    ap.add_argument("--std-recipe", choices=["paper", "plain"], default="paper")
+    ap.add_argument("--out", default="benchmarks/results/ensembles")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    distill = from_dict(DistillConfig, section(params, "distill"), "distill")
+    teachers = list(args.teachers or [t for t in distill.teachers if t in (params.get("teachers") or {})][:2])
+    if len(teachers) != 2:
+        raise SystemExit(f"need two cached teachers (--teachers a b); distill.teachers is {list(distill.teachers)}")
+    named = [n for n, s in ensembles_section(params).items() if list(s.members) == teachers]
+    ens = args.ensemble or (named[0] if named else "+".join(teachers))
+    out = Path(args.out)
+    runner = Runner(out, args.params, args.epochs, {ens: ensemble_store_for(params, teachers, ens, out)})
+    everyone = [*teachers, ens]
+
+    def accs(teacher: str, v: Variant) -> list[float]:
+        return [runner.accuracy(teacher, v, s) for s in args.seeds]
+
+    kd = variant("kd")
+    results: dict[str, dict[str, list[float]]] = {"teachers": {}, "ensemble": {}, "standardization": {}}
+    results["teachers"]["ce (no teacher)"] = accs(teachers[0], variant("ce"))
+    for t in everyone:
+        results["teachers"][f"kd from {t}" + (" (ensemble)" if t == ens else "")] = accs(t, kd)
+    for key in args.losses:
+        results["ensemble"][f"{ens}: {key}"] = accs(ens, variant(key))
+    for t in everyone:
+        for key in args.kl_losses:
+            v = variant(key)
+            results["standardization"][f"{t}: {key}"] = accs(t, v)
+            results["standardization"][f"{t}: {key} + standardization"] = accs(
+                t, standardized(v, args.std_recipe, runner.project_losses)
+            )
+
+    how = " / ".join(sorted(runner.selection))
+    lines = [
+        f"## Ensembles and logit standardization ({len(args.seeds)} seed(s), test top-1 at the {how} epoch)",
+        "",
+        "`" + " ".join(["python -m benchmarks.ensemble_results", *(sys.argv[1:] if argv is None else argv)]) + "`",
+        "",
+        *table("Single teachers and their ensemble (kd)", list(results["teachers"].items())),
+        *table(f"The ensemble {ens} with each loss", list(results["ensemble"].items())),
+        *table(
+            f"KL-based losses without / with standardization ({args.std_recipe} recipe)",
+            list(results["standardization"].items()),
+        ),
+        "### Comparisons (difference of means, 95% interval of the paired difference over seeds)",
+        "",
+    ]
+    best = max(teachers, key=lambda t: statistics.fmean(results["teachers"][f"kd from {t}"]))
+    pairs = [(f"ensemble {ens} vs its best member {best} (kd)", results["teachers"][f"kd from {ens} (ensemble)"],
+              results["teachers"][f"kd from {best}"])]  # fmt: skip
+    std = results["standardization"]
+    pairs += [(f"{label} + standardization vs without", std[f"{label} + standardization"], std[label])
+              for label in std if not label.endswith("standardization")]  # fmt: skip
+    for label, a, b in pairs:
+        mean, half = interval([x - y for x, y in zip(a, b, strict=True)])
+        verdict = "better" if mean - half > 0 else "worse" if mean + half < 0 else "no clear difference"
+        lines.append(f"- {label}: {mean:+.2f} ± {half:.2f} points ({verdict})")
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({"selection": how, **results}, indent=1) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
