@@ -8,7 +8,6 @@ state_dict of `arch`), which is validated against the data set instead of traine
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from pipeline.layout import Layout
 from pipeline.losses.ce import CELoss
 from pipeline.models.checkpoint import import_state_dict, load_model, save_model
 from pipeline.models.registry import Normalized, build_for
+from pipeline.records import write_record
 from pipeline.runtime import pick_device, seed_everything, set_threads
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.loop import train
@@ -46,14 +46,17 @@ def train_teacher(
     cfg: TrainTeacherConfig,
     out_dir: str | Path,
     *,
+    metrics_dir: str | Path | None = None,
     resume: bool = False,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Train (or import) teacher `name`; write `<out_dir>/<name>.pt` and `<name>.json`; return the metrics.
+    """Train (or import) teacher `name`; write `<out_dir>/<name>.pt` and its metrics record; return the metrics.
 
     `out_dir` is `Layout.teachers` in the pipeline; a demo teacher's epoch checkpoints go to `<name>.run/`.
+    The record (`pipeline.records`: summary `<metrics_dir>/<name>.json`, details `<metrics_dir>/details/<name>.json`;
+    `metrics_dir` defaults to `out_dir`) uses the students' key names: `accuracy` is test top-1.
     """
-    files = Layout.teacher_files(out_dir, name)
+    files = Layout.teacher_files(out_dir, name, metrics_dir)
     device = device or pick_device()
     set_threads(cfg.train.threads)
     test_set = DistillDataset(manifest, "test", shuffle=False)
@@ -90,10 +93,10 @@ def train_teacher(
         "teacher": name,
         "arch": spec.arch,
         "source": source,
-        "test_top1": topk_accuracy(logits, labels, 1),
-        "test_top5": topk_accuracy(logits, labels, 5),
+        "accuracy": topk_accuracy(logits, labels, 1),
+        "top5": topk_accuracy(logits, labels, 5),
     }
-    save_model(files.checkpoint, model.cpu(), spec.arch, extra={"name": name, "test_top1": metrics["test_top1"]})
-    files.metrics.write_text(json.dumps({**metrics, "history": history}, indent=1) + "\n")
-    log.info("teacher %s (%s): test top-1 %.4f -> %s", name, spec.arch, metrics["test_top1"], files.checkpoint)
+    save_model(files.checkpoint, model.cpu(), spec.arch, extra={"name": name, "accuracy": metrics["accuracy"]})
+    write_record({**metrics, "history": history}, files.metrics, files.details, "teacher")
+    log.info("teacher %s (%s): test top-1 %.4f -> %s", name, spec.arch, metrics["accuracy"], files.checkpoint)
     return metrics
