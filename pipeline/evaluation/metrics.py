@@ -158,7 +158,10 @@ def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int
 
 
 def write_confusion_csv(path: str | Path, labels: np.ndarray, predicted: np.ndarray, classes: Sequence[str]) -> Path:
-    """One row per test sample with columns `actual,predicted` (class names): DVC's `confusion` template input."""
+    """One row per test sample with columns `actual,predicted` (class names): DVC's `confusion` template input.
+
+    `pipeline.evaluation.study.read_correct` reads it back as per-image correctness (the report's paired tests).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(classes)
@@ -167,19 +170,6 @@ def write_confusion_csv(path: str | Path, labels: np.ndarray, predicted: np.ndar
         w.writerow(["actual", "predicted"])
         w.writerows((names[int(a)], names[int(p)]) for a, p in zip(labels, predicted, strict=True))
     return path
-
-
-def read_correct(path: str | Path) -> np.ndarray:
-    """Per-image correctness (N,) bool from a `write_confusion_csv` file (test-index order): actual == predicted.
-
-    The paired tests of the report compare two students image by image with it.
-    """
-    path = Path(path)
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or rows[0] != ["actual", "predicted"]:
-        raise ValueError(f"{path}: expected a header 'actual,predicted' (written by the evaluate stage)")
-    return np.array([a == p for a, p in rows[1:]], dtype=bool)
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:

@@ -375,7 +375,8 @@ def load_curves(curves_dir: Path | None, students: list[Student]) -> dict[str, l
 def plot_data(study: Study, curves: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
     """The rows of the `dvc plots` overlays: `curves` (one row per student and epoch) and `budget` (per student)."""
     rows_c, rows_b = [], []
-    for s in study.students:
+    order = {loss: i for i, loss in enumerate(study.losses)}  # rows in loss order: the templates colour in data order
+    for s in sorted(study.students, key=lambda s: (s.teacher, order[s.loss], s.budget, s.seed)):
         ident = {"teacher": s.teacher, "loss": s.loss, "budget": s.budget, "seed": s.seed, "student": s.sid}
         got = F.curve_points(curves.get(s.sid, []))
         if got is not None:

@@ -10,6 +10,7 @@ listed in one order (`loss_order`), and every number says how many seeds it pool
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.evaluation.metrics import read_correct
 from pipeline.evaluation.stats import Interval, Paired, mean_ci, paired_comparison
 from pipeline.layout import Layout
 from pipeline.records import RecordError, read_record
@@ -36,6 +36,20 @@ CURVE_KEYS = (("val_acc", "val"), ("test_acc", "test"))
 
 class StudyError(ValueError):
     """Metrics that cannot be reported together (another data set or schema, missing keys)."""
+
+
+def read_correct(path: str | Path) -> np.ndarray:
+    """Per-image correctness (N,) bool from a `metrics.write_confusion_csv` file (index order): actual == predicted.
+
+    The paired tests compare two students image by image with it. (Here, not beside the writer, so the report
+    stage does not import the evaluation-time code: torch models, loaders.)
+    """
+    path = Path(path)
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0] != ["actual", "predicted"]:
+        raise ValueError(f"{path}: expected a header 'actual,predicted' (written by the evaluate stage)")
+    return np.array([a == p for a, p in rows[1:]], dtype=bool)
 
 
 def loss_order(losses: set[str] | list[str]) -> list[str]:
