@@ -188,6 +188,24 @@ def test_dvc_reruns_only_what_a_change_touches(tmp_path):
     (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     assert _stale(proj) == set()
 
+    # 4. The lock check (scripts/check_lock.py, run on a fresh clone by .ci/run) passes on a fresh lock and names
+    # what is stale: code, params, a git-kept output; absent DVC-cached data is not its business.
+    from tests.test_lock import check_lock
+
+    assert check_lock.check(proj) == []
+    shutil.rmtree(proj / "data" / "students")  # what a fresh clone lacks
+    assert check_lock.check(proj) == []
+    with (proj / "stages" / "report.py").open("a") as f:
+        f.write("# an edit\n")
+    (proj / "metrics" / "small-kd-full-0.json").write_text("{}\n")
+    p["evaluate"]["batch_size"] = 64
+    (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    problems = check_lock.check(proj)
+    assert "report: code dependency stages/report.py modified" in problems
+    assert "evaluate@small-kd-full-0: output kept in git metrics/small-kd-full-0.json modified" in problems
+    assert "evaluate@small-ce-40-0: param evaluate modified (params.yaml)" in problems  # a whole-section param
+    assert not [x for x in problems if "data/" in x], problems
+
 
 def test_teach_deps_exclude_student_code():
     """Editing the student side (losses, training, evaluation) must never rerun a teacher stage, and the teach
