@@ -72,7 +72,7 @@ def main() -> None:
                 seed=seed,
                 distill_overrides=overrides,
             )
-            accs.append(100 * m["top1"])
+            accs.append(100 * m["accuracy"])
             agrees.append(100 * m.get("agreement", float("nan")))
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         lines.append(f"| {label} | {statistics.mean(accs):.2f} ± {sd:.2f} | {statistics.mean(agrees):.2f} |")

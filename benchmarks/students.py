@@ -9,7 +9,6 @@ project's `data/shards` and `data/logits` are read, never written.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from pipeline.config import DistillConfig, EvaluateConfig, PrepareConfig, from_d
 from pipeline.data.shards import load_manifest
 from pipeline.evaluation.student import evaluate_student
 from pipeline.layout import Layout
+from pipeline.records import write_record
 from pipeline.training.student import StudentRun
 from pipeline.training.student import run_student as train_student
 
@@ -41,7 +41,8 @@ def run_student(
     distill_overrides: dict[str, Any] | None = None,
     params_path: str = "params.yaml",
 ) -> dict[str, Any]:
-    """Train and evaluate one student; returns its metrics dict (also at workdir/metrics/<name>.json)."""
+    """Train and evaluate one student; returns its record (`pipeline.records` layout: `accuracy` is test top-1),
+    written as workdir/metrics/<name>.json (summary) and workdir/metrics/details/<name>.json."""
     params = load_params(params_path)
     distill = deep_update(params["distill"], distill_overrides or {})
     if loss_params is not None:
@@ -69,6 +70,5 @@ def run_student(
         store=store,
     )
     path = workdir / "metrics" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    write_record(metrics, path, Layout.details(path), "student")
     return metrics

@@ -43,10 +43,10 @@ def fake_manifest(name: str = "fake", n_test: int = N_TEST, sha: str | None = No
     )
 
 
-def _student_logits(rng, labels, teacher_logits, loss, t_acc, budget) -> np.ndarray:
+def _student_logits(rng, labels, teacher_logits, skill, t_acc, budget) -> np.ndarray:
     n, c = teacher_logits.shape
     onehot = np.eye(c)[labels]
-    gain = SKILL[loss] * t_acc * (1.0 if budget == "full" else 0.5)
+    gain = skill * t_acc * (1.0 if budget == "full" else 0.5)
     return 2.2 * onehot + gain * teacher_logits / 4.0 + rng.normal(size=(n, c)) * 1.3
 
 
@@ -57,15 +57,21 @@ def make_run(
     manifest: Manifest | None = None,
     robustness: bool = True,
     warnings: dict[str, list[str]] | None = None,
+    skill: dict[str, float] | None = None,
+    teachers: dict[str, tuple[float, str, int | None]] | None = None,
 ) -> tuple[Layout, Manifest]:
-    """metrics/ (students + teachers), plots/confusion, plots/curves of 2 teachers x 3 losses x budgets x seeds."""
+    """metrics/ (students + teachers), plots/confusion, plots/curves of 2 teachers x 3 losses x budgets x seeds.
+
+    skill: how much of the teacher each loss passes on (default `SKILL`; negative: worse than CE)."""
     manifest = manifest or fake_manifest()
+    skill = {**SKILL, **(skill or {})}
     layout = Layout(manifest.dataset, root=root)
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, CLASSES, manifest.splits["test"].n)
-    for t, (t_acc, arch, params) in TEACHERS.items():
+    n_classes = manifest.num_classes
+    labels = rng.integers(0, n_classes, manifest.splits["test"].n)
+    for t, (t_acc, arch, params) in (teachers or TEACHERS).items():
         hit = rng.random(len(labels)) < t_acc
-        teacher_logits = rng.normal(size=(len(labels), CLASSES)) + 5.0 * np.eye(CLASSES)[labels] * hit[:, None]
+        teacher_logits = rng.normal(size=(len(labels), n_classes)) + 5.0 * np.eye(n_classes)[labels] * hit[:, None]
         rec = {"teacher": t, "arch": arch, "source": "fake", "accuracy": float(hit.mean()), "top5": 0.99}
         rec["val_accuracy"] = float(hit.mean()) - 0.01
         if params:
@@ -77,7 +83,7 @@ def make_run(
             for budget in budgets:
                 for seed in seeds:
                     srng = np.random.default_rng([seed, LOSSES.index(loss), len(budget)])
-                    logits = _student_logits(srng, labels, teacher_logits, loss, t_acc, budget)
+                    logits = _student_logits(srng, labels, teacher_logits, skill[loss], t_acc, budget)
                     clean = split_metrics(logits, labels, teacher_logits, topk=(1, 5))
                     sid = f"{t}-{loss}-{budget}-{seed}"
                     meta = {

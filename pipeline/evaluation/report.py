@@ -191,6 +191,7 @@ def _teachers(study: Study) -> list[str]:
 def _top1_table(study: Study) -> list[str]:
     losses = study.losses
     uniform = len(study.seed_counts()) == 1
+    spread = "mean ± std over seeds" if max(study.seed_counts()) > 1 else "one run each"
     rows = []
     for t in study.teacher_names:
         best = study.significantly_best(t)
@@ -207,7 +208,7 @@ def _top1_table(study: Study) -> list[str]:
     return [
         "## Student top-1",
         "",
-        f"Student top-1 (%) on the test split, full budget, mean ± std over seeds ({_seeds_note(study)}); the",
+        f"Student top-1 (%) on the test split, full budget, {spread} ({_seeds_note(study)}); the",
         "teacher's own top-1 in brackets. **Bold**: the row's best loss when it is significantly better than *every*",
         f"other loss of the row (each paired test at {ALPHA:.0%}, two-sided: {MCNEMAR} with one seed, {BOOTSTRAP}",
         "with several; requiring all of them is an intersection-union test, so no multiplicity correction). No bold:",
