@@ -19,8 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.students import run_student
-from pipeline.evaluation.stats import format_mean
+from benchmarks.students import run_student, summarize
 
 T = 4.0
 
@@ -75,10 +74,10 @@ def main() -> None:
                 seed=seed,
                 distill_overrides=overrides,
             )
-            vals.append(m["val_top1"])
-            accs.append(m["top1"])
+            vals.append(m["val_accuracy"])
+            accs.append(m["accuracy"])
             agrees.append(100 * m.get("agreement", float("nan")))
-        row = f"| {label} | {format_mean(vals)} | {format_mean(accs)} | {statistics.mean(agrees):.2f} |"
+        row = f"| {label} | {summarize(vals)} | {summarize(accs)} | {statistics.mean(agrees):.2f} |"
         lines.append(row)
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

@@ -15,12 +15,13 @@ figure and tables come from `pipeline.evaluation.report.build_report` over the s
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from benchmarks.students import run_student
-from pipeline.config import student_id
+from pipeline.config import PrepareConfig, from_dict, load_params, section, student_id
+from pipeline.data.shards import load_manifest
 from pipeline.evaluation.report import build_report
+from pipeline.layout import Layout
 
 
 def main() -> None:
@@ -49,16 +50,20 @@ def main() -> None:
                     work, name, teacher=args.teacher, loss=loss, seed=seed, budget=budget, distill_overrides=overrides
                 )
                 print(
-                    f"{name}: top-1 {100 * m['top1']:.2f} (teacher calls {m.get('teacher_calls')}, "
-                    f"distinct comparisons {m.get('distinct_comparisons', '-')})",
+                    f"{name}: top-1 {100 * m['accuracy']:.2f} (teacher calls {m.get('teacher_calls')}, "
+                    f"distinct comparisons {m['student'].get('distinct_comparisons', '-')})",
                     flush=True,
                 )
-    teachers = work / "teachers"
-    teachers.mkdir(exist_ok=True)
-    for f in Path("data/teachers").glob(f"{args.teacher}.*"):
-        if f.suffix in (".json", ".pt"):
-            shutil.copy(f, teachers / f.name)
-    path = build_report(work / "metrics", teachers, work / "report", title=f"Budget sweep, teacher {args.teacher}")
+    layout = Layout(from_dict(PrepareConfig, section(load_params(), "prepare"), "prepare").name)
+    path = build_report(
+        work / "metrics",
+        layout.teacher_metrics_dir,  # the project's teacher records: the sweep distils the project's teacher
+        work / "report",
+        load_manifest(layout.shards),
+        confusion_dir=work / "confusion",
+        curves_dir=work / "curves",
+        title=f"Budget sweep, teacher {args.teacher}",
+    )
     print(path.read_text())
 
 

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=work, env=env, check=True)
     print(f"dvc repro: {time.perf_counter() - start:.0f} s wall in {work}")
     report = (work / "reports" / "report.md").read_text()
-    section = report.split("## Student top-1", 1)[-1].split("## Details", 1)[0]
+    section = report.split("## Student top-1", 1)[-1].split("\n## ", 1)[0]  # the table, up to the next section
     print("## Student top-1" + section)
     return 0
 

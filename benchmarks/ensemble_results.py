@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -49,12 +48,12 @@ from pipeline.config import (
     load_params,
     section,
 )
+from pipeline.evaluation.stats import mean_ci
 from pipeline.layout import Layout
 from pipeline.losses import default_params
 
 KL_LOSSES = ("kd", "dkd", "ckd", "mtkd")
 # Student's t 0.975 quantiles by degrees of freedom (a 95% two-sided interval of a mean of n = df + 1 seeds).
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 @dataclass(frozen=True)
@@ -87,22 +86,9 @@ def standardized(v: Variant, recipe: str, project: dict[str, dict[str, Any]]) ->
 
 
 def interval(values: list[float]) -> tuple[float, float]:
-    """(mean, 95% t-interval half-width); half-width 0 for one value."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, 0.0
-    t = T975.get(len(values) - 1, 1.96)
-    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def selected_accuracy(metrics: dict[str, Any], curves: Path) -> tuple[float, str]:
-    """Test top-1 at the best-validation epoch when the curves have `val_acc`, else the final test top-1."""
-    rows = json.loads(curves.read_text()) if curves.exists() else []
-    with_val = [r for r in rows if "val_acc" in r and "test_acc" in r]
-    if with_val:
-        best = max(with_val, key=lambda r: r["val_acc"])  # first of equal maxima: the earlier epoch
-        return float(best["test_acc"]), "validation"
-    return float(metrics["top1"]), "final"
+    """(mean, 95% t-interval half-width; 0 for one value), by `pipeline.evaluation.stats.mean_ci`."""
+    iv = mean_ci(values)
+    return iv.mean, (iv.hi - iv.mean) if iv.hi is not None else 0.0
 
 
 class Runner:
@@ -113,7 +99,7 @@ class Runner:
         self.overrides = {"train": {"epochs": epochs}} if epochs else {}
         params = load_params(params_path)
         self.project_losses = from_dict(DistillConfig, section(params, "distill"), "distill").loss_params
-        self.selection: set[str] = set()
+        self.val: dict[str, list[float]] = {}  # run name without the seed -> validation top-1 per seed
 
     def accuracy(self, teacher: str, v: Variant, seed: int) -> float:
         name = f"{teacher}-{v.key}-s{seed}".replace(":", "_")
@@ -132,10 +118,10 @@ class Runner:
                 distill_overrides=self.overrides,
                 params_path=self.params_path,
             )
-            print(f"{name}: top-1 {100 * metrics['top1']:.2f}", flush=True)
-        acc, how = selected_accuracy(metrics, self.out / "curves" / f"{name}.json")
-        self.selection.add(how)
-        return 100 * acc
+            print(f"{name}: top-1 {100 * metrics['accuracy']:.2f}", flush=True)
+        # The checkpoint was chosen on validation during training; its validation top-1 picks between teachers.
+        self.val.setdefault(f"{teacher}-{v.key}", []).append(100 * float(metrics.get("val_accuracy", float("nan"))))
+        return 100 * float(metrics["accuracy"])
 
 
 def ensemble_store_for(params: dict[str, Any], teachers: list[str], name: str, out: Path) -> str | None:
@@ -209,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                 t, standardized(v, args.std_recipe, runner.project_losses)
             )
 
-    how = " / ".join(sorted(runner.selection))
+    how = "best-validation"
     lines = [
         f"## Ensembles and logit standardization ({len(args.seeds)} seed(s), test top-1 at the {how} epoch)",
         "",
@@ -224,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         "### Comparisons (difference of means, 95% interval of the paired difference over seeds)",
         "",
     ]
-    best = max(teachers, key=lambda t: statistics.fmean(results["teachers"][f"kd from {t}"]))
+    # the best member by validation top-1 (never by test)
+    best = max(teachers, key=lambda t: statistics.fmean(runner.val[f"{t}-{variant('kd').key}"]))
     pairs = [(f"ensemble {ens} vs its best member {best} (kd)", results["teachers"][f"kd from {ens} (ensemble)"],
               results["teachers"][f"kd from {best}"])]  # fmt: skip
     std = results["standardization"]

@@ -24,6 +24,9 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from pipeline.layout import Layout
+from pipeline.records import read_record
+
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -89,13 +92,12 @@ def run_pipeline(name: str, folder: Path, work: Path, seeds: list[int]) -> dict:
     wall = time.perf_counter() - start
     teachers = {}
     for t in params["distill"]["teachers"]:
-        info = json.loads((work / "data" / "teachers" / f"{t}.json").read_text())
-        teachers[t] = {k: info.get(k) for k in ("val_top1", "test_top1", "warnings", "schedule")}
+        info = read_record(Layout(name, root=work).teacher_details(t), "teacher")
+        teachers[t] = {k: info.get(k) for k in ("val_accuracy", "accuracy", "warnings", "schedule")}
     students = {}
-    for f in sorted((work / "metrics").glob("*.json")):
-        m = json.loads(f.read_text())
-        if "student_id" in m:
-            students[m["student_id"]] = m.get("top1", (m.get("test") or {}).get("top1"))
+    for f in sorted((work / "metrics" / "details").glob("*.json")):
+        m = read_record(f, "student")
+        students[f.stem] = {"val_accuracy": m.get("val_accuracy"), "accuracy": m["accuracy"]}
     return {"wall_s": round(wall), "teachers": teachers, "students": students}
 
 

@@ -9,14 +9,16 @@ project's `data/shards` and `data/logits` are read, never written.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import DistillConfig, EvaluateConfig, PrepareConfig, from_dict, load_params, section
 from pipeline.data.shards import load_manifest
+from pipeline.evaluation.report import fmt_ci, fmt_iv
+from pipeline.evaluation.stats import mean_ci
 from pipeline.evaluation.student import evaluate_student
 from pipeline.layout import Layout
+from pipeline.records import write_record
 from pipeline.training.student import StudentRun
 from pipeline.training.student import run_student as train_student
 
@@ -41,7 +43,8 @@ def run_student(
     distill_overrides: dict[str, Any] | None = None,
     params_path: str = "params.yaml",
 ) -> dict[str, Any]:
-    """Train and evaluate one student; returns its metrics dict (also at workdir/metrics/<name>.json)."""
+    """Train and evaluate one student; returns its record (`pipeline.records` layout: `accuracy` is test top-1),
+    written as workdir/metrics/<name>.json (summary) and workdir/metrics/details/<name>.json."""
     params = load_params(params_path)
     distill = deep_update(params["distill"], distill_overrides or {})
     if loss_params is not None:
@@ -69,6 +72,11 @@ def run_student(
         store=store,
     )
     path = workdir / "metrics" / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    write_record(metrics, path, Layout.details(path), "student")
     return metrics
+
+
+def summarize(values: list[float]) -> str:
+    """`mean ± std [95% t-interval]` in % over seeds (the report's formatting), or the one value."""
+    iv = mean_ci(values)
+    return fmt_iv(iv) + (f" {fmt_ci(iv)}" if iv.lo is not None else "")

@@ -67,7 +67,7 @@ def main() -> None:
                     seed=s,
                     store=str(store),
                     distill_overrides=overrides,
-                )["top1"]
+                )["accuracy"]
                 for s in args.seeds
             ]
             res[label] = statistics.mean(accs)

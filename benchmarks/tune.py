@@ -24,8 +24,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.students import run_student
-from pipeline.evaluation.stats import format_mean as summarize
+from benchmarks.students import run_student, summarize
 
 TEMPERATURES = (2.0, 4.0, 8.0)
 WEIGHT_FACTORS = (0.5, 1.0, 2.0)
@@ -62,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"teacher": args.teacher, "seeds": args.seeds, "losses": {}}
     for loss in args.losses:
         settings = grid(loss, published[loss])
-        scored = [(student(label(loss, p), loss, p, 0)["val_top1"], -i, p) for i, p in enumerate(settings)]
+        scored = [(student(label(loss, p), loss, p, 0)["val_accuracy"], -i, p) for i, p in enumerate(settings)]
         default = dict(published[loss])
         # Ties on validation keep the published default (then the first in grid order): never a test peek.
         best = max(scored, key=lambda s: (s[0], s[2] == default, s[1]))[2]
-        results["losses"][loss] = {"grid": [{"params": p, "val_top1": v} for v, _, p in scored], "best": best}
+        results["losses"][loss] = {"grid": [{"params": p, "val_accuracy": v} for v, _, p in scored], "best": best}
     lines = [
         f"Fair comparison on `{Path('params.yaml').name}`'s data, teacher `{args.teacher}`: each loss tuned over the "
         f"same {len(TEMPERATURES) * len(WEIGHT_FACTORS)}-point grid (T x weight) on the validation split (seed 0), "
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     ce = [student("ce", "ce", {}, s) for s in args.seeds]
     lines.append(
-        f"| ce | {summarize([m['val_top1'] for m in ce])} | {summarize([m['top1'] for m in ce])} | - | - | - |"
+        f"| ce | {summarize([m['val_accuracy'] for m in ce])} | {summarize([m['accuracy'] for m in ce])} | - | - | - |"
     )
     for loss in args.losses:
         default, best = dict(published[loss]), results["losses"][loss]["best"]
@@ -86,14 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         for tag, p in (("published", default), ("best", best)):
             name = label(loss, {**default, **p})
             rows[tag] = [student(name, loss, p, s) for s in args.seeds]
-            results["losses"][loss][tag] = [{"seed": s, "val_top1": m["val_top1"], "top1": m["top1"]}
+            results["losses"][loss][tag] = [{"seed": s, "val_accuracy": m["val_accuracy"], "accuracy": m["accuracy"]}
                                             for s, m in zip(args.seeds, rows[tag], strict=True)]  # fmt: skip
         setting = f"T={best['T']:g}, {WEIGHT_PARAM[loss]}={best[WEIGHT_PARAM[loss]]:g}"
         same = " (= published)" if best == default else ""
         lines.append(
-            f"| {loss} | {summarize([m['val_top1'] for m in rows['published']])} "
-            f"| {summarize([m['top1'] for m in rows['published']])} | {setting}{same} "
-            f"| {summarize([m['val_top1'] for m in rows['best']])} | {summarize([m['top1'] for m in rows['best']])} |"
+            f"| {loss} | {summarize([m['val_accuracy'] for m in rows['published']])} "
+            f"| {summarize([m['accuracy'] for m in rows['published']])} | {setting}{same} "
+            f"| {summarize([m['val_accuracy'] for m in rows['best']])} "
+            f"| {summarize([m['accuracy'] for m in rows['best']])} |"
         )
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

@@ -75,21 +75,36 @@ def flat_numbers(d: dict, prefix: str = "") -> dict[str, int | float]:
     return out
 
 
-def _read_metrics(path: Path) -> dict:
+def _load_metrics(path: Path) -> dict:
+    """A metrics file for `compare`: a summary is read with its details (the whole record), else the file as is."""
+    from pipeline.layout import Layout
+    from pipeline.records import read_record
+
+    details = Layout.details(path)
     try:
-        found = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except ValueError as e:
         raise InputError(f"{path} is not a JSON metrics file ({e})") from e
-    if not isinstance(found, dict):
-        raise InputError(f"{path}: expected a JSON object of metrics, got {type(found).__name__}")
-    return found
+    if details.is_file():
+        return read_record(details)
+    if isinstance(data, dict) and "schema" in data:
+        return read_record(path)
+    return data
+
+
+def compare_keys(rows: list[dict[str, int | float]]) -> list[str]:
+    """The compared numbers first (`pipeline.records.SUMMARY_KEYS`, top-1 leading), then the rest by name."""
+    from pipeline.records import SUMMARY_KEYS
+
+    keys = {k for m in rows for k in m} - {"schema"}
+    return [k for k in SUMMARY_KEYS if k in keys] + sorted(keys - set(SUMMARY_KEYS))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    rows = [(Path(p).stem, flat_numbers(_read_metrics(Path(p)))) for p in args.metrics]
-    keys = sorted({k for _, m in rows for k in m})
+    rows = [(Path(p).stem, flat_numbers(_load_metrics(Path(p)))) for p in args.metrics]
+    keys = compare_keys([m for _, m in rows])
     width = max(12, *(len(n) for n, _ in rows))
-    kw = max([16, *(len(k) + 2 for k in keys)])  # metric names like corrupt/gaussian_noise are longer than 16
+    kw = max([16, *(len(k) + 2 for k in keys)])  # nested names like robustness.per_corruption.jpeg are long
     print(
         f"{'metric':<{kw}}"
         + "".join(f"{n:>{width + 2}}" for n, _ in rows)
@@ -146,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--channels", type=int, default=3)
     p.set_defaults(func=cmd_models)
-    p = sub.add_parser("compare", help="metrics JSON files side by side (like `dvc metrics diff`)")
+    p = sub.add_parser(
+        "compare", help="metrics files side by side, summary numbers first, with their details (`dvc metrics diff`)"
+    )
     p.add_argument("metrics", nargs="+")
     p.set_defaults(func=cmd_compare)
     for name in STAGES:

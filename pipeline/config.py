@@ -452,7 +452,7 @@ class EvaluateConfig:
 class ReportConfig:
     """`report`: aggregate metrics into tables and figures."""
 
-    title: str = "kdcache report"
+    title: str | None = None  # None: "kdcache on <data set>" (from the manifest)
 
 
 def student_id(teacher: str, loss: str, budget: str | int, seed: int) -> str:

@@ -1,7 +1,7 @@
 """Where every artifact of the pipeline lives: one object, used by every stage, tool and benchmark.
 
 `dvc.yaml` spells the same paths with `${prepare.name}` and `${key}`/`${item...}` in its outs; a test
-(`tests/test_layout.py`) holds the two against each other, so a path changes in both places or neither.
+(`tests/test_architecture.py`) holds the two against each other, so a path changes in both places or neither.
 
     Layout("fashion_mnist").store("cnn")      -> data/logits/cnn.zarr
     Layout("fashion_mnist", root=tmp).shards  -> <tmp>/data/shards/fashion_mnist
@@ -24,7 +24,8 @@ def partial_path(path: str | Path) -> Path:
 
 class TeacherFiles(NamedTuple):
     checkpoint: Path  # <name>.pt: what teach and online distillation load
-    metrics: Path  # <name>.json: accuracy + training history
+    metrics: Path  # <name>.json: the summary `dvc metrics show` lists (pipeline.records)
+    details: Path  # details/<name>.json: the whole record (accuracy, warnings, training history)
     run: Path  # <name>.run/: a demo teacher's epoch checkpoints (resume)
 
 
@@ -52,18 +53,29 @@ class Layout:
     # -- teachers
     @property
     def teachers(self) -> Path:
+        """Teacher checkpoints (DVC-cached, git-ignored)."""
         return self._p("data", "teachers")
 
+    @property
+    def teacher_metrics_dir(self) -> Path:
+        """Teacher metrics: in git (like the students'), so `dvc metrics diff` compares them across commits."""
+        return self.metrics / "teachers"
+
     @staticmethod
-    def teacher_files(folder: str | Path, teacher: str) -> TeacherFiles:
+    def teacher_files(folder: str | Path, teacher: str, metrics_folder: str | Path | None = None) -> TeacherFiles:
+        """A teacher's files: checkpoint and run folder in `folder`, metrics in `metrics_folder` (default `folder`)."""
         folder = Path(folder)
-        return TeacherFiles(folder / f"{teacher}.pt", folder / f"{teacher}.json", folder / f"{teacher}.run")
+        summary = Path(metrics_folder or folder) / f"{teacher}.json"
+        return TeacherFiles(folder / f"{teacher}.pt", summary, Layout.details(summary), folder / f"{teacher}.run")
 
     def teacher_checkpoint(self, teacher: str) -> Path:
-        return self.teacher_files(self.teachers, teacher).checkpoint
+        return self.teachers / f"{teacher}.pt"
 
     def teacher_metrics(self, teacher: str) -> Path:
-        return self.teacher_files(self.teachers, teacher).metrics
+        return self.teacher_files(self.teachers, teacher, self.teacher_metrics_dir).metrics
+
+    def teacher_details(self, teacher: str) -> Path:
+        return self.teacher_files(self.teachers, teacher, self.teacher_metrics_dir).details
 
     def store(self, teacher: str) -> Path:
         """The teacher's logit store."""
@@ -75,13 +87,39 @@ class Layout:
         return self._p("data", "students", sid)
 
     def student_metrics(self, sid: str) -> Path:
+        """The student's summary metrics (what `dvc metrics show` lists)."""
         return self.metrics / f"{sid}.json"
 
+    def student_details(self, sid: str) -> Path:
+        """The student's whole evaluation record (what the report reads)."""
+        return self.details(self.student_metrics(sid))
+
+    @staticmethod
+    def details_dir(metrics_folder: str | Path) -> Path:
+        """Where the details of the summaries in `metrics_folder` live: `<metrics_folder>/details`."""
+        return Path(metrics_folder) / "details"
+
+    @staticmethod
+    def details(summary: str | Path) -> Path:
+        """The details file of a summary metrics file: `<folder>/details/<name>.json`."""
+        summary = Path(summary)
+        return Layout.details_dir(summary.parent) / summary.name
+
     def curves(self, sid: str) -> Path:
-        return self._p("plots", "curves", f"{sid}.json")
+        """The student's training curves (one row per epoch)."""
+        return self.curves_dir / f"{sid}.json"
 
     def confusion(self, sid: str) -> Path:
-        return self._p("plots", "confusion", f"{sid}.csv")
+        """`actual,predicted` per test image in index order: DVC's confusion plot and the report's paired tests."""
+        return self.confusion_dir / f"{sid}.csv"
+
+    @property
+    def curves_dir(self) -> Path:
+        return self._p("plots", "curves")
+
+    @property
+    def confusion_dir(self) -> Path:
+        return self._p("plots", "confusion")
 
     @property
     def metrics(self) -> Path:

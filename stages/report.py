@@ -1,11 +1,14 @@
-"""DVC stage `report`: gather metrics/*.json into reports/report.md and PNG charts.
+"""DVC stage `report`: every record of the run into reports/report.md (+ report.html, PNGs, dvc plots data).
 
-python -m stages.report [--metrics metrics] [--teachers data/teachers] [--out reports]
+    python -m stages.report [--metrics metrics] [--teachers metrics/teachers] [--out reports]
+
+Reads the students of the distill matrix (metrics/details/<id>.json), their teachers
+(metrics/teachers/details/<t>.json), the data set's manifest (title, classes, split and image sizes),
+the per-image predictions (plots/confusion/<id>.csv: the paired tests) and the training curves
+(plots/curves/<id>.json). `report.title` overrides the title ("kdcache on <data set>").
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from pipeline.config import DistillConfig, ReportConfig, student_ids
 from pipeline.evaluation.report import build_report
@@ -13,9 +16,9 @@ from pipeline.stage import run_main, stage_parser, start
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = stage_parser("report", __doc__, shards=False)
-    ap.add_argument("--metrics", default=None, help="default: metrics")
-    ap.add_argument("--teachers", default=None, help="default: data/teachers")
+    ap = stage_parser("report", __doc__)
+    ap.add_argument("--metrics", default=None, help="student metrics folder (default: metrics)")
+    ap.add_argument("--teachers", default=None, help="teacher metrics folder (default: metrics/teachers)")
     ap.add_argument("--out", default=None, help="default: reports")
     run = start(ap, argv)
     cfg = run.section(ReportConfig, "report")
@@ -24,11 +27,16 @@ def main(argv: list[str] | None = None) -> None:
     only = student_ids(run.section(DistillConfig, "distill"))
     layout = run.layout
     build_report(
-        Path(run.args.metrics or layout.metrics),
-        Path(run.args.teachers or layout.teachers),
-        Path(run.args.out or layout.reports),
-        title=cfg.title,
+        run.args.metrics or layout.metrics,
+        run.args.teachers or layout.teacher_metrics_dir,
+        run.args.out or layout.reports,
+        run.manifest(),
+        confusion_dir=layout.confusion_dir,
+        curves_dir=layout.curves_dir,
         only=only,
+        title=cfg.title,
+        params=run.params,
+        params_path=run.args.params,
     )
 
 

@@ -90,7 +90,7 @@ TINY_PARAMS: dict = {
         "limit": 32,
     },
     "evaluate": {"batch_size": 128, "topk": [1, 2]},
-    "report": {"title": "tiny"},
+    "report": {"title": None},  # the title comes from the manifest
 }
 
 

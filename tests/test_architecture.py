@@ -91,7 +91,7 @@ def test_dvc_outs_are_where_layout_says():
         return {next(iter(o)) if isinstance(o, dict) else o for o in body.get(kind, [])}
 
     assert outs(dvc["prepare"]) == {str(layout.shards)}
-    assert outs(dvc["train_teacher"]) == {str(layout.teacher_checkpoint(t))}
+    assert outs(dvc["train_teacher"]) == {str(layout.teacher_checkpoint(t)), str(layout.teacher_details(t))}
     assert outs(dvc["train_teacher"], "metrics") == {str(layout.teacher_metrics(t))}
     assert outs(dvc["teach"]) == {str(layout.store(t))}
     assert outs(dvc["ensemble"]) == {str(layout.store(t))}  # an ensemble's store is a teacher's store
@@ -99,14 +99,32 @@ def test_dvc_outs_are_where_layout_says():
     assert set(members) <= set(dvc["ensemble"]["do"]["deps"])  # it depends on its member stores
     assert outs(dvc["corrupt"]) == {str(layout.corrupt)}
     item_t = "${item.teacher}"
-    assert outs(dvc["distill"]) == {str(layout.student(sid))}
-    assert outs(dvc["distill"], "plots") == {str(layout.curves(sid))}
+    assert outs(dvc["distill"]) == {str(layout.student(sid)), str(layout.curves(sid))}
     assert outs(dvc["evaluate"], "metrics") == {str(layout.student_metrics(sid))}
+    assert outs(dvc["evaluate"]) == {str(layout.student_details(sid))}
     assert outs(dvc["evaluate"], "plots") == {str(layout.confusion(sid))}
     assert outs(dvc["report"]) == {str(layout.reports)}
     # the stages' inputs are those outputs
     assert str(layout.store(item_t)) in dvc["distill"]["deps"]
     assert str(layout.student(sid)) in dvc["evaluate"]["deps"]
+    report_deps = set(dvc["report"]["deps"])
+    assert {str(layout.shards / "manifest.json"), str(layout.confusion_dir), str(layout.curves_dir)} <= report_deps
+    assert {str(Layout.details_dir(layout.metrics)), str(Layout.details_dir(layout.teacher_metrics_dir))} <= report_deps
+    # metrics people compare live in git: nothing DVC declares as metrics or plots data sits under data/
+    declared = outs(dvc["train_teacher"], "metrics") | outs(dvc["evaluate"], "metrics") | outs(dvc["evaluate"], "plots")
+    assert not [p for p in declared if p.startswith("data/")], declared
+
+
+def test_top_level_plots_use_the_report_data_and_project_templates():
+    """`dvc plots show` overlays come from the report's plot data with templates in .dvc/plots (checked in)."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    layout = Layout("x")
+    plots = {next(iter(p)): next(iter(p.values())) for p in dvc["plots"]}
+    assert set(plots) == {str(layout.reports / "plots" / "curves.json"), str(layout.reports / "plots" / "budget.json")}
+    for spec in plots.values():
+        template = ROOT / ".dvc" / "plots" / f"{spec['template']}.json"
+        assert template.is_file(), template
+        assert "<DVC_METRIC_DATA>" in template.read_text()
 
 
 def test_stages_only_wire():

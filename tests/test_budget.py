@@ -139,6 +139,7 @@ def test_budget_students_train_on_the_queried_pool(tmp_path, monkeypatch):
     import json
     from pathlib import Path
 
+    from pipeline.records import read_record
     from stages import distill, evaluate, prepare, teach, train_teacher
     from tests.conftest import make_project, tiny_params
 
@@ -152,12 +153,12 @@ def test_budget_students_train_on_the_queried_pool(tmp_path, monkeypatch):
     for loss in ("kd", "ckd"):
         distill.main(["--teacher", "small", "--loss", loss, "--budget", "40"])
         evaluate.main(["--student", f"small-{loss}-40-0"])
-        m = json.loads(Path(f"metrics/small-{loss}-40-0.json").read_text())
-        assert m["teacher_calls"] == 40 and m["train_samples"] == 40
+        m = read_record(f"metrics/details/small-{loss}-40-0.json", "student")
+        assert m["teacher_calls"] == 40 and m["student"]["train_samples"] == 40
     curves = json.loads(Path("plots/curves/small-ckd-40-0.json").read_text())
     n = curves[-1]["distinct_comparisons"]
     assert 16 < n <= 40 * 39  # many distinct ordered pairs out of 40 calls, never more than exist
-    assert m["distinct_comparisons"] == n
+    assert m["student"]["distinct_comparisons"] == n
     # unqueried: ce trains on every sample (the queried ones with the loss, the rest with CE)
     params["distill"]["unqueried"] = "ce"
     make_project(tmp_path, params)

@@ -18,6 +18,7 @@ from pipeline.config import ConfigError, EnsembleSpec, ensembles_section
 from pipeline.data.shards import write_dataset
 from pipeline.data.views import ViewRecipe
 from pipeline.losses import build_loss
+from pipeline.records import read_record
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.pool import QueriedPool
 from pipeline.training.transport import make_loader
@@ -338,10 +339,11 @@ def test_distill_on_ensembles_end_to_end(tmp_path, monkeypatch):
     distill.main(["--teacher", "both", "--loss", "kd"])  # a loss on the combined logits never loads the members
     assert got and all(x is None for x in got)
     evaluate.main(["--student", "both-mtkd-full-0"])
-    metrics = json.loads(Path("metrics/both-mtkd-full-0.json").read_text())
+    record = read_record("metrics/details/both-mtkd-full-0.json", "student")
     ens_test = LogitStore("data/logits/both.zarr", "test").read_all()[:, 0]
-    assert metrics["teacher"] == "both"
-    assert metrics["teacher_top1"] == pytest.approx(float((ens_test.argmax(1) == m.iter_labels("test")).mean()))
+    assert record["student"]["teacher"] == "both" and record["student"]["store"] == "data/logits/both.zarr"
+    # agreement is computed against the ensemble store's test logits
+    assert 0 <= record["agreement"] <= 1 and ens_test.shape == (m.split("test").n, 4)
     with pytest.raises(ConfigError, match=r"ensemble 'flat' was built without its member logits.*keep_members: true"):
         distill.main(["--teacher", "flat", "--loss", "mtkd"])
     with pytest.raises(ConfigError, match="unknown ensemble 'nope'"):
@@ -403,12 +405,12 @@ def test_ensemble_results_driver_end_to_end_on_a_tiny_project(tmp_path, monkeypa
     assert not Path("data/logits/small+other.zarr").exists() and Path("work/logits/small+other.zarr").exists()
     # per seed: ce; kd from small, other, the ensemble; mtkd:confidence; kd + standardization on the three
     assert len(trained) == 2 * 8 and trained.count("mtkd") == 2
-    std = json.loads(Path("work/metrics/small+other-kd+std-s0.json").read_text())
+    std = read_record("work/metrics/details/small+other-kd+std-s0.json", "student")["student"]
     assert std["teacher"] == "small+other" and std["loss"] == "kd"
     md = Path("work/results.md").read_text()
     assert "| kd from small+other (ensemble) |" in md and "| small+other: mtkd:confidence |" in md
     assert "| other: kd + standardization |" in md and "ensemble small+other vs its best member" in md
-    assert "final epoch" in md  # no validation split in this project: the last epoch's test accuracy
+    assert "best-validation epoch" in md  # the students keep their best validation epoch
     res = json.loads(Path("work/results.json").read_text())
     assert all(
         len(v) == 2 and all(0 <= a <= 100 for a in v) for part in ("teachers", "ensemble") for v in res[part].values()

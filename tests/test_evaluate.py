@@ -27,6 +27,7 @@ from pipeline.evaluation.metrics import (
     split_metrics,
     write_confusion_csv,
 )
+from pipeline.evaluation.study import read_correct
 from pipeline.models import predict_arrays
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.validate import predict_split, topk_accuracy
@@ -159,16 +160,32 @@ def test_confusion_csv_and_matrix(tmp_path):
 def test_split_metrics_keys_and_missing_teacher_rows():
     teacher = LOGITS.copy()
     m = split_metrics(LOGITS, LABELS, teacher, topk=(1, 5))
-    assert m["top1"] == pytest.approx(4 / 6) and m["top5"] == 1.0 and m["n_test"] == 6
-    assert m["agreement"] == 1.0 and m["spearman"] == pytest.approx(1.0) and m["pearson"] == pytest.approx(1.0)
-    assert m["ece"] == pytest.approx(2.2 / 6) and m["teacher_ece"] == pytest.approx(2.2 / 6, abs=1e-6)  # float32 cache
-    rel = m["reliability"]
-    assert len(rel["student"]["count"]) == 15 and rel["teacher"]["count"] == rel["student"]["count"]
+    # the compared numbers on top (pipeline.records.SUMMARY_KEYS), the rest nested
+    assert m["accuracy"] == pytest.approx(4 / 6) and m["test"]["top5"] == 1.0 and m["test"]["n"] == 6
+    assert "top1" not in m["test"]  # top-1 is `accuracy`, once
+    assert m["agreement"] == 1.0
+    t = m["teacher"]
+    assert t["spearman"] == pytest.approx(1.0) and t["pearson"] == pytest.approx(1.0) and t["n"] == 6
+    assert m["ece"] == pytest.approx(2.2 / 6) and t["ece"] == pytest.approx(2.2 / 6, abs=1e-6)  # float32 cache
+    assert "top1" not in t and "accuracy" not in t  # the teacher's accuracy is its own record's (one computation)
+    rel = m["test"]["reliability"]
+    assert len(rel["count"]) == 15 and t["reliability"]["count"] == rel["count"]
     assert len(rel["edges"]) == 16
     teacher[0] = np.nan  # a never-queried row: left out of the teacher-side metrics only
     m2 = split_metrics(LOGITS, LABELS, teacher)
-    assert m2["top1"] == m["top1"] and sum(m2["reliability"]["teacher"]["count"]) == 5
-    assert "agreement" not in split_metrics(LOGITS, LABELS, None)
+    assert m2["accuracy"] == m["accuracy"] and sum(m2["teacher"]["reliability"]["count"]) == 5
+    assert m2["teacher"]["n"] == 5
+    bare = split_metrics(LOGITS, LABELS, None)
+    assert "agreement" not in bare and "teacher" not in bare
+
+
+def test_confusion_csv_reads_back_as_per_image_correctness(tmp_path):
+    labels, pred = np.array([0, 1, 2, 2, 1]), np.array([0, 2, 2, 1, 1])
+    path = write_confusion_csv(tmp_path / "x.csv", labels, pred, ["a", "b, with comma", "c"])
+    np.testing.assert_array_equal(read_correct(path), labels == pred)
+    (tmp_path / "bad.csv").write_text("label,pred\n0,0\n")
+    with pytest.raises(ValueError, match="actual,predicted"):
+        read_correct(tmp_path / "bad.csv")
 
 
 def test_predict_arrays_matches_the_shard_path_and_robustness(tiny_manifest, tmp_path):
@@ -182,10 +199,11 @@ def test_predict_arrays_matches_the_shard_path_and_robustness(tiny_manifest, tmp
     cfg = CorruptConfig(corruptions=("gaussian_noise", "contrast"), severities=(1, 5), seed=0, limit=24)
     cset = load_corrupted(write_corrupted(tmp_path / "corrupt", tiny_manifest, cfg), tiny_manifest)
     m = robustness_metrics(model, cset, logits, batch_size=16)
+    rob = m["robustness"]
     for k, name in enumerate(cfg.corruptions):
         accs = [(predict_arrays(model, cset.images[k, s], 64).argmax(1) == cset.labels).mean() for s in range(2)]
-        assert m["corrupt_severity"][name] == pytest.approx(accs)
-        assert m[f"corrupt/{name}"] == pytest.approx(np.mean(accs))
-    assert m["corrupt_mean"] == pytest.approx((m["corrupt/gaussian_noise"] + m["corrupt/contrast"]) / 2)
-    assert m["corrupt_clean"] == pytest.approx((logits[cset.index].argmax(1) == labels[cset.index]).mean())
-    assert m["corrupt_severities"] == [1, 5]
+        assert rob["per_severity"][name] == pytest.approx(accs)
+        assert rob["per_corruption"][name] == pytest.approx(np.mean(accs))
+    assert m["mca"] == pytest.approx((rob["per_corruption"]["gaussian_noise"] + rob["per_corruption"]["contrast"]) / 2)
+    assert rob["clean"] == pytest.approx((logits[cset.index].argmax(1) == labels[cset.index]).mean())
+    assert rob["severities"] == [1, 5]

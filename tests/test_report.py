@@ -1,8 +1,9 @@
-"""The report builds from a tiny synthetic run (teachers x losses x budgets x seeds) and its PNGs are valid images."""
+"""The report from a tiny fake run (records written as the stages write them): what it says, what it refuses."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,66 +12,34 @@ import yaml
 from PIL import Image
 
 from pipeline.cli import main as cli_main
-from pipeline.evaluation.metrics import split_metrics
-from pipeline.evaluation.report import build_report, fmt, group, load_metrics, mean_std
+from pipeline.evaluation import report
+from pipeline.evaluation.provenance import provenance
+from pipeline.evaluation.report import build_report, fmt_ci, fmt_iv
+from pipeline.evaluation.stats import mcnemar_midp, mean_ci
+from pipeline.evaluation.study import StudyError, load_study, loss_order, read_correct
+from pipeline.layout import Layout
+from pipeline.records import RecordError, read_record, write_record
 from stages import report as report_stage
+from tests.fakes import CORRUPTIONS, LOSSES, TEACHERS, fake_manifest, make_run
 
-CORRUPTIONS = ["gaussian_noise", "contrast", "jpeg"]
-TEACHERS = {"small": (0.80, "cnn_tiny", 20_000), "big": (0.90, "resnet8", 78_000)}
-LOSSES = ["ce", "kd", "dist"]
-FULL_CALLS = 2000
+FIGURES = ["accuracy.png", "budget.png", "curves.png", "reliability.png", "robustness.png", "teacher_capacity.png"]
 
 
-def _fake_metrics(rng: np.random.Generator, teacher: str, loss: str, budget: str, seed: int) -> dict:
-    """A metrics dict shaped exactly like the evaluate stage's (it goes through `split_metrics`)."""
-    n, c = 200, 10
-    labels = rng.integers(0, c, n)
-    t_acc = TEACHERS[teacher][0]
-    skill = 0.6 + 0.1 * (loss != "ce") * t_acc + (0.0 if budget == "full" else -0.05)
-    teacher_logits = rng.normal(size=(n, c)) + 4.0 * np.eye(c)[labels] * (rng.random(n) < t_acc)[:, None]
-    hit = (rng.random(n) < skill)[:, None]
-    student = 0.6 * teacher_logits + rng.normal(size=(n, c)) + 2.0 * np.eye(c)[labels] * hit
-    m = split_metrics(student, labels, teacher_logits, topk=(1, 5))
-    calls = FULL_CALLS if budget == "full" else int(budget)
-    m.update(
-        student_id=f"{teacher}-{loss}-{budget}-{seed}",
-        teacher=teacher,
-        loss=loss,
-        budget=budget,
-        seed=seed,
-        teacher_calls=calls,
-        student_arch="cnn_tiny",
+def _build(layout: Layout, manifest, **kw) -> str:
+    path = build_report(
+        layout.metrics,
+        layout.teacher_metrics_dir,
+        layout.reports,
+        manifest,
+        confusion_dir=layout.confusion_dir,
+        curves_dir=layout.curves_dir,
+        **kw,
     )
-    sev = {name: [float(m["top1"] * (1 - 0.08 * s)) for s in range(1, 6)] for name in CORRUPTIONS}
-    m.update({f"corrupt/{k}": float(np.mean(v)) for k, v in sev.items()})
-    m.update(
-        corrupt_mean=float(np.mean([np.mean(v) for v in sev.values()])),
-        corrupt_clean=m["top1"],
-        corrupt_severity=sev,
-        corrupt_severities=[1, 2, 3, 4, 5],
-    )
-    return m
+    return path.read_text()
 
 
-def make_run(root: Path, budgets: tuple[str, ...] = ("full", "250", "1000")) -> tuple[Path, Path]:
-    """metrics/*.json for 2 teachers x 3 losses x budgets x 3 seeds, and data/teachers/*.json."""
-    rng = np.random.default_rng(0)
-    mdir, tdir = root / "metrics", root / "teachers"
-    mdir.mkdir(parents=True)
-    tdir.mkdir(parents=True)
-    for t, (acc, arch, params) in TEACHERS.items():
-        info = {"teacher": t, "arch": arch, "test_top1": acc, "test_top5": 0.99, "history": []}
-        if t == "big":
-            info["params"] = params  # "small" has neither `params` nor a checkpoint: the axis must cope
-        (tdir / f"{t}.json").write_text(json.dumps(info))
-        for loss in LOSSES:
-            for budget in budgets:
-                if loss == "ce" and budget != "full":
-                    continue
-                for seed in range(3):
-                    m = _fake_metrics(rng, t, loss, budget, seed)
-                    (mdir / f"{m['student_id']}.json").write_text(json.dumps(m))
-    return mdir, tdir
+def _accs(layout: Layout, pattern: str) -> list[float]:
+    return [json.loads(p.read_text())["accuracy"] for p in sorted(layout.metrics.glob(pattern))]
 
 
 def _check_png(path: Path) -> None:
@@ -82,73 +51,179 @@ def _check_png(path: Path) -> None:
 
 
 def test_report_from_tiny_run(tmp_path):
-    mdir, tdir = make_run(tmp_path)
-    path = build_report(mdir, tdir, tmp_path / "reports", title="tiny study")
-    md = path.read_text()
-    assert md.startswith("# tiny study")
-    pngs = sorted(p.name for p in (tmp_path / "reports").glob("*.png"))
-    assert pngs == ["accuracy.png", "budget.png", "reliability.png", "robustness.png", "teacher_capacity.png"]
+    layout, manifest = make_run(tmp_path)
+    md = _build(layout, manifest)
+    # what it is about, from the manifest
+    assert md.startswith("# kdcache on fake\n")
+    assert "10 classes, 16x16 images with 1 channel(s); train 1,200 / val 200 / test 400" in md
+    assert "3 seeds per number" in md
+    pngs = sorted(p.name for p in layout.reports.glob("*.png"))
+    assert pngs == FIGURES
     for name in pngs:
         assert f"]({name})" in md  # every figure is embedded
-        _check_png(tmp_path / "reports" / name)
+        _check_png(layout.reports / name)
+    html = (layout.reports / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(FIGURES) and "<table>" in html  # self-contained
 
-    # teacher x loss table: mean ± std over the 3 seeds, full budget only
-    def cell(loss: str) -> str:
-        return fmt([json.loads(p.read_text())["top1"] for p in sorted(mdir.glob(f"big-{loss}-full-*.json"))])
-
-    assert f"| big (resnet8, 90.00) | {cell('ce')} | {cell('dist')} | {cell('kd')} |" in md  # CE first
+    # the top-1 table: mean ± std over the seeds (checked against the summaries), losses in one order
+    assert loss_order(LOSSES) == ["ce", "kd", "dist"]
+    big = {loss: mean_ci(_accs(layout, f"big-{loss}-full-*.json")) for loss in LOSSES}
+    t_acc = read_record(layout.teacher_details("big"), "teacher")["accuracy"]
+    row = f"| big ({100 * t_acc:.2f}) | {fmt_iv(big['ce'])} | {fmt_iv(big['kd'])} | **{fmt_iv(big['dist'])}** |"
+    assert row in md  # dist beats ce and kd clearly in the fake run: bold; the others are not
+    assert f"{100 * big['ce'].mean:.2f} ± {100 * big['ce'].std:.2f}" == fmt_iv(big["ce"])
+    # paired comparisons: the difference is the seed-mean accuracy difference (same images, same seeds)
+    diff = 100 * (big["dist"].mean - big["ce"].mean)
+    line = next(x for x in md.splitlines() if x.startswith("| big | dist | 3 |"))
+    assert f"| {fmt_ci(big['dist'])} | {diff:+.2f} [" in line and "p < 0.001 *" in line
+    assert "paired bootstrap over test images" in md
+    # details, robustness (no bold anywhere but the significant best), budget
     assert "| big | kd | 3 |" in md and "Spearman" in md and "mCA" in md
-    assert "| big | kd | 250 | 250 | 3 |" in md  # budget table
+    table_bold = [x for x in md.splitlines() if x.startswith("|") and "**" in x]
+    assert len(table_bold) == 2 and all(x.count("**") == 2 for x in table_bold)  # only the best cells (mCA is not)
     for c in CORRUPTIONS:
         assert c.replace("_", " ") in md
+    assert "| big | kd | 250 | 250 | 3 |" in md
+    # the dvc plots data
+    curves = json.loads((layout.reports / "plots" / "curves.json").read_text())
+    assert len(curves) == 2 * 3 * 3 * 3 * 2  # teachers x losses x budgets x seeds x epochs
+    assert [r["loss"] for r in curves][:1] == ["ce"] and {r["split"] for r in curves} == {"val"}
+    budget = json.loads((layout.reports / "plots" / "budget.json").read_text())
+    assert {r["teacher_calls"] for r in budget} == {250, 1000, 2000}
 
 
-def test_report_without_budgets_or_corruptions(tmp_path):
-    mdir, tdir = make_run(tmp_path, budgets=("full",))
-    for p in mdir.glob("*.json"):  # an older evaluate output: no robustness keys
-        m = {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("corrupt")}
-        p.write_text(json.dumps(m))
-    build_report(mdir, tdir, tmp_path / "reports")
-    md = (tmp_path / "reports/report.md").read_text()
-    assert not (tmp_path / "reports/budget.png").exists() and "budget.png" not in md
-    assert not (tmp_path / "reports/robustness.png").exists() and "## Robustness" not in md
-    _check_png(tmp_path / "reports/teacher_capacity.png")
+def test_one_seed_uses_mcnemar_and_draws_no_interval(tmp_path):
+    layout, manifest = make_run(tmp_path, budgets=("full",), seeds=(0,))
+    md = _build(layout, manifest)
+    assert "1 seed per number" in md
+    assert not [x for x in md.splitlines() if x.startswith("|") and "±" in x]  # no std from one seed
+    # McNemar's mid-p from the per-image predictions, counted here independently
+    a = read_correct(layout.confusion("small-kd-full-0"))
+    b = read_correct(layout.confusion("small-ce-full-0"))
+    p = mcnemar_midp(int((a & ~b).sum()), int((~a & b).sum()))
+    line = next(x for x in md.splitlines() if x.startswith("| small | kd | 1 |"))
+    assert "| — |" in line  # no t-interval from one seed
+    assert (f"p {p:.3f}" if p >= 0.001 else "p < 0.001") in line
+    assert "McNemar mid-p" in md
+    assert not (layout.reports / "budget.png").exists() and "budget.png" not in md
 
 
-def test_report_stage_and_helpers(tmp_path, monkeypatch):
-    mdir, tdir = make_run(tmp_path, budgets=("full",))
-    # A stray metrics file of an earlier configuration (another data set's teacher) must stay out.
-    stray = json.loads((mdir / "big-kd-full-0.json").read_text())
-    stray.update(teacher="other", student_id="other-kd-full-0")
-    (mdir / "other-kd-full-0.json").write_text(json.dumps(stray))
-    distill = {"teachers": list(TEACHERS), "losses": list(LOSSES), "budgets": ["full"], "seeds": [0, 1, 2]}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"report": {"title": "staged"}, "distill": distill}))
-    monkeypatch.chdir(tmp_path)
-    report_stage.main(["--metrics", str(mdir), "--teachers", str(tdir), "--out", "out"])
-    text = Path("out/report.md").read_text()
-    assert text.startswith("# staged") and "| other" not in text
-    assert f"{len(TEACHERS) * len(LOSSES) * 3} students" in text
-    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std (ddof 1)
-    assert fmt([0.5]) == "50.00" and fmt([0.5, 0.7]) == "60.00 ± 14.14"
-    assert len(group(load_metrics(mdir))[("small", "kd")]) == 3
+def test_warnings_come_first_and_a_loss_below_ce_is_flagged(tmp_path):
+    warn = {"small": ["teacher small is still improving at the end of its schedule"]}
+    layout, manifest = make_run(tmp_path, budgets=("full",), warnings=warn, skill={"kd": -1.5})
+    study = load_study(layout.metrics, layout.teacher_metrics_dir, manifest, layout.confusion_dir)
+    head = "\n".join(report._warnings(study))
+    assert head.startswith("## Warnings")
+    assert "teacher **small**: teacher small is still improving at the end of its schedule" in head
+    assert "**kd** with teacher small is significantly *below* CE" in head
+    assert "**kd** with teacher big is significantly *below* CE" in head
+    assert "**dist**" not in head
+    assert [(t, loss) for t, loss, _ in study.below_ce()] == [("big", "kd"), ("small", "kd")]
+
+
+def test_what_is_missing_is_said_not_hidden(tmp_path):
+    layout, manifest = make_run(tmp_path, budgets=("full",), robustness=False)
+    for p in layout.confusion_dir.glob("small-*.csv"):
+        p.unlink()  # no per-image predictions for one teacher's students
+    layout.teacher_details("big").unlink()
+    layout.teacher_metrics("big").unlink()
+    only = {f"{t}-{loss}-full-{s}" for t in TEACHERS for loss in LOSSES for s in range(3)} | {"big-ckd-full-0"}
+    md = _build(layout, manifest, only=only)
+    assert "no per-image predictions (plots/confusion/<id>.csv) for 9 student(s)" in md
+    assert "teacher **big**: no record in metrics/teachers" in md
+    assert "1 student(s) of the matrix have no metrics: big-ckd-full-0" in md
+    assert "*Figure `robustness.png` left out: no corruption accuracies" in md and "## Robustness" in md
+    assert "*Figure `teacher_capacity.png` left out: only one teacher with a recorded accuracy" in md
+    small = next(x for x in md.splitlines() if x.startswith("| small (")).split(" | ")
+    assert "**" not in " ".join(small)  # without paired tests nothing is called significantly best
+    assert not (layout.reports / "robustness.png").exists()
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    layout, manifest = make_run(tmp_path / "a", budgets=("full",), seeds=(0,))
+    with pytest.raises(StudyError, match=r"describes data set 'other'.*on data set 'fake'"):
+        load_study(layout.metrics, layout.teacher_metrics_dir, fake_manifest("other"), layout.confusion_dir)
+    with pytest.raises(StudyError, match="per-image predictions, the test split has 500"):
+        load_study(
+            layout.metrics,
+            layout.teacher_metrics_dir,
+            fake_manifest("fake", n_test=500, sha=manifest.sha256),
+            layout.confusion_dir,
+        )
+    old = layout.student_details("big-kd-full-0")
+    rec = json.loads(old.read_text())
+    old.write_text(json.dumps({"top1": 0.5, "teacher": "big", "loss": "kd"}))  # an older kdcache's flat file
+    with pytest.raises(StudyError, match=r"schema none \(flat keys: an older kdcache\).*rerun"):
+        load_study(layout.metrics, layout.teacher_metrics_dir, manifest)
+    rec.pop("accuracy")
+    write_record(rec, layout.student_metrics("big-kd-full-0"), old, "student")
+    with pytest.raises(StudyError, match=r"missing \['accuracy'\]"):
+        load_study(layout.metrics, layout.teacher_metrics_dir, manifest)
     with pytest.raises(FileNotFoundError, match="dvc repro"):
-        load_metrics(tmp_path / "nothing")
+        load_study(tmp_path / "nothing", layout.teacher_metrics_dir, manifest)
+    with pytest.raises(RecordError, match="'teacher' record where a 'student' record"):
+        read_record(layout.teacher_details("big"), "student")
 
 
-def test_compare_nested_metrics(tmp_path, capsys):
-    """`kdcache compare` prints numeric metrics side by side and skips nested/list/str values."""
-    mdir, _ = make_run(tmp_path, budgets=("full",))
-    a, b = mdir / "big-kd-full-0.json", mdir / "big-ce-full-0.json"
+def test_header_records_the_commit_and_the_params_that_differ(tmp_path):
+    layout, manifest = make_run(tmp_path, budgets=("full",), seeds=(0,), teachers={"big": TEACHERS["big"]})
+    params_path = tmp_path / "params.yaml"
+    params = {"distill": {"loss_params": {"kd": {"T": 4.0}}, "seeds": [0]}, "report": {"title": None}}
+    params_path.write_text(yaml.safe_dump(params))
+    md = _build(layout, manifest, params=params, params_path=params_path)
+    assert "**Made from**: not a git checkout" in md
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "params.yaml"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], cwd=tmp_path, check=True)
+    commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=tmp_path, capture_output=True, text=True)
+    study = load_study(layout.metrics, layout.teacher_metrics_dir, manifest)
+    head = "\n".join(report._header(study, "t", provenance(params_path, params)))
+    assert f"**Made from** commit `{commit.stdout.strip()}`." in head and "params.yaml as committed." in head
+    # what `dvc exp run -S distill.loss_params.kd.T=2` leaves: the workspace's params differ from the commit's
+    params["distill"]["loss_params"]["kd"]["T"] = 2
+    params_path.write_text(yaml.safe_dump(params))
+    head = "\n".join(report._header(study, "t", provenance(params_path, params)))
+    assert "with uncommitted changes to params.yaml" in head
+    assert "| `distill.loss_params.kd.T` | `2` | `4.0` |" in head
+
+
+def test_report_stage(tmp_path, monkeypatch):
+    """The stage reads the manifest and the distill matrix from params.yaml (stray metrics stay out)."""
+    from pipeline.data.shards import write_dataset
+    from tests.conftest import synthetic_splits
+
+    splits, classes = synthetic_splits(n_train=32, n_test=400, classes=10)
+    manifest = write_dataset(tmp_path / "data" / "shards" / "fake", "fake", splits, classes, shard_size=400)
+    layout, _ = make_run(tmp_path, budgets=("full",), seeds=(0,), manifest=manifest)
+    stray = read_record(layout.student_details("big-kd-full-0"), "student")
+    stray["student"].update(teacher="other", student_id="other-kd-full-0")
+    write_record(stray, layout.student_metrics("other-kd-full-0"), layout.student_details("other-kd-full-0"), "student")
+    distill = {"teachers": list(TEACHERS), "losses": LOSSES, "budgets": ["full"], "seeds": [0]}
+    params = {"prepare": {"name": "fake"}, "report": {"title": "staged"}, "distill": distill}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    report_stage.main([])
+    text = Path("reports/report.md").read_text()
+    assert text.startswith("# staged\n") and "| other" not in text
+    assert f"{len(TEACHERS) * len(LOSSES)} students" in text
+    assert "train 32 / test 400" in text
+
+
+def test_compare_reads_summaries_with_their_details(tmp_path, capsys):
+    """`kdcache compare` puts the compared numbers first (top-1 leading), then every nested number."""
+    layout, _ = make_run(tmp_path, budgets=("full",), seeds=(0,))
+    a, b = layout.student_metrics("big-kd-full-0"), layout.student_metrics("big-ce-full-0")
     assert cli_main(["compare", str(a), str(b)]) == 0
-    out = capsys.readouterr().out
-    ma, mb = json.loads(a.read_text()), json.loads(b.read_text())
-    lines = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
-    assert float(lines["top1"][0]) == pytest.approx(ma["top1"], abs=1e-4)
-    assert float(lines["top1"][2]) == pytest.approx(mb["top1"] - ma["top1"], abs=1e-4)
-    assert "corrupt/gaussian_noise" in lines and "spearman" in lines
-    for skipped in ("reliability", "corrupt_severity", "corrupt_severities", "teacher", "student_arch", "budget"):
-        assert not any(k == skipped or k.startswith(skipped + ".") for k in lines), skipped  # also when nested
-    # nested numeric dicts are flattened like `dvc metrics show` does
+    out = capsys.readouterr().out.splitlines()
+    lines = {line.split()[0]: line.split()[1:] for line in out[1:]}
+    assert [line.split()[0] for line in out[1:6]] == ["accuracy", "agreement", "ece", "mca", "teacher_calls"]
+    ma, mb = read_record(Layout.details(a)), read_record(Layout.details(b))
+    assert float(lines["accuracy"][0]) == pytest.approx(ma["accuracy"], abs=1e-4)
+    assert float(lines["accuracy"][2]) == pytest.approx(mb["accuracy"] - ma["accuracy"], abs=1e-4)
+    assert "robustness.per_corruption.gaussian_noise" in lines and "teacher.spearman" in lines
+    assert "schema" not in lines and not any(k.startswith("test.reliability") for k in lines)  # lists skipped
+    # a plain (nested) JSON file still works
     nested = tmp_path / "nested.json"
     nested.write_text(json.dumps({"a": {"b": 1.5, "c": [1, 2], "d": {"e": 2}}, "flag": True}))
     assert cli_main(["compare", str(nested), str(nested)]) == 0

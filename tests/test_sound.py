@@ -284,8 +284,8 @@ def test_train_teacher_records_validation_accuracy_schedule_and_warnings(tmp_pat
     monkeypatch.chdir(tmp_path)
     prepare.main([])
     train_teacher.main(["--name", "small"])
-    t = json.loads(Path("data/teachers/small.json").read_text())
-    assert 0 <= t["val_top1"] <= 1 and isinstance(t["warnings"], list)
+    t = json.loads(Path("metrics/teachers/details/small.json").read_text())
+    assert 0 <= t["val_accuracy"] <= 1 and isinstance(t["warnings"], list)
     assert t["schedule"]["steps"] == 2 * t["schedule"]["steps_per_epoch"] and t["selected_epoch"] in (1, 2)
     assert [r.get("val_acc") is not None for r in t["history"]] == [True, True]
     assert "test_acc" not in json.dumps(t["history"])  # the test split is for final reporting only
@@ -301,7 +301,7 @@ def test_an_imported_checkpoint_with_shuffled_classes_is_refused(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     prepare.main([])
     train_teacher.main(["--name", "small"])
-    assert json.loads(Path("data/teachers/small.json").read_text())["val_top1"] > 0.8
+    assert json.loads(Path("metrics/teachers/small.json").read_text())["val_accuracy"] > 0.8
     model, meta = load_model("data/teachers/small.pt")
     head = model.net.classifier
     with torch.no_grad():  # reverse the class order of the last layer: same network, wrong labels
@@ -312,14 +312,3 @@ def test_an_imported_checkpoint_with_shuffled_classes_is_refused(tmp_path, monke
     Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with pytest.raises(TeacherCheckError, match=r"teacher mine reaches .* near chance.*another class order"):
         train_teacher.main(["--name", "mine"])
-
-
-def test_mean_std_ci_against_a_by_hand_t_interval():
-    from pipeline.evaluation.stats import format_mean, mean_std_ci, t975
-
-    m, s, h = mean_std_ci([0.86, 0.88, 0.87])
-    assert m == pytest.approx(0.87) and s == pytest.approx(0.01)
-    assert h == pytest.approx(4.303 * 0.01 / 3**0.5)  # t_{0.975, 2} = 4.303
-    assert mean_std_ci([0.5]) == (0.5, 0.0, None) and format_mean([0.5]) == "50.00"
-    assert format_mean([0.86, 0.88, 0.87]) == "87.00 ± 1.00 [84.52, 89.48]"
-    assert t975(40) == 1.96

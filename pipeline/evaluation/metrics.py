@@ -158,7 +158,10 @@ def expected_calibration_error(logits: np.ndarray, labels: np.ndarray, bins: int
 
 
 def write_confusion_csv(path: str | Path, labels: np.ndarray, predicted: np.ndarray, classes: Sequence[str]) -> Path:
-    """One row per test sample with columns `actual,predicted` (class names): DVC's `confusion` template input."""
+    """One row per test sample with columns `actual,predicted` (class names): DVC's `confusion` template input.
+
+    `pipeline.evaluation.study.read_correct` reads it back as per-image correctness (the report's paired tests).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(classes)
@@ -177,7 +180,7 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int
 
 
 # ---------------------------------------------------------------------------------------------
-# assembling a student's metrics
+# assembling a student's metrics (the record layout of `pipeline.records`)
 
 
 def split_metrics(
@@ -189,34 +192,34 @@ def split_metrics(
 ) -> dict[str, Any]:
     """A student's clean test-split metrics, and its relation to the teacher when `teacher_logits` are given.
 
-    Keys: `n_test`, `top{k}` per k, `ece`; with a teacher: `teacher_top1`, `teacher_top5`,
-    `teacher_ece`, `agreement`, `pearson`, `spearman`; and `reliability` =
-    {"edges": [M + 1], "student": {count, accuracy, confidence: [M]}, "teacher": {...}} (only lists,
-    which `dvc metrics show` skips). Teacher rows with non-finite logits (never queried) are left
-    out of the teacher-side metrics.
+    Top level (the numbers compared, `pipeline.records.SUMMARY_KEYS`): `accuracy` (top-1), `ece`, and with a
+    teacher `agreement`. Nested: `test` = {`n`, `top{k}` for each other k of `topk`, `reliability` =
+    {edges [M + 1], count, accuracy, confidence [M]}}; with a teacher, `teacher` = the teacher's cached logits
+    on the same images: {`n`, `ece`, `pearson`, `spearman` (mean per-sample correlation with the student's
+    logits), `reliability`}. The teacher's own top-1 is not here: it is computed once, by `train_teacher`, in
+    the teacher's record. Teacher rows with non-finite logits (never queried) are left out of the teacher side.
     """
-    out: dict[str, Any] = {"n_test": int(len(labels))}
-    for k in topk:
-        out[f"top{k}"] = topk_accuracy(logits, labels, k)
     rel_s = reliability_bins(logits, labels, bins)
-    out["ece"] = ece_from_bins(rel_s)
-    rel: dict[str, Any] = {"edges": rel_s.pop("edges"), "student": rel_s}
+    out: dict[str, Any] = {"accuracy": topk_accuracy(logits, labels, 1), "ece": ece_from_bins(rel_s)}
+    test: dict[str, Any] = {"n": int(len(labels))}
+    test.update({f"top{k}": topk_accuracy(logits, labels, k) for k in topk if k != 1})
+    test["reliability"] = rel_s
+    out["test"] = test
     if teacher_logits is not None:
         t = np.asarray(teacher_logits, dtype=np.float32)
         ok = np.isfinite(t).all(1)
         if not ok.all():
             log.warning("no teacher logits for %d of %d test rows: teacher metrics skip them", (~ok).sum(), len(ok))
         t, s, y = t[ok], logits[ok], labels[ok]
-        out["teacher_top1"] = topk_accuracy(t, y, 1)
-        out["teacher_top5"] = topk_accuracy(t, y, 5)
-        rel_t = reliability_bins(t, y, bins)
-        rel_t.pop("edges")
-        out["teacher_ece"] = ece_from_bins(rel_t)
         out["agreement"] = agreement(s, t)
-        out["pearson"] = mean_pearson(s, t)
-        out["spearman"] = mean_spearman(s, t)
-        rel["teacher"] = rel_t
-    out["reliability"] = rel
+        rel_t = reliability_bins(t, y, bins)
+        out["teacher"] = {
+            "n": int(ok.sum()),
+            "ece": ece_from_bins(rel_t),
+            "pearson": mean_pearson(s, t),
+            "spearman": mean_spearman(s, t),
+            "reliability": rel_t,
+        }
     return out
 
 
@@ -229,23 +232,25 @@ def robustness_metrics(
 ) -> dict[str, Any]:
     """Accuracy on a corrupted test set (Hendrycks & Dietterich 2019), one batched pass per corruption.
 
-    Keys: `corrupt/<name>` = mean over severities of the accuracy on corruption `name`;
-    `corrupt_mean` = the mean of those (mean corruption accuracy, mCA); `corrupt_clean` = the
-    accuracy on the same (uncorrupted) rows, from `clean_logits` (N_test, C), so the drop is
-    comparable; `corrupt_severity` = {name: [accuracy at each severity]} with `corrupt_severities`.
+    Keys: `mca` = mean corruption accuracy (the mean over corruptions of each corruption's mean over
+    severities); `robustness` = {`per_corruption`: {name: mean over severities}, `severities`: [levels],
+    `per_severity`: {name: [accuracy at each severity]}, `clean`: the accuracy on the same rows uncorrupted,
+    from `clean_logits` (N_test, C), so the drop is comparable}.
     """
     k, s, n = cset.images.shape[:3]
-    out: dict[str, Any] = {}
+    per_corruption: dict[str, float] = {}
     per_sev: dict[str, list[float]] = {}
     for ki, name in enumerate(cset.corruptions):
         flat = cset.images[ki].reshape(s * n, *cset.images.shape[3:])  # (S*N, H, W, C): one pass for all severities
         pred = predict_arrays(model, flat, batch_size, device).argmax(1).reshape(s, n)
         accs = (pred == cset.labels[None, :]).mean(1)
         per_sev[name] = [float(a) for a in accs]
-        out[f"corrupt/{name}"] = float(accs.mean())
-    out["corrupt_mean"] = float(np.mean([out[f"corrupt/{c}"] for c in cset.corruptions]))
+        per_corruption[name] = float(accs.mean())
+    rob: dict[str, Any] = {
+        "per_corruption": per_corruption,
+        "severities": [int(v) for v in cset.severities],
+        "per_severity": per_sev,
+    }
     if clean_logits is not None:
-        out["corrupt_clean"] = float((clean_logits[cset.index].argmax(1) == cset.labels).mean())
-    out["corrupt_severities"] = [int(v) for v in cset.severities]
-    out["corrupt_severity"] = per_sev
-    return out
+        rob["clean"] = float((clean_logits[cset.index].argmax(1) == cset.labels).mean())
+    return {"mca": float(np.mean(list(per_corruption.values()))), "robustness": rob}

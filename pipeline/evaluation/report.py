@@ -1,566 +1,416 @@
-"""Aggregate per-student metrics into the teacher x loss tables, a markdown report and charts.
+"""The report: every student and teacher record of a run in tables with their uncertainty, figures, and its origin.
 
-`build_report` reads every `metrics/<teacher>-<loss>-<budget>-<seed>.json` (written by the evaluate
-stage) and `data/teachers/<name>.json`, and writes into `reports/`:
+`build_report` reads a `Study` (`pipeline.evaluation.study`: the records, the manifest, the per-image
+predictions), and writes into `reports/`:
 
-- `report.md`: the student top-1 table (teacher x loss, mean ± sample std over seeds, full budget),
-  a details table (top-1/top-5, teacher-student agreement, Pearson/Spearman of the logits, ECE of
-  student and teacher, mean corruption accuracy), a robustness table (accuracy per corruption) and,
-  when budget runs exist, a budget table;
-- `accuracy.png`: student top-1 per teacher and loss (bars, std error bars);
-- `teacher_capacity.png`: student top-1 per loss as the teacher gets stronger (x = the teacher's own
-  test top-1, and its parameter count): the "does a stronger teacher make a better student?" question;
-- `reliability.png`: reliability diagrams (Guo et al. 2017), one panel per teacher x loss, student
-  bars vs the teacher's curve, seeds pooled;
-- `robustness.png`: accuracy vs corruption severity (Hendrycks & Dietterich 2019), mean over
-  corruptions, severity 0 = the same images uncorrupted;
-- `budget.png` (only with budget runs): student top-1 vs teacher calls (log x), one line per loss,
-  the full-budget and CE (no teacher) levels marked.
+- `report.md`: a header saying what it is about (data set, classes, split sizes and image size from the
+  manifest; the commit and the params that differ from it), warnings first (every teacher warning, every
+  loss significantly below CE, students or predictions missing), the teachers, the student top-1 table
+  (mean ± std over seeds; **bold** only for a loss significantly better than every other loss of its row),
+  the paired comparisons of each loss with CE and KD on the same test images (difference, 95% interval,
+  p-value, the test named), details (top-k, agreement, correlations, ECE, mCA), robustness and, with budget
+  runs, the budget table; every figure of `pipeline.evaluation.figures` with its caption, or the reason it
+  is missing;
+- `report.html`: the same, self-contained (figures embedded), so it opens offline;
+- `plots/curves.json`, `plots/budget.json`: the data of the `dvc plots` overlays declared in dvc.yaml
+  (`.dvc/plots/*.json` templates: the students of one teacher in one plot, and the budget curve).
 
-A figure whose data is absent (e.g. no corruption metrics) is left out rather than drawn empty.
+Statistics: 95% t-intervals over seeds (`stats.mean_ci`), McNemar's mid-p test with one seed and a paired
+bootstrap over test images with several (`stats.paired_comparison`): see `pipeline.evaluation.stats` for why.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
-from collections import defaultdict
+import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from pipeline.evaluation import figures as F
+from pipeline.evaluation.provenance import Provenance, provenance
+from pipeline.evaluation.stats import BOOTSTRAP, MCNEMAR, Interval, Paired
+from pipeline.evaluation.study import (
+    ALPHA,
+    FULL,
+    HINTON_LOSS,
+    NO_TEACHER_LOSS,
+    Student,
+    Study,
+    load_study,
+)
 
 log = logging.getLogger(__name__)
 
-FULL = "full"
-NO_TEACHER_LOSS = "ce"  # the baseline: trained on labels only, the teacher's logits unused
-
-
-def load_metrics(folder: Path, only: set[str] | None = None) -> list[dict[str, Any]]:
-    """Every metrics JSON in `folder` (sorted by file name); an empty folder is an error naming the fix.
-
-    only: student ids to keep (files are `<student id>.json`); others are left out with a log line, so a
-    folder holding metrics of an earlier configuration (another data set, a removed loss) cannot leak
-    into the report.
-    """
-    paths = sorted(Path(folder).glob("*.json"))
-    if only is not None:
-        extra = [p.stem for p in paths if p.stem not in only]
-        if extra:
-            log.info("report: leaving out %d metrics file(s) not in the distill matrix: %s", len(extra), extra[:5])
-        paths = [p for p in paths if p.stem in only]
-    rows = [json.loads(p.read_text()) for p in paths]
-    if not rows:
-        raise FileNotFoundError(f"no metrics in {folder}: run the evaluate stages first (`dvc repro`)")
-    return rows
-
-
-def teacher_params(folder: Path, name: str, info: dict[str, Any]) -> int | None:
-    """The teacher's parameter count: `params` in its JSON, else counted from `<name>.pt`, else None."""
-    if isinstance(info.get("params"), int):
-        return int(info["params"])
-    ckpt = Path(folder) / f"{name}.pt"
-    if not ckpt.is_file():
-        return None
-    try:
-        from pipeline.models import count_parameters, load_checkpoint
-
-        return count_parameters(load_checkpoint(ckpt)[0])
-    except Exception as e:  # a foreign checkpoint must not break the report: the axis is just left out
-        log.warning("cannot count the parameters of %s: %s", ckpt, e)
-        return None
-
-
-def load_teachers(folder: Path) -> dict[str, dict[str, Any]]:
-    """Teacher name -> its `data/teachers/<name>.json` (test_top1, arch, ...) plus `params` when known."""
-    out = {}
-    for p in sorted(Path(folder).glob("*.json")):
-        d = json.loads(p.read_text())
-        name = d.get("teacher", p.stem)
-        d.pop("history", None)  # training curves: not needed here
-        d["params"] = teacher_params(Path(folder), name, d)
-        out[name] = d
-    return out
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof = 1; 0 for a single value)."""
-    a = np.asarray(values, dtype=np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
-
-
-def fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-    """`mean ± std` (std only with more than one value), values multiplied by `scale`."""
-    m, s = mean_std(values)
-    return f"{m * scale:.{digits}f}" + (f" ± {s * scale:.{digits}f}" if len(values) > 1 else "")
-
-
-def group(rows: list[dict[str, Any]], budget: str = FULL) -> dict[tuple[str, str], list[dict[str, Any]]]:
-    """(teacher, loss) -> rows over seeds, for one budget."""
-    out: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        if str(r.get("budget", FULL)) == budget:
-            out[(r["teacher"], r["loss"])].append(r)
-    return out
-
-
-def loss_order(losses: set[str] | list[str]) -> list[str]:
-    """CE (the no-teacher baseline) first, then alphabetical."""
-    return sorted(set(losses), key=lambda x: (x != NO_TEACHER_LOSS, x))
-
-
-def _vals(rs: list[dict[str, Any]], key: str) -> list[float]:
-    return [float(r[key]) for r in rs if isinstance(r.get(key), (int, float)) and np.isfinite(r[key])]
-
-
-def _cell(rs: list[dict[str, Any]], key: str, scale: float = 100.0, digits: int = 2) -> str:
-    vals = _vals(rs, key)
-    return fmt(vals, scale, digits) if vals else ""
-
-
-def _colors(losses: list[str]) -> dict[str, Any]:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10"]
-    return {loss: cmap(i % 10) for i, loss in enumerate(losses)}
-
-
-def _calls(r: dict[str, Any]) -> float | None:
-    """Teacher calls a student used: the recorded count, else the numeric budget."""
-    for v in (r.get("teacher_calls"), r.get("budget")):
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            continue
-    return None
+TEST_NOTE = (
+    f"p: two-sided, {MCNEMAR} test on per-image correctness with one seed, {BOOTSTRAP} over test images "
+    "(each image with all its seeds) with several; intervals: 95% paired bootstrap. Unadjusted for the number "
+    "of comparisons."
+)
 
 
 # ---------------------------------------------------------------------------------------------
-# tables
+# formatting
 
 
-def _accuracy_table(g: dict, teachers: list[str], losses: list[str], info: dict[str, dict[str, Any]]) -> list[str]:
-    lines = ["## Student top-1", "", "Student top-1 accuracy (%) on the test split, mean ± std over seeds"]
-    lines += ["(full budget); the teacher's architecture and own test top-1 (%) in brackets.", ""]
-    lines.append("| teacher | " + " | ".join(losses) + " |")
-    lines.append("|---|" + "---|" * len(losses))
-    for t in teachers:
-        ti = info.get(t, {})
-        head = f"{t} ({ti['arch']}, {ti['test_top1'] * 100:.2f})" if "test_top1" in ti and "arch" in ti else t
-        cells = [_cell(g[(t, loss)], "top1") if (t, loss) in g else "" for loss in losses]
-        lines.append(f"| {head} | " + " | ".join(cells) + " |")
-    return lines
+def fmt_iv(iv: Interval | None, scale: float = 100.0, digits: int = 2) -> str:
+    """`mean ± std` over seeds (std only with two or more seeds), scaled; '' for no value."""
+    if iv is None:
+        return ""
+    s = f"{iv.mean * scale:.{digits}f}"
+    return s + (f" ± {iv.std * scale:.{digits}f}" if iv.std is not None else "")
 
 
-DETAIL_COLS = [  # (metric key, header, scale, digits), after the top-k columns
+def fmt_ci(iv: Interval | None, scale: float = 100.0, digits: int = 2) -> str:
+    """`[lo, hi]`, the 95% t-interval over seeds, or '—' with one seed."""
+    if iv is None or iv.lo is None:
+        return "—"
+    return f"[{iv.lo * scale:.{digits}f}, {iv.hi * scale:.{digits}f}]"
+
+
+def fmt_p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def fmt_paired(p: Paired | None) -> str:
+    """`+0.51 [-0.12, +1.10], p 0.034` in points (A minus B); '—' when there is no paired data."""
+    if p is None:
+        return "—"
+    star = " *" if p.significant(ALPHA) else ""
+    return f"{100 * p.diff:+.2f} [{100 * p.lo:+.2f}, {100 * p.hi:+.2f}], p {fmt_p(p.p)}{star}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _seeds_note(study: Study, budget: str = FULL) -> str:
+    n = sorted(study.seed_counts(budget))
+    if not n:
+        return "no seeds"
+    if len(n) == 1:
+        return f"{n[0]} seed{'s' if n[0] > 1 else ''} per number"
+    return f"{n[0]} to {n[-1]} seeds per number (the `seeds` column or `n=` says which)"
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+
+
+def _header(study: Study, title: str, prov: Provenance | None) -> list[str]:
+    d = study.data
+    n_t, n_l = len(study.teacher_names), len(study.losses)
+    seeds = sorted({s.seed for s in study.students})
+    lines = [
+        f"# {title}",
+        "",
+        f"**Data set** `{d.name}`: {d.describe()} (manifest `{d.sha256[:12]}`).",
+        "",
+        f"{len(study.students)} students: {n_t} teacher(s) x {n_l} loss(es), budgets "
+        f"{', '.join(study.budgets())}, seeds {', '.join(map(str, seeds))}; {_seeds_note(study)}. "
+        "Regenerate with `dvc repro`; compare two students with `kdcache compare metrics/a.json metrics/b.json`.",
+        "",
+    ]
+    if prov is None:
+        return lines
+    if prov.commit is None:
+        lines += [f"**Made from**: {prov.note}.", ""]
+        return lines
+    dirty = f", with uncommitted changes to {', '.join(prov.dirty)}" if prov.dirty else ""
+    lines.append(f"**Made from** commit `{prov.commit}`{dirty}.")
+    if prov.note:
+        lines += ["", prov.note + "."]
+    elif prov.params_diff:
+        lines += ["Params that differ from that commit's params.yaml:", ""]
+        lines += _table(
+            ["param", "this report", "commit"],
+            [[f"`{k}`", f"`{json.dumps(a)}`", f"`{json.dumps(b)}`"] for k, a, b in prov.params_diff],
+        )
+    else:
+        lines.append("params.yaml as committed.")
+    return [*lines, ""]
+
+
+def _warnings(study: Study) -> list[str]:
+    items = []
+    for t in study.teacher_names:
+        if t not in study.teachers:
+            items.append(f"teacher **{t}**: no record in metrics/teachers: its accuracy and warnings are unknown")
+            continue
+        items += [f"teacher **{t}**: {w}" for w in study.teachers[t].warnings]
+    for t, loss, p in study.below_ce():
+        items.append(
+            f"**{loss}** with teacher {t} is significantly *below* CE: {100 * p.diff:+.2f} points "
+            f"[{100 * p.lo:+.2f}, {100 * p.hi:+.2f}] over {p.seeds} seed(s), {p.test} p {fmt_p(p.p)}"
+        )
+    if study.missing:
+        more = ", ..." if len(study.missing) > 8 else ""
+        items.append(
+            f"{len(study.missing)} student(s) of the matrix have no metrics: {', '.join(study.missing[:8])}{more}"
+        )
+    if study.no_predictions:
+        more = ", ..." if len(study.no_predictions) > 8 else ""
+        items.append(
+            f"no per-image predictions (plots/confusion/<id>.csv) for {len(study.no_predictions)} student(s) "
+            f"({', '.join(study.no_predictions[:8])}{more}): their paired tests are left out"
+        )
+    if not items:
+        return []
+    return ["## Warnings", "", *[f"- {w}" for w in items], ""]
+
+
+def _teachers(study: Study) -> list[str]:
+    rows = []
+    for t in study.teacher_names:
+        te = study.teachers.get(t)
+        if te is None:
+            rows.append([t, "", "", "", "", "no record"])
+            continue
+        rows.append(
+            [
+                t,
+                te.arch or "",
+                f"{te.params:,}" if te.params else "",
+                f"{100 * te.accuracy:.2f}" if te.accuracy is not None else "",
+                f"{100 * te.val_accuracy:.2f}" if te.val_accuracy is not None else "",
+                str(len(te.warnings)),
+            ]
+        )
+    return [
+        "## Teachers",
+        "",
+        "Each teacher's own top-1 (%), computed once by `train_teacher` (metrics/teachers/<t>.json); every table and",
+        "figure uses this number.",
+        "",
+        *_table(["teacher", "architecture", "parameters", "test top-1", "val top-1", "warnings"], rows),
+        "",
+    ]
+
+
+def _top1_table(study: Study) -> list[str]:
+    losses = study.losses
+    uniform = len(study.seed_counts()) == 1
+    spread = "mean ± std over seeds" if max(study.seed_counts()) > 1 else "one run each"
+    rows = []
+    for t in study.teacher_names:
+        best = study.significantly_best(t)
+        cells = []
+        for loss in losses:
+            rs = study.cell(t, loss)
+            c = fmt_iv(study.interval(rs))
+            if c and not uniform:
+                c += f" (n={len(rs)})"
+            cells.append(f"**{c}**" if c and loss == best else c)
+        acc = study.teacher_accuracy(t)
+        head = f"{t} ({100 * acc:.2f})" if acc is not None else t
+        rows.append([head, *cells])
+    return [
+        "## Student top-1",
+        "",
+        f"Student top-1 (%) on the test split, full budget, {spread} ({_seeds_note(study)}); the",
+        "teacher's own top-1 in brackets. **Bold**: the row's best loss when it is significantly better than *every*",
+        f"other loss of the row (each paired test at {ALPHA:.0%}, two-sided: {MCNEMAR} with one seed, {BOOTSTRAP}",
+        "with several; requiring all of them is an intersection-union test, so no multiplicity correction). No bold:",
+        "no loss is significantly best.",
+        "",
+        *_table(["teacher", *losses], rows),
+        "",
+    ]
+
+
+def _paired_table(study: Study, budget: str = FULL) -> list[str]:
+    rows = []
+    refs = [r for r in (NO_TEACHER_LOSS, HINTON_LOSS) if r in study.losses]
+    for t in study.teacher_names:
+        for loss in study.losses:
+            rs = study.cell(t, loss, budget)
+            if not rs:
+                continue
+            iv = study.interval(rs)
+            cells = [t, loss, str(len(rs)), fmt_iv(iv), fmt_ci(iv)]
+            cells += ["" if loss == ref else fmt_paired(study.paired(t, loss, ref, budget)) for ref in refs]
+            rows.append(cells)
+    if not refs:
+        return []
+    return [
+        "## Paired comparisons",
+        "",
+        f"Each loss against {' and '.join(f'`{r}`' for r in refs)} with the same teacher, budget and seeds, on the",
+        "same test images: top-1 difference in points (loss minus reference) [95% interval], p-value; * = p < 0.05.",
+        f"The 95% CI column is the t-interval over seeds ('—' with one seed). {TEST_NOTE}",
+        "",
+        *_table(["teacher", "loss", "seeds", "top-1 %", "95% CI", *[f"vs {r}" for r in refs]], rows),
+        "",
+    ]
+
+
+DETAIL_COLS = [  # (record key, header, scale, digits), after the top-k columns
     ("agreement", "agreement %", 100.0, 2),
-    ("pearson", "Pearson", 1.0, 3),
-    ("spearman", "Spearman", 1.0, 3),
+    ("teacher.pearson", "Pearson", 1.0, 3),
+    ("teacher.spearman", "Spearman", 1.0, 3),
     ("ece", "ECE", 1.0, 4),
-    ("teacher_ece", "teacher ECE", 1.0, 4),
-    ("corrupt_mean", "mCA %", 100.0, 2),
+    ("teacher.ece", "teacher ECE", 1.0, 4),
+    ("mca", "mCA %", 100.0, 2),
 ]
 
 
-def _detail_table(g: dict, teachers: list[str], losses: list[str]) -> list[str]:
-    # top-k columns as evaluated (`evaluate.topk`), then the fixed ones
-    ks = sorted({int(k[3:]) for rs in g.values() for r in rs for k in r if k[:3] == "top" and k[3:].isdigit()})
-    cols = [(f"top{k}", f"top-{k} %", 100.0, 2) for k in ks]
-    cols += [c for c in DETAIL_COLS if any(_vals(rs, c[0]) for rs in g.values())]
-    lines = ["## Details", "", "Means ± std over seeds (full budget). Agreement: student and teacher arg-max match;"]
-    lines += ["Pearson/Spearman: mean per-sample correlation of student and teacher logits (CMKD's diagnostic);"]
-    lines += ["ECE: 15-bin expected calibration error (Guo et al. 2017); mCA: mean corruption accuracy.", ""]
-    lines.append("| teacher | loss | seeds | " + " | ".join(h for _, h, _, _ in cols) + " | teacher calls |")
-    lines.append("|---|---|---|" + "---|" * (len(cols) + 1))
-    for t in teachers:
-        for loss in losses:
-            rs = g.get((t, loss))
+def _details_table(study: Study) -> list[str]:
+    full = [s for s in study.students if s.budget == FULL]
+    ks = sorted({int(k[3:]) for s in full for k in (s.record.get("test") or {}) if k[:3] == "top" and k[3:].isdigit()})
+    cols = [("accuracy", "top-1 %", 100.0, 2)] + [(f"test.top{k}", f"top-{k} %", 100.0, 2) for k in ks]
+    cols += [c for c in DETAIL_COLS if study.values(full, c[0])]
+    rows = []
+    for t in study.teacher_names:
+        for loss in study.losses:
+            rs = study.cell(t, loss)
             if not rs:
                 continue
-            cells = [_cell(rs, k, s, d) for k, _, s, d in cols]
-            calls = _vals(rs, "teacher_calls")
-            cells.append(f"{int(np.mean(calls))}" if calls else "")
-            lines.append(f"| {t} | {loss} | {len(rs)} | " + " | ".join(cells) + " |")
-    return lines
+            cells = [fmt_iv(study.interval(rs, k), s, d) for k, _, s, d in cols]
+            c = [x for r in rs if (x := F.calls(r)) is not None]
+            rows.append([t, loss, str(len(rs)), *cells, f"{int(sum(c) / len(c))}" if c else ""])
+    return [
+        "## Details",
+        "",
+        "Means ± std over seeds (full budget). Agreement: student and teacher arg-max match; Pearson/Spearman: mean",
+        "per-sample correlation of student and teacher logits (CMKD's diagnostic); ECE: 15-bin expected calibration",
+        "error (Guo et al. 2017) of the student and of the teacher's cached logits; mCA: mean corruption accuracy.",
+        "",
+        *_table(["teacher", "loss", "seeds", *[h for _, h, _, _ in cols], "teacher calls"], rows),
+        "",
+    ]
 
 
-def _corruptions(rows: list[dict[str, Any]]) -> list[str]:
+def _corruptions(students: list[Student]) -> list[str]:
     seen: dict[str, None] = {}
-    for r in rows:
-        for k in r:
-            if k.startswith("corrupt/"):
-                seen.setdefault(k.split("/", 1)[1])
+    for s in students:
+        for name in (s.record.get("robustness") or {}).get("per_corruption") or {}:
+            seen.setdefault(name)
     return list(seen)
 
 
-def _robustness_table(g: dict, teachers: list[str], losses: list[str], names: list[str]) -> list[str]:
-    lines = ["## Robustness", "", "Accuracy (%) on CIFAR-C-style corrupted test images (Hendrycks & Dietterich 2019),"]
-    lines += ["mean over severities, then over seeds; clean = the same images uncorrupted;"]
-    lines += ["mCA = mean corruption accuracy (over corruptions).", ""]
-    lines.append("| teacher | loss | clean | " + " | ".join(n.replace("_", " ") for n in names) + " | mCA |")
-    lines.append("|---|---|---|" + "---|" * (len(names) + 1))
-    for t in teachers:
-        for loss in losses:
-            rs = g.get((t, loss))
-            if not rs or not _vals(rs, "corrupt_mean"):
+def _robustness_table(study: Study) -> list[str]:
+    full = [s for s in study.students if s.budget == FULL]
+    names = _corruptions(full)
+    if not names:
+        return []
+    rows = []
+    for t in study.teacher_names:
+        for loss in study.losses:
+            rs = study.cell(t, loss)
+            if not study.values(rs, "mca"):
                 continue
-            cells = [_cell(rs, "corrupt_clean", 100.0, 1)] + [_cell(rs, f"corrupt/{n}", 100.0, 1) for n in names]
-            cells.append(f"**{_cell(rs, 'corrupt_mean', 100.0, 1)}**")
-            lines.append(f"| {t} | {loss} | " + " | ".join(cells) + " |")
-    return lines
+            cells = [fmt_iv(study.interval(rs, "robustness.clean"), 100.0, 1)]
+            cells += [fmt_iv(study.interval(rs, f"robustness.per_corruption.{n}"), 100.0, 1) for n in names]
+            cells.append(fmt_iv(study.interval(rs, "mca"), 100.0, 1))
+            rows.append([t, loss, str(len(rs)), *cells])
+    return [
+        "## Robustness",
+        "",
+        "Accuracy (%) on CIFAR-C-style corrupted test images (Hendrycks & Dietterich 2019), mean over severities,",
+        "then mean ± std over seeds; clean = the same images uncorrupted; mCA = mean corruption accuracy. These",
+        "images are a subset without per-image records, so no test ranks the losses here.",
+        "",
+        *_table(["teacher", "loss", "seeds", "clean", *[n.replace("_", " ") for n in names], "mCA"], rows),
+        "",
+    ]
 
 
-def _budget_table(rows: list[dict[str, Any]]) -> list[str]:
-    by: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by[(r["teacher"], r["loss"], str(r.get("budget", FULL)))].append(r)
-
-    def key(k: tuple[str, str, str]) -> tuple:
-        calls = [c for c in (_calls(r) for r in by[k]) if c is not None]
-        return (k[0], loss_order([x[1] for x in by]).index(k[1]), float(np.mean(calls)) if calls else np.inf)
-
-    lines = ["## Teacher-call budget", "", "Student top-1 (%) by the number of teacher calls it could use.", ""]
-    lines += ["| teacher | loss | budget | teacher calls | seeds | top-1 % | agreement % |"]
-    lines += ["|---|---|---|---|---|---|---|"]
-    for k in sorted(by, key=key):
-        rs = by[k]
-        calls = [c for c in (_calls(r) for r in rs) if c is not None]
-        c = f"{int(np.mean(calls))}" if calls else ""
-        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {c} | {len(rs)} | {_cell(rs, 'top1')} | {_cell(rs, 'agreement')} |")
-    return lines
+def _budget_table(study: Study) -> list[str]:
+    rows = []
+    for t in study.teacher_names:
+        for loss in study.losses:
+            for b in study.budgets(t):
+                rs = study.cell(t, loss, b)
+                if not rs:
+                    continue
+                iv = study.interval(rs)
+                c = [x for r in rs if (x := F.calls(r)) is not None]
+                vs = "" if loss == NO_TEACHER_LOSS else fmt_paired(study.paired(t, loss, NO_TEACHER_LOSS, b))
+                agree = fmt_iv(study.interval(rs, "agreement"))
+                rows.append([t, loss, b, f"{int(sum(c) / len(c))}" if c else "", str(len(rs)), fmt_iv(iv), fmt_ci(iv),
+                             agree, vs])  # fmt: skip
+    return [
+        "## Teacher-call budget",
+        "",
+        "Student top-1 (%) by the number of teacher calls it could use, mean ± std over seeds, 95% t-interval; vs CE:",
+        f"against CE trained on the same samples (same budget). {TEST_NOTE}",
+        "",
+        *_table(
+            ["teacher", "loss", "budget", "teacher calls", "seeds", "top-1 %", "95% CI", "agreement %", "vs ce"], rows
+        ),
+        "",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
-# figures
+# figures, DVC plot data, HTML
 
 
-def _human(n: float) -> str:
-    """12500 -> '12.5k', 2000000 -> '2M', 250 -> '250'."""
-    for div, suffix in ((1e6, "M"), (1e3, "k")):
-        if n >= div:
-            return f"{n / div:.3g}{suffix}"
-    return f"{n:.3g}"
+def _figure(lines: list[str], out_dir: Path, name: str, alt: str, make: Any) -> None:
+    """Draw one figure into `out_dir/name` with its caption, or say in the report why it is missing."""
+    try:
+        fig, caption = make()
+    except F.NoData as e:
+        lines += [f"*Figure `{name}` left out: {e}.*", ""]
+        log.info("report: %s left out: %s", name, e)
+        return
+    F.save(fig, out_dir / name)
+    lines += [caption, "", f"![{alt}]({name})", ""]
 
 
-def _tick_teachers(ax: Any, xs: dict[str, float], human: bool) -> None:
-    """Label the x axis at the teachers' own positions: '<name>\n<value>' (no minor tick labels on a log axis)."""
-    from matplotlib.ticker import NullFormatter
-
-    ax.set_xticks(list(xs.values()), [f"{t}\n{_human(v) if human else f'{v:.1f}'}" for t, v in xs.items()])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    if len(xs) == 1:  # one point: give the axis some room instead of a degenerate range
-        v = next(iter(xs.values()))
-        if human:
-            ax.set_xlim(v / 2, v * 2)
-        else:
-            ax.set_xlim(v - 5, v + 5)
-
-
-def _tick_calls(ax: Any, calls: list[float]) -> None:
-    from matplotlib.ticker import NullFormatter
-
-    if calls:
-        ax.set_xticks(calls, [_human(c) for c in calls])
-        ax.xaxis.set_minor_formatter(NullFormatter())
+def load_curves(curves_dir: Path | None, students: list[Student]) -> dict[str, list[dict[str, Any]]]:
+    """sid -> its training-curve rows (plots/curves/<id>.json) for the students that have one."""
+    out = {}
+    if curves_dir is None:
+        return out
+    for s in students:
+        p = Path(curves_dir) / f"{s.sid}.json"
+        if p.is_file():
+            rows = json.loads(p.read_text())
+            if isinstance(rows, list):
+                out[s.sid] = rows
+    return out
 
 
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=120, bbox_inches="tight")  # keeps legends placed outside the axes
-    plt.close(fig)
-    log.info("wrote %s", path)
-
-
-def plot_accuracy(g: dict, teachers: list[str], losses: list[str], path: Path) -> None:
-    """Bars: student top-1 per loss, one bar per teacher, std over seeds as error bars."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 1.2 * len(losses) * max(1, len(teachers)) / 2), 4))
-    width = 0.8 / max(1, len(teachers))
-    x = np.arange(len(losses))
-    lo, hi = [], []
-    for k, t in enumerate(teachers):
-        ms = [mean_std(_vals(g[(t, loss)], "top1")) if (t, loss) in g else (np.nan, 0.0) for loss in losses]
-        lo += [(m - s) * 100 for m, s in ms if np.isfinite(m)]
-        hi += [(m + s) * 100 for m, s in ms if np.isfinite(m)]
-        ax.bar(
-            x + k * width,
-            [m * 100 for m, _ in ms],
-            width,
-            yerr=[s * 100 for _, s in ms],
-            label=f"teacher {t}",
-            capsize=3,
-        )
-    if lo:  # zoom on the bars' range (differences between losses are often a few points)
-        pad = max(1.0, 0.1 * (max(hi) - min(lo)))
-        ax.set_ylim(max(0.0, min(lo) - 3 * pad), min(100.0, max(hi) + pad))
-    ax.set_xticks(x + width * (len(teachers) - 1) / 2, losses)
-    ax.set_ylabel("student top-1 (%)")
-    ax.set_title("Student accuracy per teacher and loss (full budget)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    _save(fig, path)
+def plot_data(study: Study, curves: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """The rows of the `dvc plots` overlays: `curves` (one row per student and epoch) and `budget` (per student)."""
+    rows_c, rows_b = [], []
+    order = {loss: i for i, loss in enumerate(study.losses)}  # rows in loss order: the templates colour in data order
+    for s in sorted(study.students, key=lambda s: (s.teacher, order[s.loss], s.budget, s.seed)):
+        ident = {"teacher": s.teacher, "loss": s.loss, "budget": s.budget, "seed": s.seed, "student": s.sid}
+        got = F.curve_points(curves.get(s.sid, []))
+        if got is not None:
+            rows_c += [{**ident, "split": got[0], "epoch": e, "accuracy": a} for e, a in got[1]]
+        c = F.calls(s)
+        if c is not None:
+            rows_b.append({**ident, "teacher_calls": c, "accuracy": s.value("accuracy")})
+    return {"curves": rows_c, "budget": rows_b}
 
 
-def plot_teacher_capacity(
-    g: dict, teachers: list[str], losses: list[str], info: dict[str, dict[str, Any]], path: Path
-) -> bool:
-    """Student top-1 per loss vs teacher strength: x = teacher test top-1 (left), teacher parameters (right, log).
+def write_html(md_path: Path) -> Path:
+    """`report.html` beside `report.md`: the same text with every figure embedded (opens offline)."""
+    from markdown_it import MarkdownIt
 
-    One line per loss through the teachers sorted by x; error bars = std over seeds. Returns False
-    (and draws nothing) when no teacher has a known test accuracy.
-    """
-    import matplotlib.pyplot as plt
+    folder = md_path.parent
+    body = MarkdownIt("commonmark").enable("table").render(md_path.read_text())
 
-    def t_top1(t: str) -> float | None:
-        if "test_top1" in info.get(t, {}):
-            return float(info[t]["test_top1"])
-        vals = [v for loss in losses for v in _vals(g.get((t, loss), []), "teacher_top1")]
-        return float(np.mean(vals)) if vals else None
+    def embed(m: re.Match) -> str:
+        src = folder / m.group(1)
+        if not src.is_file():
+            return m.group(0)
+        return f'src="data:image/png;base64,{base64.b64encode(src.read_bytes()).decode()}"'
 
-    axes_spec = [("teacher test top-1 (%)", {t: v * 100 for t in teachers if (v := t_top1(t)) is not None}, False)]
-    params = {t: float(info[t]["params"]) for t in teachers if info.get(t, {}).get("params")}
-    if params:
-        axes_spec.append(("teacher parameters", params, True))
-    if not axes_spec[0][1]:
-        return False
-    colors = _colors(losses)
-    fig, axes = plt.subplots(1, len(axes_spec), figsize=(5.2 * len(axes_spec), 4.2), squeeze=False, sharey=True)
-    for ax, (xlabel, xs, logx) in zip(axes[0], axes_spec, strict=True):
-        ts = sorted(xs, key=xs.get)
-        for loss in losses:
-            pts = [(xs[t], *mean_std(_vals(g[(t, loss)], "top1"))) for t in ts if _vals(g.get((t, loss), []), "top1")]
-            if not pts:
-                continue
-            px, m, s = (np.array(v) for v in zip(*pts, strict=True))
-            style = {"linestyle": "--"} if loss == NO_TEACHER_LOSS else {}
-            ax.errorbar(px, m * 100, yerr=s * 100, marker="o", capsize=3, color=colors[loss], label=loss, **style)
-        if logx:
-            ax.set_xscale("log")
-        _tick_teachers(ax, {t: xs[t] for t in ts}, human=logx)
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("student top-1 (%)")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle("Does a stronger teacher make a better student?")
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    _save(fig, path)
-    return True
-
-
-def _pool_reliability(rs: list[dict[str, Any]], who: str) -> dict[str, np.ndarray] | None:
-    """Sum bin counts over seeds; accuracy/confidence as count-weighted means."""
-    parts = [r["reliability"][who] for r in rs if isinstance(r.get("reliability"), dict) and who in r["reliability"]]
-    if not parts:
-        return None
-    count = np.sum([np.asarray(p["count"], dtype=np.float64) for p in parts], axis=0)
-    acc = np.sum([np.nan_to_num(np.asarray(p["accuracy"], dtype=np.float64)) * p["count"] for p in parts], axis=0)
-    conf = np.sum([np.nan_to_num(np.asarray(p["confidence"], dtype=np.float64)) * p["count"] for p in parts], axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {"count": count, "accuracy": acc / count, "confidence": conf / count}
-
-
-def plot_reliability(g: dict, teachers: list[str], losses: list[str], path: Path) -> bool:
-    """Reliability diagrams, rows = teachers, columns = losses: student accuracy per confidence bin (bars)
-    vs the teacher's (line), the diagonal = perfect calibration; panel titles give both ECEs."""
-    import matplotlib.pyplot as plt
-
-    cells = [(t, loss) for t in teachers for loss in losses if any("reliability" in r for r in g.get((t, loss), []))]
-    if not cells:
-        return False
-    rows_t = [t for t in teachers if any(c[0] == t for c in cells)]
-    fig, axes = plt.subplots(
-        len(rows_t),
-        len(losses),
-        figsize=(2.6 * len(losses), 2.6 * len(rows_t) + 0.6),
-        squeeze=False,
-        sharex=True,
-        sharey=True,
+    body = re.sub(r'src="([^"]+\.png)"', embed, body)
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.4}"
+        "table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
+        "img{max-width:100%}code{background:#f3f3f3}"
     )
-    for i, t in enumerate(rows_t):
-        for j, loss in enumerate(losses):
-            ax = axes[i, j]
-            rs = g.get((t, loss), [])
-            s = _pool_reliability(rs, "student")
-            if s is None:
-                ax.set_axis_off()
-                continue
-            m = len(s["count"])
-            edges = np.asarray(rs[0]["reliability"].get("edges", np.linspace(0, 1, m + 1)))
-            centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
-            ok = s["count"] > 0
-            ax.bar(
-                centres[ok],
-                s["accuracy"][ok],
-                width[ok],
-                color="tab:blue",
-                alpha=0.75,
-                edgecolor="white",
-                label="student",
-            )
-            gap = s["confidence"][ok] - s["accuracy"][ok]  # > 0: overconfident, < 0: underconfident
-            ax.bar(
-                centres[ok],
-                gap,
-                width[ok],
-                bottom=s["accuracy"][ok],
-                facecolor="none",
-                edgecolor="tab:red",
-                hatch="////",
-                lw=0.6,
-                label="gap to confidence",
-            )
-            tt = _pool_reliability(rs, "teacher")
-            if tt is not None:
-                tok = tt["count"] > 0
-                ax.plot(centres[tok], tt["accuracy"][tok], "o-", color="black", ms=3, lw=1.2, label="teacher")
-            ax.plot([0, 1], [0, 1], ":", color="0.4", lw=1)
-            title = f"{t} / {loss}\nECE {np.mean(_vals(rs, 'ece')):.3f}"
-            if _vals(rs, "teacher_ece"):
-                title += f" (teacher {np.mean(_vals(rs, 'teacher_ece')):.3f})"
-            ax.set_title(title, fontsize=8)
-            ax.set_xlim(0, 1)
-            ax.set_ylim(0, 1)
-            ax.tick_params(labelsize=7)
-    for ax in axes[-1]:
-        ax.set_xlabel("confidence", fontsize=8)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("accuracy", fontsize=8)
-    handles, labels = next(a.get_legend_handles_labels() for a in axes.flat if a.get_legend_handles_labels()[0])
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.suptitle("Reliability diagrams (15 bins, seeds pooled)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    _save(fig, path)
-    return True
-
-
-def plot_robustness(g: dict, teachers: list[str], losses: list[str], path: Path) -> bool:
-    """Accuracy vs corruption severity (mean over corruptions and seeds), one panel per teacher, one line per loss."""
-    import matplotlib.pyplot as plt
-
-    have = [t for t in teachers if any(_vals(g.get((t, loss), []), "corrupt_mean") for loss in losses)]
-    if not have:
-        return False
-    colors = _colors(losses)
-    fig, axes = plt.subplots(1, len(have), figsize=(4.6 * len(have), 3.8), squeeze=False, sharey=True)
-    for ax, t in zip(axes[0], have, strict=True):
-        for loss in losses:
-            rs = [r for r in g.get((t, loss), []) if isinstance(r.get("corrupt_severity"), dict)]
-            if not rs:
-                continue
-            n_sev = len(next(iter(rs[0]["corrupt_severity"].values())))
-            sev = rs[0].get("corrupt_severities") or list(range(1, n_sev + 1))
-            # per seed: mean over corruptions at each severity, then mean/std over seeds
-            curves = np.array([np.mean(list(r["corrupt_severity"].values()), axis=0) for r in rs])  # (seeds, S)
-            clean = [r.get("corrupt_clean", r.get("top1")) for r in rs]
-            x = [0, *sev]
-            y = np.column_stack([clean, curves]) * 100
-            style = {"linestyle": "--"} if loss == NO_TEACHER_LOSS else {}
-            ax.errorbar(
-                x,
-                y.mean(0),
-                yerr=y.std(0, ddof=1) if len(y) > 1 else None,
-                marker="o",
-                ms=3,
-                capsize=2,
-                color=colors[loss],
-                label=loss,
-                **style,
-            )
-        ax.set_title(f"teacher {t}", fontsize=9)
-        ax.set_xlabel("severity (0 = clean)")
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("student accuracy (%), mean over corruptions")
-    axes[0, -1].legend(fontsize=8, title="loss")
-    fig.suptitle("Robustness to common corruptions")
-    fig.tight_layout()
-    _save(fig, path)
-    return True
-
-
-def plot_budget(rows: list[dict[str, Any]], teachers: list[str], losses: list[str], path: Path) -> bool:
-    """Student top-1 vs teacher calls (log x), one line per distillation loss and one panel per teacher.
-
-    Stars mark the full-budget run (its level also drawn as a faint dotted line). CE (no teacher) is
-    the grey dashed level any distillation must beat; CE runs at a budget (trained on the same
-    subset of samples, without the teacher's logits) are drawn as a grey line: the fair baseline for
-    a budget point. Returns False without budget runs.
-    """
-    import matplotlib.pyplot as plt
-
-    budget_teachers = sorted({r["teacher"] for r in rows if str(r.get("budget", FULL)) != FULL})
-    if not budget_teachers:
-        return False
-    colors = _colors(losses)
-    fig, axes = plt.subplots(
-        1, len(budget_teachers), figsize=(5.2 * len(budget_teachers), 4.2), squeeze=False, sharey=True
-    )
-    for ax, t in zip(axes[0], budget_teachers, strict=True):
-        trs = [r for r in rows if r["teacher"] == t]
-        ce = _vals([r for r in trs if r["loss"] == NO_TEACHER_LOSS and str(r.get("budget", FULL)) == FULL], "top1")
-        if ce:
-            ax.axhline(np.mean(ce) * 100, color="0.45", ls="--", lw=1.2, label=f"{NO_TEACHER_LOSS}, all samples")
-        for loss in losses:
-            by: dict[str, list[dict[str, Any]]] = defaultdict(list)
-            for r in trs:
-                if r["loss"] == loss:
-                    by[str(r.get("budget", FULL))].append(r)
-            pts = []
-            for b, rs in by.items():
-                calls = [c for c in (_calls(r) for r in rs) if c is not None]
-                if calls and _vals(rs, "top1"):
-                    pts.append((float(np.mean(calls)), *mean_std(_vals(rs, "top1")), b == FULL))
-            pts.sort()
-            if loss == NO_TEACHER_LOSS:
-                if len(pts) > 1:  # CE on the budget's samples only
-                    x, m, s, _ = (np.array(v) for v in zip(*pts, strict=True))
-                    ax.errorbar(
-                        x,
-                        m * 100,
-                        yerr=s * 100,
-                        marker="s",
-                        ms=3,
-                        capsize=2,
-                        color="0.45",
-                        ls="--",
-                        lw=1,
-                        label=f"{NO_TEACHER_LOSS}, same samples",
-                    )
-                continue
-            if not pts:
-                continue
-            x, m, s, full = (np.array(v) for v in zip(*pts, strict=True))
-            ax.errorbar(x, m * 100, yerr=s * 100, marker="o", ms=4, capsize=3, color=colors[loss], label=loss)
-            if full.any():
-                ax.plot(x[full], m[full] * 100, "*", ms=13, color=colors[loss], markeredgecolor="black")
-                ax.axhline(m[full][0] * 100, color=colors[loss], ls=":", lw=0.8, alpha=0.7)
-        ax.set_xscale("log")
-        _tick_calls(ax, sorted({c for r in trs if (c := _calls(r)) is not None}))
-        ax.set_xlabel("teacher calls (sample-views queried)")
-        ax.set_title(f"teacher {t}  (★ = full budget)", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-    axes[0, 0].set_ylabel("student top-1 (%)")
-    handles, labels = {}, []
-    for ax in axes[0]:  # one legend for all panels, below them (never over the data)
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            if lab not in handles:
-                handles[lab] = h
-                labels.append(lab)
-    fig.legend(
-        [handles[lab] for lab in labels],
-        labels,
-        loc="lower center",
-        ncol=min(6, len(labels)),
-        fontsize=8,
-        frameon=False,
-    )
-    fig.suptitle("Student accuracy vs teacher-call budget")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    _save(fig, path)
-    return True
+    html = f'<!doctype html><html><head><meta charset="utf-8"><style>{style}</style></head><body>{body}</body></html>'
+    path = md_path.with_suffix(".html")
+    path.write_text(html)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,74 +421,61 @@ def build_report(
     metrics_dir: Path,
     teachers_dir: Path,
     out_dir: Path,
-    title: str = "kdcache report",
+    manifest: Any,
+    *,
+    confusion_dir: Path | None = None,
+    curves_dir: Path | None = None,
     only: set[str] | None = None,
+    title: str | None = None,
+    params: dict[str, Any] | None = None,
+    params_path: str | Path | None = None,
 ) -> Path:
-    """Write `out_dir/report.md` and its PNGs from the metrics and teacher JSONs; returns the report's path.
+    """Write `out_dir/report.md`, `report.html`, the PNGs and the `dvc plots` data; returns the report's path.
 
-    only: the student ids to report (default: every metrics file).
+    metrics_dir: the students' summaries (their records under `details/`); teachers_dir: the teachers'
+    (`metrics/teachers`); manifest: the data set's `Manifest` (the title and the data description come from it;
+    `title` overrides the title). confusion_dir: per-image predictions for the paired tests. only: the student
+    ids to report (default: every record). params + params_path: the params the report ran with and the file
+    they came from, to record the commit and the params that differ from it.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-
-    rows = load_metrics(Path(metrics_dir), only)
-    info = load_teachers(Path(teachers_dir)) if Path(teachers_dir).exists() else {}
-    g = group(rows)
-    teachers = sorted({r["teacher"] for r in rows})
-    losses = loss_order({r["loss"] for r in rows})
-    g_teachers = [t for t in teachers if any((t, loss) in g for loss in losses)]
+    study = load_study(Path(metrics_dir), Path(teachers_dir), manifest, confusion_dir, only)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.png"):  # a figure whose data went away must not linger in the report folder
         old.unlink()
-
-    seeds = sorted({str(r.get("seed", "?")) for r in rows})
-    lines = [
-        f"# {title}",
-        "",
-        f"{len(rows)} students: {len(teachers)} teacher(s) x {len(losses)} loss(es), "
-        f"seeds {', '.join(seeds)}. Regenerate with `dvc repro`; compare two students with "
-        "`kdcache compare metrics/a.json metrics/b.json`.",
-        "",
-    ]
-    if g:
-        lines += _accuracy_table(g, g_teachers, losses, info)
-        plot_accuracy(g, g_teachers, losses, out_dir / "accuracy.png")
-        lines += ["", "![student accuracy per teacher and loss](accuracy.png)", ""]
-        lines += _detail_table(g, g_teachers, losses)
-        lines.append("")
-        if plot_teacher_capacity(g, g_teachers, losses, info, out_dir / "teacher_capacity.png"):
-            lines += [
-                "## Stronger teachers",
-                "",
-                "Student top-1 per loss as the teacher's own accuracy (left) and "
-                "size (right) grow; dashed: CE, which ignores the teacher.",
-                "",
-                "![student accuracy vs teacher capacity](teacher_capacity.png)",
-                "",
-            ]
-        if plot_reliability(g, g_teachers, losses, out_dir / "reliability.png"):
-            lines += [
-                "## Calibration",
-                "",
-                "Bars: student accuracy per confidence bin (red: confidence above "
-                "accuracy = overconfidence); line: the teacher; dotted: perfect calibration.",
-                "",
-                "![reliability diagrams](reliability.png)",
-                "",
-            ]
-        names = _corruptions([r for rs in g.values() for r in rs])
-        if names:
-            lines += _robustness_table(g, g_teachers, losses, names)
-            lines.append("")
-            if plot_robustness(g, g_teachers, losses, out_dir / "robustness.png"):
-                lines += ["![accuracy vs corruption severity](robustness.png)", ""]
-    if any(str(r.get("budget", FULL)) != FULL for r in rows):
-        lines += _budget_table(rows)
-        lines.append("")
-        if plot_budget(rows, teachers, losses, out_dir / "budget.png"):
-            lines += ["![student accuracy vs teacher calls](budget.png)", ""]
+    prov = provenance(params_path, params) if params is not None and params_path is not None else None
+    lines = _header(study, title or f"kdcache on {study.data.name}", prov)
+    lines += _warnings(study)
+    lines += _teachers(study)
+    curves = load_curves(curves_dir, study.students)
+    if any(s.budget == FULL for s in study.students):
+        lines += _top1_table(study)
+        _figure(
+            lines, out_dir, "accuracy.png", "student accuracy per teacher and loss", lambda: F.accuracy_figure(study)
+        )
+        lines += _paired_table(study)
+        lines += _details_table(study)
+        lines += ["## Training curves", ""]
+        _figure(lines, out_dir, "curves.png", "training curves", lambda: F.curves_figure(study, curves))
+        lines += ["## Stronger teachers", ""]
+        _figure(lines, out_dir, "teacher_capacity.png", "student accuracy vs teacher", lambda: F.capacity_figure(study))
+        lines += ["## Calibration", ""]
+        _figure(lines, out_dir, "reliability.png", "reliability diagrams", lambda: F.reliability_figure(study))
+        rob = _robustness_table(study)
+        lines += rob or ["## Robustness", ""]
+        _figure(lines, out_dir, "robustness.png", "accuracy vs corruption severity", lambda: F.robustness_figure(study))
+    else:
+        lines += ["*No full-budget students: only the budget table and figure below.*", ""]
+    if any(s.budget != FULL for s in study.students):
+        lines += _budget_table(study)
+        _figure(lines, out_dir, "budget.png", "student accuracy vs teacher calls", lambda: F.budget_figure(study))
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    write_html(path)
+    data = plot_data(study, curves)
+    for name, rows in data.items():
+        p = out_dir / "plots" / f"{name}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(rows, indent=1) + "\n")
+    log.info("wrote %s (+ report.html, %d figures)", path, len(list(out_dir.glob("*.png"))))
     return path

@@ -2,7 +2,8 @@
 
 Clean test-split metrics (accuracy, agreement and correlations with its teacher's cached test logits,
 ECE with reliability data), accuracy on the corrupted test copies when the `corrupt` stage has run,
-and the confusion-matrix CSV for DVC's `confusion` template.
+and the per-image predictions (`actual,predicted` CSV) for DVC's `confusion` template and the report's
+paired tests. The record layout (summary numbers on top, the rest nested) is `pipeline.records`'.
 """
 
 from __future__ import annotations
@@ -20,25 +21,25 @@ from pipeline.data.corruptions import load_corrupted
 from pipeline.data.shards import Manifest
 from pipeline.evaluation.metrics import robustness_metrics, split_metrics, write_confusion_csv
 from pipeline.models.checkpoint import load_model
+from pipeline.records import summary_of
 from pipeline.runtime import pick_device
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.validate import predict_split
 
 log = logging.getLogger(__name__)
 
-#: what a student's checkpoint metadata contributes to its metrics file
+#: what a student's checkpoint metadata contributes to its record's `student` section (as `arch`: its `arch`)
 META_KEYS = (
     "student_id",
     "teacher",
     "loss",
     "budget",
     "seed",
-    "teacher_calls",
     "train_samples",
     "distinct_comparisons",
     "schedule",
     "selected_epoch",
-    "val_top1",
+    "store",
 )
 
 
@@ -64,7 +65,8 @@ def evaluate_student(
 
     Agreement and correlations are computed against the test logits of `store`, by default the store the
     student recorded at training time; a store of another teacher is an error (it would give a wrong
-    number without a sign). Writes the confusion CSV; returns the metrics dict.
+    number without a sign). Writes the confusion CSV (per-image predictions: DVC's confusion plot and the
+    report's paired tests); returns the record (`student_record`), which `pipeline.records.write_record` writes.
     """
     model, meta = load_model(model_path, data=manifest)
     store = Path(store or meta.get("store") or f"data/logits/{meta['teacher']}.zarr")
@@ -76,18 +78,44 @@ def evaluate_student(
     device = device or pick_device()
     model = model.to(device)
     logits, labels = predict_split(model, DistillDataset(manifest, "test", shuffle=False), cfg.batch_size, device)
-    metrics: dict[str, Any] = {k: meta[k] for k in META_KEYS if meta.get(k) is not None}
-    metrics["student_arch"] = meta["arch"]
-    metrics.update(split_metrics(logits, labels, teacher_test_logits(store, manifest), topk=cfg.topk))
+    clean = split_metrics(logits, labels, teacher_test_logits(store, manifest), topk=cfg.topk)
     corrupt_dir = Path(corrupt_dir)
+    robust: dict[str, Any] = {}
     if (corrupt_dir / "meta.json").exists():
-        metrics.update(robustness_metrics(model, load_corrupted(corrupt_dir, manifest), logits, cfg.batch_size, device))
+        robust = robustness_metrics(model, load_corrupted(corrupt_dir, manifest), logits, cfg.batch_size, device)
     else:
         log.warning("no corrupted test set at %s (`dvc repro corrupt`): robustness metrics skipped", corrupt_dir)
+    record = student_record(meta, manifest, clean, robust)
     write_confusion_csv(confusion, labels, logits.argmax(1), manifest.classes)
-    log.info(
-        "%s: %s",
-        meta.get("student_id", model_path),
-        {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)},
-    )
-    return metrics
+    log.info("%s: %s", meta.get("student_id", model_path), summary_of(record))
+    return record
+
+
+def student_record(
+    meta: dict[str, Any], manifest: Manifest, clean: dict[str, Any], robust: dict[str, Any]
+) -> dict[str, Any]:
+    """One student's record (`pipeline.records` layout) from its checkpoint metadata and its metrics.
+
+    Top level: the compared numbers (`accuracy`, `agreement`, `ece`, `mca`, `teacher_calls`, `val_accuracy`
+    when the student was selected on a validation split); nested: `student` (identity, training facts),
+    `data` (the data set it was evaluated on: the report refuses to mix data sets), `test`, `teacher`,
+    `robustness` (see `split_metrics`, `robustness_metrics`).
+    """
+    record: dict[str, Any] = {k: clean[k] for k in ("accuracy", "agreement", "ece") if k in clean}
+    if "mca" in robust:
+        record["mca"] = robust["mca"]
+    for k in ("teacher_calls", "val_accuracy"):
+        if meta.get(k) is not None:
+            record[k] = meta[k]
+    record["student"] = {k: meta[k] for k in META_KEYS if meta.get(k) is not None} | {"arch": meta["arch"]}
+    record["data"] = {
+        "dataset": manifest.dataset,
+        "manifest_sha256": manifest.sha256,
+        "classes": manifest.num_classes,
+    }
+    record["test"] = clean["test"]
+    if "teacher" in clean:
+        record["teacher"] = clean["teacher"]
+    if "robustness" in robust:
+        record["robustness"] = robust["robustness"]
+    return record

@@ -123,7 +123,7 @@ class TrainResult:
         return {
             "schedule": self.schedule.to_dict(),
             "selected_epoch": self.selected_epoch,
-            "val_top1": self.val_acc,
+            "val_accuracy": self.val_acc,
         }
 
 

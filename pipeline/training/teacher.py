@@ -15,7 +15,6 @@ of the report.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,9 @@ from pipeline.data.shards import Manifest
 from pipeline.data.views import ViewRecipe
 from pipeline.layout import Layout
 from pipeline.losses.ce import CELoss
-from pipeline.models.checkpoint import atomic_write, import_state_dict, load_model, save_model
+from pipeline.models.checkpoint import import_state_dict, load_model, save_model
 from pipeline.models.registry import Normalized, build_for
+from pipeline.records import write_record
 from pipeline.runtime import pick_device, seed_everything, set_threads
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.loop import train
@@ -117,16 +117,19 @@ def train_teacher(
     cfg: TrainTeacherConfig,
     out_dir: str | Path,
     *,
+    metrics_dir: str | Path | None = None,
     resume: bool = False,
     device: torch.device | None = None,
     run_log: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train (or import) teacher `name`; write `<out_dir>/<name>.pt` and `<name>.json`; return the metrics.
+    """Train (or import) teacher `name`; write `<out_dir>/<name>.pt` and its metrics record; return the metrics.
 
     `out_dir` is `Layout.teachers` in the pipeline; a demo teacher's epoch checkpoints go to `<name>.run/`.
     `run_log`: where the training's per-epoch timings go (the metrics file holds none, so it is reproducible).
+    The record (`pipeline.records`: summary `<metrics_dir>/<name>.json`, details `<metrics_dir>/details/<name>.json`;
+    `metrics_dir` defaults to `out_dir`) uses the students' key names: `accuracy` is test top-1.
     """
-    files = Layout.teacher_files(out_dir, name)
+    files = Layout.teacher_files(out_dir, name, metrics_dir)
     device = device or pick_device()
     set_threads(cfg.train.threads)
     val_set = held_out(manifest, "val")
@@ -166,17 +169,15 @@ def train_teacher(
     metrics: dict[str, Any] = {"teacher": name, "arch": spec.arch, "source": source}
     if val_set is not None:
         val_logits, val_labels = predict_split(model, val_set, 1000, device)
-        metrics["val_top1"] = topk_accuracy(val_logits, val_labels, 1)
+        metrics["val_accuracy"] = topk_accuracy(val_logits, val_labels, 1)
         metrics["warnings"] = teacher_check(
-            name, metrics["val_top1"], manifest, history, imported=bool(spec.checkpoint), checkpoint_meta=meta
+            name, metrics["val_accuracy"], manifest, history, imported=bool(spec.checkpoint), checkpoint_meta=meta
         )
     logits, labels = predict_split(model, DistillDataset(manifest, "test", shuffle=False), 1000, device)
-    metrics["test_top1"] = topk_accuracy(logits, labels, 1)  # final reporting only: nothing is chosen on it
-    metrics["test_top5"] = topk_accuracy(logits, labels, 5)
-    metrics.update(summary)
-    save_model(files.checkpoint, model.cpu(), spec.arch, extra={"name": name, "test_top1": metrics["test_top1"]})
-    atomic_write(
-        files.metrics, lambda f: f.write((json.dumps({**metrics, "history": history}, indent=1) + "\n").encode())
-    )
-    log.info("teacher %s (%s): test top-1 %.4f -> %s", name, spec.arch, metrics["test_top1"], files.checkpoint)
+    metrics["accuracy"] = topk_accuracy(logits, labels, 1)  # test top-1: final reporting only, nothing chosen on it
+    metrics["top5"] = topk_accuracy(logits, labels, 5)
+    metrics.update({k: v for k, v in summary.items() if k != "val_accuracy"})  # schedule, selected epoch
+    save_model(files.checkpoint, model.cpu(), spec.arch, extra={"name": name, "accuracy": metrics["accuracy"]})
+    write_record({**metrics, "history": history}, files.metrics, files.details, "teacher")
+    log.info("teacher %s (%s): test top-1 %.4f -> %s", name, spec.arch, metrics["accuracy"], files.checkpoint)
     return metrics
