@@ -51,7 +51,7 @@ def main() -> None:
     teachers = work / "teachers"
     teachers.mkdir(exist_ok=True)
     for f in Path("data/teachers").glob(f"{args.teacher}.*"):
-        if f.suffix in (".json", ".pt"):
+        if f.suffix in (".json", ".safetensors"):
             shutil.copy(f, teachers / f.name)
     path = build_report(work / "metrics", teachers, work / "report", title=f"Budget sweep, teacher {args.teacher}")
     print(path.read_text())

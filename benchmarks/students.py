@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.config import DistillConfig, EvaluateConfig, PrepareConfig, from_dict, load_params, section
 from pipeline.data.shards import load_manifest
 from pipeline.evaluation.student import evaluate_student
-from pipeline.layout import Layout
+from pipeline.layout import STUDENT_MODEL, Layout
 from pipeline.training.student import StudentRun
 from pipeline.training.student import run_student as train_student
 
@@ -62,7 +62,7 @@ def run_student(
     )
     metrics = evaluate_student(
         manifest,
-        out / "model.pt",
+        out / STUDENT_MODEL,
         layout.corrupt,
         from_dict(EvaluateConfig, section(params, "evaluate"), "evaluate"),
         workdir / "confusion" / f"{name}.csv",

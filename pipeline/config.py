@@ -135,8 +135,8 @@ class TeacherSpec:
     """One entry of the shared `teachers` zoo.
 
     Either a demo teacher trained by `train_teacher` (arch + training recipe), or your own model:
-    `checkpoint:` pointing at a kdcache checkpoint or a bare `state_dict` (then `arch` says how to
-    rebuild it), which `train_teacher` imports instead of training.
+    `checkpoint:` pointing at a kdcache checkpoint or a `state_dict` (safetensors, or a torch `.pth`;
+    `arch` says how to rebuild it, e.g. `timm:resnet50`), which `train_teacher` imports instead of training.
     """
 
     arch: str
@@ -144,6 +144,10 @@ class TeacherSpec:
     epochs: int = 3
     lr: float = 0.05
     batch_size: int = 128
+    # data: the data set's image size and mean/std | model: a timm model's pretrained_cfg (input size, mean/std,
+    # interpolation), the inputs its published weights expect; recorded in the store's teacher fingerprint.
+    preprocess: str = "data"
+    pretrained: bool = False  # published weights: never downloaded, so this needs `checkpoint:` (the local file)
 
     def train_config(self, shared: TrainConfig) -> TrainConfig:
         """The shared `train_teacher.train` recipe with this teacher's epochs, batch size and learning rate."""
@@ -196,6 +200,7 @@ class DistillConfig:
     budgets: tuple[Any, ...] = ("full",)
     seeds: tuple[int, ...] = (0,)
     student: str = "cnn_tiny"
+    student_preprocess: str = "data"  # data | model (a timm student's pretrained_cfg; see TeacherSpec.preprocess)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     unqueried: str = "drop"  # drop | ce  (budget runs: what to do with rows the teacher never saw)

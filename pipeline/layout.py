@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 PARTIAL_SUFFIX = ".partial"
+#: Model checkpoints are safetensors files (`pipeline.models.checkpoint`); the training loop's resume state
+#: (`last.pt`: optimizer and RNG state) stays a torch file.
+CHECKPOINT_SUFFIX = ".safetensors"
+STUDENT_MODEL = "model" + CHECKPOINT_SUFFIX  # in the student's folder
 
 
 def partial_path(path: str | Path) -> Path:
@@ -23,7 +27,7 @@ def partial_path(path: str | Path) -> Path:
 
 
 class TeacherFiles(NamedTuple):
-    checkpoint: Path  # <name>.pt: what teach and online distillation load
+    checkpoint: Path  # <name>.safetensors: what teach and online distillation load
     metrics: Path  # <name>.json: accuracy + training history
     run: Path  # <name>.run/: a demo teacher's epoch checkpoints (resume)
 
@@ -57,7 +61,9 @@ class Layout:
     @staticmethod
     def teacher_files(folder: str | Path, teacher: str) -> TeacherFiles:
         folder = Path(folder)
-        return TeacherFiles(folder / f"{teacher}.pt", folder / f"{teacher}.json", folder / f"{teacher}.run")
+        return TeacherFiles(
+            folder / f"{teacher}{CHECKPOINT_SUFFIX}", folder / f"{teacher}.json", folder / f"{teacher}.run"
+        )
 
     def teacher_checkpoint(self, teacher: str) -> Path:
         return self.teacher_files(self.teachers, teacher).checkpoint
@@ -71,8 +77,12 @@ class Layout:
 
     # -- students
     def student(self, sid: str) -> Path:
-        """The student's folder (model.pt, epoch checkpoint, history)."""
+        """The student's folder (model.safetensors, epoch checkpoint, history)."""
         return self._p("data", "students", sid)
+
+    def student_model(self, sid: str) -> Path:
+        """The student's checkpoint (what `evaluate` loads)."""
+        return self.student(sid) / STUDENT_MODEL
 
     def student_metrics(self, sid: str) -> Path:
         return self.metrics / f"{sid}.json"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,14 +177,21 @@ def _trained_like(arch: str = "cnn_tiny", num_classes: int = 10, in_channels: in
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     model = _trained_like()
     path = save_checkpoint(
-        tmp_path / "teachers" / "t.pt",
+        tmp_path / "teachers" / "t.safetensors",
         model,
         "cnn-tiny",
         10,
         1,
         {"test_acc": 0.91, "epochs": 3, "params": {"lr": 0.1, "tags": ["a", None]}},
     )
-    assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["t.pt"]  # no temp file left behind
+    assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["t.safetensors"]  # no temp file left
+    # A plain safetensors file: the weights under the network's own names, kdcache's metadata as one JSON string.
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == set(model.state_dict())
+        header = json.loads(f.metadata()["kdcache"])
+    assert header["arch"] == "cnn_tiny" and header["params"] == {"lr": 0.1, "tags": ["a", None]}
 
     loaded, meta = load_checkpoint(path, expected_arch="cnn_tiny")
     assert meta == {
@@ -202,30 +211,34 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
 
 
 def test_checkpoint_overwrite_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = save_checkpoint(tmp_path / "t.pt", _trained_like(), "cnn_tiny", 10, 1)
+    path = save_checkpoint(tmp_path / "t.safetensors", _trained_like(), "cnn_tiny", 10, 1)
     before = path.read_bytes()
+    written = []
 
-    def crash(obj: object, f: object, *args: object, **kwargs: object) -> None:
-        f.write(b"partial")  # type: ignore[attr-defined]
+    def crash(fd: int) -> None:  # the bytes are in the temporary file, then the disk fails before it is complete
+        written.append(os.fstat(fd).st_size)
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(os, "fsync", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, build_model("cnn_tiny", 10, 1), "cnn_tiny", 10, 1)
-    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["t.pt"]
+    assert written and written[0] > 0  # a partial file did exist...
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]  # ...not now
 
 
 def test_checkpoint_extra_validation(tmp_path: Path) -> None:
     model = build_model("cnn_tiny", 10, 1)
     with pytest.raises(ValueError, match="reserved keys"):
-        save_checkpoint(tmp_path / "a.pt", model, "cnn_tiny", 10, 1, {"arch": "resnet8"})
+        save_checkpoint(tmp_path / "a.safetensors", model, "cnn_tiny", 10, 1, {"arch": "resnet8"})
     with pytest.raises(TypeError, match="'when'.*Path"):
-        save_checkpoint(tmp_path / "a.pt", model, "cnn_tiny", 10, 1, {"when": tmp_path})
+        save_checkpoint(tmp_path / "a.safetensors", model, "cnn_tiny", 10, 1, {"when": tmp_path})
+    with pytest.raises(TypeError, match="'w'.*Tensor.*JSON"):  # metadata is JSON in the safetensors header
+        save_checkpoint(tmp_path / "a.safetensors", model, "cnn_tiny", 10, 1, {"w": torch.ones(2)})
     assert not list(tmp_path.iterdir())
 
 
 def test_architecture_mismatch_names_both(tmp_path: Path) -> None:
-    path = save_checkpoint(tmp_path / "t.pt", build_model("resnet8", 10, 1), "resnet8", 10, 1)
+    path = save_checkpoint(tmp_path / "t.safetensors", build_model("resnet8", 10, 1), "resnet8", 10, 1)
     with pytest.raises(CheckpointError, match=r"'resnet8'.*'wrn-16-2'"):
         load_checkpoint(path, expected_arch="wrn-16-2")
     with pytest.raises(CheckpointError, match=r"'resnet8'.*'resnet14'"):
@@ -234,7 +247,7 @@ def test_architecture_mismatch_names_both(tmp_path: Path) -> None:
 
 
 def test_missing_checkpoint_says_how_to_produce_it(tmp_path: Path) -> None:
-    path = tmp_path / "teachers" / "cnn_small.pt"
+    path = tmp_path / "teachers" / "cnn_small.safetensors"
     with pytest.raises(FileNotFoundError) as info:
         load_checkpoint(path)
     message = str(info.value)
@@ -245,11 +258,14 @@ def test_missing_checkpoint_says_how_to_produce_it(tmp_path: Path) -> None:
 
 
 def test_state_dict_key_mismatch_names_keys_and_file(tmp_path: Path) -> None:
-    path = save_checkpoint(tmp_path / "t.pt", build_model("cnn_tiny", 10, 1), "cnn_tiny", 10, 1)
-    payload = torch.load(path, weights_only=True)
-    sd = payload["state_dict"]
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = save_checkpoint(tmp_path / "t.safetensors", build_model("cnn_tiny", 10, 1), "cnn_tiny", 10, 1)
+    with safe_open(str(path), framework="pt") as f:
+        sd, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
     sd["head.weight"] = sd.pop("classifier.weight")
-    torch.save(payload, path)
+    save_file(sd, path, metadata=header)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     message = str(info.value)

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.layout import Layout
+
 log = logging.getLogger(__name__)
 
 FULL = "full"
@@ -56,10 +58,10 @@ def load_metrics(folder: Path, only: set[str] | None = None) -> list[dict[str, A
 
 
 def teacher_params(folder: Path, name: str, info: dict[str, Any]) -> int | None:
-    """The teacher's parameter count: `params` in its JSON, else counted from `<name>.pt`, else None."""
+    """The teacher's parameter count: `params` in its JSON, else counted from its checkpoint, else None."""
     if isinstance(info.get("params"), int):
         return int(info["params"])
-    ckpt = Path(folder) / f"{name}.pt"
+    ckpt = Layout.teacher_files(folder, name).checkpoint
     if not ckpt.is_file():
         return None
     try:

@@ -2,8 +2,9 @@
 
 `train_teacher` is what `stages.train_teacher` calls. A teacher entry of the `teachers` zoo either
 names an architecture and a recipe (trained here with the same loop as the students, CE only, a
-fresh augmentation per epoch and sample) or a `checkpoint` (a kdcache checkpoint or a bare
-state_dict of `arch`), which is validated against the data set instead of trained.
+fresh augmentation per epoch and sample) or a `checkpoint` (a kdcache checkpoint, or a safetensors /
+torch state_dict of `arch`, e.g. timm's own `model.safetensors` for `timm:<name>`), which is validated
+against the data set instead of trained.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from typing import Any
 
 import torch
 
-from pipeline.config import TeacherSpec, TrainTeacherConfig
+from pipeline.config import ConfigError, TeacherSpec, TrainTeacherConfig
 from pipeline.data.shards import Manifest
 from pipeline.data.views import ViewRecipe
 from pipeline.layout import Layout
 from pipeline.losses.ce import CELoss
-from pipeline.models.checkpoint import import_state_dict, load_model, save_model
-from pipeline.models.registry import Normalized, build_for
+from pipeline.models.checkpoint import import_model, save_model
+from pipeline.models.registry import build_for, pretrained_source
 from pipeline.runtime import pick_device, seed_everything, set_threads
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.loop import train
@@ -30,13 +31,15 @@ from pipeline.training.validate import predict_split, topk_accuracy
 log = logging.getLogger(__name__)
 
 
-def import_teacher(path: str | Path, arch: str, manifest: Manifest) -> Normalized:
-    """A user's teacher: a kdcache checkpoint of `arch`, or a bare state_dict of it, checked against the data set."""
-    try:
-        model, _ = load_model(path, expected_arch=arch, data=manifest)
-    except (KeyError, ValueError, TypeError):  # not a kdcache checkpoint of `arch`: a bare state_dict (or an error)
-        model = import_state_dict(path, arch, manifest)
-    return model
+def check_pretrained(name: str, spec: TeacherSpec, out_dir: str | Path) -> None:
+    """`pretrained: true` names weights that kdcache never downloads: without `checkpoint:` say where to put them."""
+    if spec.pretrained and not spec.checkpoint:
+        where = Path("weights") / f"{name}.safetensors"
+        raise ConfigError(
+            f"teachers.{name}: pretrained: true, but kdcache never downloads weights and no checkpoint is set. "
+            f"{pretrained_source(spec.arch)}. Put the file at {where} (any path outside {out_dir}/, which DVC owns) "
+            f"and set teachers.{name}.checkpoint: {where}"
+        )
 
 
 def train_teacher(
@@ -49,22 +52,23 @@ def train_teacher(
     resume: bool = False,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Train (or import) teacher `name`; write `<out_dir>/<name>.pt` and `<name>.json`; return the metrics.
+    """Train (or import) teacher `name`; write `<out_dir>/<name>.safetensors` and `<name>.json`; return the metrics.
 
     `out_dir` is `Layout.teachers` in the pipeline; a demo teacher's epoch checkpoints go to `<name>.run/`.
     """
+    check_pretrained(name, spec, out_dir)
     files = Layout.teacher_files(out_dir, name)
     device = device or pick_device()
     set_threads(cfg.train.threads)
     test_set = DistillDataset(manifest, "test", shuffle=False)
     history: list[dict[str, float]] = []
     if spec.checkpoint:
-        model = import_teacher(spec.checkpoint, spec.arch, manifest)
+        model = import_model(spec.checkpoint, spec.arch, manifest, spec.preprocess)
         source = str(spec.checkpoint)
     else:
         tcfg = spec.train_config(cfg.train)
         seed_everything(tcfg.seed)
-        model = build_for(spec.arch, manifest)
+        model = build_for(spec.arch, manifest, spec.preprocess)
         train_set = DistillDataset(
             manifest,
             "train",
