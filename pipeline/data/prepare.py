@@ -9,19 +9,19 @@ import numpy as np
 
 from pipeline.config import ConfigError, PrepareConfig
 from pipeline.data.shards import Manifest, Samples, write_dataset
-from pipeline.data.sources import SplitData, SplitStream, check_options, load_split, open_imagefolder
+from pipeline.data.sources import STREAMED, SplitData, StreamedSplit, check_options, load_split
 
 log = logging.getLogger(__name__)
 
 
-def open_split(cfg: PrepareConfig, split: str) -> SplitData | SplitStream:
-    """One split of the source: in memory (IDX, CIFAR pickles, synthetic) or streamed (ImageFolder)."""
-    if cfg.source == "imagefolder":
-        # Streamed: indexed now, decoded while the shards are written (memory: one image, any folder size).
+def open_split(cfg: PrepareConfig, split: str) -> SplitData | StreamedSplit:
+    """One split of the source: in memory (IDX, CIFAR pickles, synthetic) or streamed (ImageFolder, hf)."""
+    if cfg.source in STREAMED:
+        # Streamed: indexed now, decoded while the shards are written (memory: one image or window, any size).
         if cfg.root is None:
-            raise ConfigError("source 'imagefolder' needs a root: set `prepare.root` to the folder or archive")
+            raise ConfigError(f"source {cfg.source!r} needs a root: set `prepare.root` to where the data set is")
         check_options(cfg.source, cfg.options)
-        return open_imagefolder(Path(cfg.root), split, **cfg.options)
+        return STREAMED[cfg.source](Path(cfg.root), split, **cfg.options)
     return load_split(cfg.source, cfg.root, split, **cfg.options)
 
 
@@ -37,7 +37,7 @@ def prepare(cfg: PrepareConfig, out: str | Path) -> Manifest:
         shuffle = split == "train" and cfg.shuffle_seed is not None
         # Sources like ImageFolder come sorted by class; shards must mix classes for the loader's shard-level
         # + buffer shuffle to give well-mixed batches. A fixed seed keeps it reproducible.
-        if isinstance(data, SplitStream):
+        if not isinstance(data, SplitData):
             if shuffle:
                 data.permute(cfg.shuffle_seed)
             splits[split] = data

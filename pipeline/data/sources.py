@@ -8,7 +8,11 @@ Sources (the keys of :data:`SOURCES`, used by the ``prepare`` stage via :func:`l
   (``cifar-10-batches-py/``, ``cifar-100-python/``); ``download=True`` fetches it with torchvision.
 - ``imagefolder``: ``root/{train,test|val}/<class>/<image>`` in any Pillow-readable format, either a
   directory or a ``.tar[.gz|.bz2|.xz]`` archive of one, read in one streaming pass without extracting.
+- ``hf``: a Hugging Face ``datasets`` dataset on disk: a ``Dataset``/``DatasetDict.save_to_disk`` folder or
+  Parquet files (:mod:`pipeline.data.hf`), with options for the image and label columns and the split names.
 - ``synthetic``: small deterministic, learnable images for tests and demos.
+
+``imagefolder`` and ``hf`` also open as streams (:data:`STREAMED`), which ``prepare`` shards while decoding.
 
 Every reader takes ``(root, split, *, <its options>)``; options are keyword-only so a misspelt option
 is a ``TypeError`` naming the valid ones instead of being silently ignored.
@@ -29,9 +33,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.data.hf import HFStream
 
 logger = logging.getLogger(__name__)
 
@@ -699,6 +706,50 @@ def load_imagefolder(
 
 
 # --------------------------------------------------------------------------------------------------
+# Hugging Face datasets (save_to_disk folders, Parquet): the machinery is in pipeline.data.hf
+# --------------------------------------------------------------------------------------------------
+
+
+def open_hf(
+    root: Path,
+    split: str,
+    *,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    split_names: dict[str, str] | None = None,
+    mode: str | None = None,
+    resize: int | None = None,
+) -> HFStream:
+    """One split of a Hugging Face dataset on disk, streamed (:func:`pipeline.data.hf.open_hf_split` documents the
+    layouts and options)."""
+    from pipeline.data.hf import open_hf_split  # deferred: `datasets` takes a second to import, one source needs it
+
+    return open_hf_split(
+        root, split, image_column=image_column, label_column=label_column, split_names=split_names, mode=mode,
+        resize=resize,
+    )  # fmt: skip
+
+
+def load_hf(
+    root: Path,
+    split: str,
+    *,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    split_names: dict[str, str] | None = None,
+    mode: str | None = None,
+    resize: int | None = None,
+) -> SplitData:
+    """:func:`open_hf`, decoded into memory (``prepare`` streams instead)."""
+    from pipeline.data.hf import load_hf_split
+
+    return load_hf_split(
+        root, split, image_column=image_column, label_column=label_column, split_names=split_names, mode=mode,
+        resize=resize,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
 # Synthetic
 # --------------------------------------------------------------------------------------------------
 
@@ -750,8 +801,25 @@ SOURCES: dict[str, Callable[..., SplitData]] = {
     "cifar10": load_cifar10,
     "cifar100": load_cifar100,
     "imagefolder": load_imagefolder,
+    "hf": load_hf,
     "synthetic": load_synthetic,
 }
+
+
+class StreamedSplit(Protocol):
+    """A split decoded image by image while it is sharded (:class:`SplitStream`, :class:`pipeline.data.hf.HFStream`)."""
+
+    classes: list[str]
+    location: str
+
+    def __len__(self) -> int: ...
+    def permute(self, seed: int) -> None: ...
+    def __iter__(self) -> Iterator[tuple[np.ndarray, int]]: ...
+
+
+#: Sources ``prepare`` streams (memory: one image or one window of rows, not the split), with the same options as
+#: their :data:`SOURCES` reader.
+STREAMED: dict[str, Callable[..., StreamedSplit]] = {"imagefolder": open_imagefolder, "hf": open_hf}
 
 
 def source_options(source: str) -> dict[str, Any]:
