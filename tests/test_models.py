@@ -330,3 +330,87 @@ def test_kdcache_models_lists_the_registry(capsys) -> None:
     out = capsys.readouterr().out
     assert "wrn_40_2" in out and "resnet8" not in out
     assert main(["models", "nothing*"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# safetensors: reproducible bytes, old torch checkpoints, users' files by content
+# ---------------------------------------------------------------------------------------------------------------
+
+_WRITE_IN_A_FRESH_PROCESS = """
+import sys, torch
+from pipeline.models import build_for, save_model
+from tests.test_timm import Spec
+torch.manual_seed(0)
+model = build_for("resnet8", Spec(num_classes=10))
+save_model(sys.argv[1], model, "resnet8", {"b": 1, "a": [0.5, None], "name": "t", "z": {"y": 1, "x": 2.5}})
+"""
+
+
+def test_checkpoint_bytes_are_the_same_in_every_process(tmp_path: Path) -> None:
+    """DVC hashes and the store's weights_sha256 need equal bytes for equal checkpoints. safetensors keeps header
+    metadata in a hash map whose order changes per process, so kdcache writes one sorted JSON string instead."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    paths = [tmp_path / f"{i}.safetensors" for i in range(2)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", _WRITE_IN_A_FRESH_PROCESS, str(path)], cwd=root, check=True)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    _, meta = load_checkpoint(paths[0])
+    assert meta["z"] == {"x": 2.5, "y": 1} and meta["preprocess"]["mode"] == "data" and meta["num_classes"] == 10
+
+
+def test_torch_checkpoints_of_earlier_versions_still_load(tmp_path: Path) -> None:
+    from pipeline.models import Preprocess, load_model
+
+    model = _trained_like()
+    old = tmp_path / "cnn.pt"  # what save_model wrote before safetensors: torch.save of a dict
+    state = {"arch": "cnn_tiny", "num_classes": 10, "in_channels": 1, "state_dict": model.state_dict()}
+    torch.save({**state, "mean": [0.3], "std": [0.2], "test_top1": 0.5}, old)
+    loaded, meta = load_model(old)
+    assert meta["test_top1"] == 0.5 and loaded.preprocess == Preprocess("data", (0.3,), (0.2,))
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model((x - 0.3) / 0.2), rtol=0, atol=0)
+
+
+def test_weights_files_are_read_by_content_not_name(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from pipeline.models import is_safetensors
+
+    model = _trained_like("resnet8")
+    save_file(model.state_dict(), tmp_path / "weights.pth")  # a safetensors file under a torch name
+    torch.save(model.state_dict(), tmp_path / "weights.safetensors")  # and the other way round
+    x = torch.randn(2, 1, 28, 28)
+    for name, st in (("weights.pth", True), ("weights.safetensors", False)):
+        assert is_safetensors(tmp_path / name) is st
+        loaded = load_state_dict_checkpoint(tmp_path / name, "resnet8", num_classes=10, in_channels=1)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    good = save_checkpoint(tmp_path / "t.safetensors", model, "resnet8", 10, 1).read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(good[: len(good) // 2])  # a truncated download
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*cut.safetensors"):
+        load_checkpoint(tmp_path / "cut.safetensors")
+    with pytest.raises(CheckpointError, match="not a kdcache checkpoint"):
+        load_checkpoint(tmp_path / "weights.pth")
+
+
+def test_tied_weights_are_saved_and_restored(tmp_path: Path) -> None:
+    """safetensors refuses tensors that share memory; a tied classifier is stored once per name and re-tied."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(4, 10, bias=False)
+            self.classifier = nn.Linear(4, 10, bias=False)
+            self.classifier.weight = self.embed.weight
+
+    model = Tied()
+    path = save_checkpoint(tmp_path / "tied.safetensors", model, "cnn_tiny", 10, 1)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == {"embed.weight", "classifier.weight"}
+        assert torch.equal(f.get_tensor("embed.weight"), model.embed.weight.detach())

@@ -194,11 +194,8 @@ def _pick_column(features: Any, rows: _Rows, kind: str, wanted: str | None, auto
     if kind == "label" and not hits and "label" in features:
         hits = ["label"]
     if len(hits) != 1:
-        what = "no" if not hits else f"{len(hits)} candidate"
-        raise ValueError(
-            f"{rows.location}: {what} {kind} column{'' if len(hits) == 1 else 's'} {hits or ''} among {columns}; "
-            + _fix(option, hits[0] if hits else example)
-        )
+        found = f"{len(hits)} candidate {kind} columns {hits}" if hits else f"no {kind} column"
+        raise ValueError(f"{rows.location}: {found} among {columns}; " + _fix(option, hits[0] if hits else example))
     return hits[0]
 
 

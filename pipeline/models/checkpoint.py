@@ -188,7 +188,8 @@ def _missing_file_error(path: Path, hint: str) -> FileNotFoundError:
 def _torch_load(path: Path, map_location: Any) -> Any:
     # weights_only=True: a checkpoint a user brings is untrusted input, and full unpickling could run arbitrary code.
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch decides by content, not by a `.safetensors` name
+            return torch.load(f, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises a zoo of types (UnpicklingError, RuntimeError, EOFError, ...)
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
 

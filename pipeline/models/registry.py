@@ -373,6 +373,7 @@ class Normalized(nn.Module):
         self.net = net
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+        self._stats = (tuple(float(m) for m in mean), tuple(float(v) for v in std))  # exact, for the records
         self.input_size = (int(input_size[0]), int(input_size[1])) if input_size else None
         if interpolation not in ("bilinear", "bicubic", "nearest"):
             raise ValueError(f"interpolation must be bilinear, bicubic or nearest; got {interpolation!r}")
@@ -382,8 +383,7 @@ class Normalized(nn.Module):
     @property
     def preprocess(self) -> Preprocess:
         """This wrapper's preprocessing (what checkpoints and the store's teacher fingerprint record)."""
-        mean, std = self.mean.flatten().tolist(), self.std.flatten().tolist()
-        return Preprocess(self.mode, tuple(mean), tuple(std), self.input_size, self.interpolation)
+        return Preprocess(self.mode, *self._stats, self.input_size, self.interpolation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:  # (B, C, H, W) -> (B, C, h, w)
