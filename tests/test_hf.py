@@ -19,8 +19,9 @@ from PIL import Image
 datasets = pytest.importorskip("datasets")
 import pyarrow as pa  # noqa: E402
 
+from pipeline.data.hf import open_hf_split  # noqa: E402
 from pipeline.data.shards import write_split  # noqa: E402
-from pipeline.data.sources import load_split, open_hf  # noqa: E402
+from pipeline.data.sources import load_split  # noqa: E402
 
 CLASSES = ["ant", "cat", "dog"]
 
@@ -205,7 +206,7 @@ def test_streaming_holds_a_window_not_the_split(tmp_path: Path) -> None:
     ds.save_to_disk(str(tmp_path / "saved"))
     del images, ds
     for root in ("pq", "saved"):
-        stream = open_hf(tmp_path / root, "train")
+        stream = open_hf_split(tmp_path / root, "train")
         stream.permute(0)  # the costly order: every window needs rows from everywhere
         stream.window_bytes = 16 << 10
         assert 2 <= stream.window_rows() <= 8

@@ -25,11 +25,14 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.data.sources import SplitData, _check_choice, _decode, _Entry
+# `pipeline.data.sources` registers this module's readers (SOURCES["hf"], STREAMED["hf"]), so it imports this module;
+# the helpers taken from it in return are imported where they are used, which keeps the two free of an import cycle.
+if TYPE_CHECKING:
+    from pipeline.data.sources import SplitData
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +289,8 @@ class HFStream:
             )
         if data is None and (not path or not Path(path).is_file()):
             raise FileNotFoundError(f"{name}: the image has no bytes and its path {path!r} does not exist")
+        from pipeline.data.sources import _decode, _Entry  # ImageFolder's decoder: same mode / resize semantics
+
         entry = _Entry(int(self.labels[row]), name, ("", ""), path=None if data else Path(path), data=data)
         try:
             return _decode(entry, self.mode, self.resize)
@@ -336,6 +341,8 @@ def open_hf_split(
         mode: ``"RGB"``, ``"L"`` or ``None`` (the Image feature's mode, else as stored: all images must agree).
         resize: resize every image to ``resize x resize`` (needed when sizes differ).
     """
+    from pipeline.data.sources import _check_choice
+
     _check_choice("mode", mode, ("RGB", "L", None))
     if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
         raise ValueError(f"option resize={resize!r} is invalid; expected a positive int or None")
@@ -362,6 +369,8 @@ def open_hf_split(
 
 def load_hf_split(root: Path, split: str, **options: Any) -> SplitData:
     """:func:`open_hf_split`, decoded into memory (tests, small data sets; ``prepare`` streams instead)."""
+    from pipeline.data.sources import SplitData
+
     stream = open_hf_split(root, split, **options)
     pairs = list(stream)
     if not pairs:

@@ -33,12 +33,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from pipeline.data.hf import HFStream
+from pipeline.data.hf import load_hf_split, open_hf_split
 
 logger = logging.getLogger(__name__)
 
@@ -706,50 +705,6 @@ def load_imagefolder(
 
 
 # --------------------------------------------------------------------------------------------------
-# Hugging Face datasets (save_to_disk folders, Parquet): the machinery is in pipeline.data.hf
-# --------------------------------------------------------------------------------------------------
-
-
-def open_hf(
-    root: Path,
-    split: str,
-    *,
-    image_column: str | None = None,
-    label_column: str | None = None,
-    split_names: dict[str, str] | None = None,
-    mode: str | None = None,
-    resize: int | None = None,
-) -> HFStream:
-    """One split of a Hugging Face dataset on disk, streamed (:func:`pipeline.data.hf.open_hf_split` documents the
-    layouts and options)."""
-    from pipeline.data.hf import open_hf_split  # deferred: `datasets` takes a second to import, one source needs it
-
-    return open_hf_split(
-        root, split, image_column=image_column, label_column=label_column, split_names=split_names, mode=mode,
-        resize=resize,
-    )  # fmt: skip
-
-
-def load_hf(
-    root: Path,
-    split: str,
-    *,
-    image_column: str | None = None,
-    label_column: str | None = None,
-    split_names: dict[str, str] | None = None,
-    mode: str | None = None,
-    resize: int | None = None,
-) -> SplitData:
-    """:func:`open_hf`, decoded into memory (``prepare`` streams instead)."""
-    from pipeline.data.hf import load_hf_split
-
-    return load_hf_split(
-        root, split, image_column=image_column, label_column=label_column, split_names=split_names, mode=mode,
-        resize=resize,
-    )  # fmt: skip
-
-
-# --------------------------------------------------------------------------------------------------
 # Synthetic
 # --------------------------------------------------------------------------------------------------
 
@@ -801,7 +756,7 @@ SOURCES: dict[str, Callable[..., SplitData]] = {
     "cifar10": load_cifar10,
     "cifar100": load_cifar100,
     "imagefolder": load_imagefolder,
-    "hf": load_hf,
+    "hf": load_hf_split,
     "synthetic": load_synthetic,
 }
 
@@ -817,14 +772,15 @@ class StreamedSplit(Protocol):
     def __iter__(self) -> Iterator[tuple[np.ndarray, int]]: ...
 
 
-#: Sources ``prepare`` streams (memory: one image or one window of rows, not the split), with the same options as
-#: their :data:`SOURCES` reader.
-STREAMED: dict[str, Callable[..., StreamedSplit]] = {"imagefolder": open_imagefolder, "hf": open_hf}
+#: Sources ``prepare`` streams (memory: one image or one window of rows, not the split); their keywords are the
+#: source's options (the :data:`SOURCES` reader takes the same ones).
+STREAMED: dict[str, Callable[..., StreamedSplit]] = {"imagefolder": open_imagefolder, "hf": open_hf_split}
 
 
 def source_options(source: str) -> dict[str, Any]:
-    """The options ``source`` accepts, with their defaults."""
-    reader = _reader(source)
+    """The options ``source`` accepts, with their defaults: the keywords of its streamed opener if it has one
+    (:data:`STREAMED`), else of its reader."""
+    reader = STREAMED.get(source) or _reader(source)
     params = inspect.signature(reader).parameters.values()
     return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
