@@ -111,10 +111,13 @@ def _parquet_rows(files: Sequence[Path], location: str, split: str) -> _Rows:
 
 def _parquet_splits(root: Path) -> dict[str, list[Path]]:
     """Split name -> Parquet files, by the Hub's file-naming conventions (as ``load_dataset("parquet")`` finds them)."""
-    from datasets.data_files import DataFilesDict, get_data_patterns
+    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
 
     base = root.parent if root.is_file() else root
-    found = DataFilesDict.from_patterns(get_data_patterns(str(base)), base_path=str(base))
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(str(base)), base_path=str(base))
+    except EmptyDatasetError:  # a folder without any file
+        return {}
     splits = {str(name): sorted(Path(f) for f in files if f.endswith(_PARQUET)) for name, files in found.items()}
     if root.is_file():  # one file: the split its name says (e.g. test-00000-of-00001.parquet), else train
         mine = [name for name, files in splits.items() if root.resolve() in {f.resolve() for f in files}]
@@ -162,7 +165,7 @@ def _resolve_split(available: Sequence[str], split: str, split_names: dict[str, 
     wanted = (split_names or {}).get(split, split)
     if wanted in available:
         return wanted
-    if split == "test" and not split_names and "validation" in available:
+    if split == "test" and split not in (split_names or {}) and "validation" in available:
         logger.info("%s has no test split: using validation as the test split", root)
         return "validation"
     others = sorted(set(available) - {"train"}) if split != "train" else sorted(available)
