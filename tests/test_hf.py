@@ -143,6 +143,8 @@ def test_bad_columns_and_labels_name_the_column_and_the_fix(tmp_path: Path) -> N
         load_split("hf", _empty(tmp_path), "train")
     with pytest.raises(FileNotFoundError, match="no such folder or file"):
         load_split("hf", tmp_path / "absent", "train")
+    with pytest.raises(ValueError, match=r"window_mb=0 is invalid"):
+        load_split("hf", two, "train", label_column="fine", window_mb=0)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['label'\].*'label_column'"):
         load_split("hf", two, "train", label="fine")
 
@@ -206,9 +208,8 @@ def test_streaming_holds_a_window_not_the_split(tmp_path: Path) -> None:
     ds.save_to_disk(str(tmp_path / "saved"))
     del images, ds
     for root in ("pq", "saved"):
-        stream = open_hf_split(tmp_path / root, "train")
+        stream = open_hf_split(tmp_path / root, "train", window_mb=1 / 64)  # 16 KB
         stream.permute(0)  # the costly order: every window needs rows from everywhere
-        stream.window_bytes = 16 << 10
         assert 2 <= stream.window_rows() <= 8
         out = tmp_path / f"out_{root}"
         out.mkdir()

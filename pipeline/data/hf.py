@@ -8,8 +8,8 @@
   conventions (``train-00000-of-00002.parquet``, ``test.parquet``, ``data/validation/...``; what
   ``load_dataset("parquet", data_dir=root)`` would find), e.g. a Hub snapshot.
 
-A split is *streamed* (:class:`HFStream`): rows are fetched in windows of at most :data:`WINDOW_BYTES` of stored
-bytes and decoded one image at a time while the shards are written, so memory holds a window, never the split.
+A split is *streamed* (:class:`HFStream`): rows are fetched in windows of at most ``window_mb`` (default 64) MB of
+stored bytes and decoded one image at a time while the shards are written, so memory holds a window, never the split.
 ``save_to_disk`` folders are memory-mapped Arrow, so any row order costs nothing extra; Parquet is read by row
 group, so a shuffled order (``prepare.shuffle_seed``) reads each row group once per window that needs it (the
 whole split per ~64 MB of images: set ``shuffle_seed: null`` for an already shuffled, very large Parquet set, or
@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Most stored bytes one window of rows may hold (the memory a streamed split needs besides one decoded image).
-WINDOW_BYTES = 64 << 20
+#: Default of ``window_mb``: most stored MB one window of rows may hold (what a streamed split keeps in memory).
+WINDOW_MB = 64.0
 _PARQUET = ".parquet"
 
 
@@ -257,7 +257,7 @@ class HFStream:
     mode: str | None
     resize: int | None
     order: np.ndarray | None = None  # (N,) row order; None: the dataset's
-    window_bytes: int = WINDOW_BYTES
+    window_bytes: int = int(WINDOW_MB * 2**20)
     location: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -332,6 +332,7 @@ def open_hf_split(
     split_names: dict[str, str] | None = None,
     mode: str | None = None,
     resize: int | None = None,
+    window_mb: float = WINDOW_MB,
 ) -> HFStream:
     """Open one split of a Hugging Face dataset at ``root`` for streaming (see the module docstring).
 
@@ -343,12 +344,17 @@ def open_hf_split(
             ``test`` falls back to ``validation``).
         mode: ``"RGB"``, ``"L"`` or ``None`` (the Image feature's mode, else as stored: all images must agree).
         resize: resize every image to ``resize x resize`` (needed when sizes differ).
+        window_mb: stored megabytes fetched at a time: the memory the stream holds (about twice this, with the
+            decoded copies), and for a shuffled Parquet split the read cost (every window reads the row groups
+            holding its rows). Any value gives the same shards.
     """
     from pipeline.data.sources import _check_choice
 
     _check_choice("mode", mode, ("RGB", "L", None))
     if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
         raise ValueError(f"option resize={resize!r} is invalid; expected a positive int or None")
+    if isinstance(window_mb, bool) or not isinstance(window_mb, (int, float)) or window_mb <= 0:
+        raise ValueError(f"option window_mb={window_mb!r} is invalid; expected a positive number of megabytes")
     openers = _open_rows(Path(root))
     rows = openers[_resolve_split(list(openers), split, split_names, Path(root))]()
     features = rows.features
@@ -367,7 +373,7 @@ def open_hf_split(
         )
     logger.info("%s: %d rows, image column %r, label column %r, %d classes", rows.location, rows.num_rows, image,
                 label, len(classes))  # fmt: skip
-    return HFStream(classes, rows, image, labels, mode, resize)
+    return HFStream(classes, rows, image, labels, mode, resize, window_bytes=int(window_mb * 2**20))
 
 
 def load_hf_split(root: Path, split: str, **options: Any) -> SplitData:
