@@ -12,7 +12,6 @@ Skips cleanly where the archive is absent (nothing downloads a data set).
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -20,8 +19,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+from benchmarks.cifar10_profile import ROOT, archive_args
 
 
 def write_hf(archive: Path, work: Path) -> tuple[Path, Path]:
@@ -57,13 +55,8 @@ def timed(cmd: list[str]) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--archive", default=str(ARCHIVE), help="CIFAR-10 JPEG ImageFolder (.tar.gz or folder)")
-    ap.add_argument("--workdir", default="/tmp/kdcache-hf")
-    args = ap.parse_args(argv)
-    archive = Path(args.archive).resolve()
-    if not archive.exists():
-        print(f"skip: {archive} is absent (this benchmark needs the CIFAR-10 JPEG ImageFolder; nothing is downloaded)")
+    args, archive = archive_args(__doc__, "/tmp/kdcache-hf", argv)
+    if archive is None:
         return 0
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
