@@ -55,6 +55,7 @@ from pipeline.config import EnsembleSpec, OptimConfig, TrainConfig  # noqa: E402
 from pipeline.data.shards import Manifest, iter_shard, load_manifest, sha256_file, write_dataset  # noqa: E402
 from pipeline.data.sources import load_split  # noqa: E402
 from pipeline.data.views import ViewRecipe  # noqa: E402
+from pipeline.layout import Layout  # noqa: E402
 from pipeline.losses import build_loss  # noqa: E402
 from pipeline.models import build_for, load_model, to_input  # noqa: E402
 from pipeline.training.dataset import DistillDataset  # noqa: E402
@@ -111,7 +112,7 @@ def _synthetic(tmp: Path, name: str, n: int, size: int, channels: int, shard_siz
 def default_pair(tmp: Path, shards: int) -> Pair:
     """Fashion-MNIST shards + the pipeline's cnn_small cache when they match; else synthetic 28x28x1."""
     root = ROOT / "data/shards/fashion_mnist"
-    store, ckpt = ROOT / "data/logits/cnn.zarr", ROOT / "data/teachers/cnn.pt"
+    store, ckpt = ROOT / "data/logits/cnn.zarr", Layout("fashion_mnist", ROOT).teacher_checkpoint("cnn")
     if (root / "manifest.json").exists():
         m = load_manifest(root)
         try:

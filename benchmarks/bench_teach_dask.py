@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp_dir)
         m, source = get_manifest(args.shards, tmp, args.train_shards)
         torch.manual_seed(0)
-        ckpt = tmp / "teacher.pt"
+        ckpt = tmp / "teacher.safetensors"
         save_model(ckpt, build_for(args.arch, m).eval(), args.arch)
         sha = sha256_file(ckpt)
         recipes = {"train": ViewRecipe(args.views, 0, 2, True)}

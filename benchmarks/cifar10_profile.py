@@ -27,14 +27,22 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", default="/tmp/kdcache-cifar10", help="where the pipeline runs (a git clone)")
+def archive_args(doc: str, workdir: str, argv: list[str] | None) -> tuple[argparse.Namespace, Path | None]:
+    """`--archive` (the CIFAR-10 JPEG ImageFolder) and `--workdir`; the archive is None (skip: said so) if absent."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--workdir", default=workdir, help="where the benchmark works")
     ap.add_argument("--archive", default=str(ARCHIVE), help="CIFAR-10 JPEG ImageFolder (.tar.gz or folder)")
     args = ap.parse_args(argv)
     archive = Path(args.archive).resolve()
     if not archive.exists():
         print(f"skip: {archive} is absent (this benchmark needs the CIFAR-10 JPEG ImageFolder; nothing is downloaded)")
+        return args, None
+    return args, archive
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, archive = archive_args(__doc__, "/tmp/kdcache-cifar10", argv)  # workdir: a git clone
+    if archive is None:
         return 0
     work = Path(args.workdir)
     if not (work / ".git").exists():

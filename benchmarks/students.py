@@ -17,7 +17,7 @@ from pipeline.data.shards import load_manifest
 from pipeline.evaluation.report import fmt_ci, fmt_iv
 from pipeline.evaluation.stats import mean_ci
 from pipeline.evaluation.student import evaluate_student
-from pipeline.layout import Layout
+from pipeline.layout import STUDENT_MODEL, Layout
 from pipeline.records import write_record
 from pipeline.training.student import StudentRun
 from pipeline.training.student import run_student as train_student
@@ -65,7 +65,7 @@ def run_student(
     )
     metrics = evaluate_student(
         manifest,
-        out / "model.pt",
+        out / STUDENT_MODEL,
         layout.corrupt,
         from_dict(EvaluateConfig, section(params, "evaluate"), "evaluate"),
         workdir / "confusion" / f"{name}.csv",

@@ -130,6 +130,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         n = count_parameters(build_model(name, args.classes, args.channels))
         print(f"{name:<16}{n:>12,} parameters at {args.classes} classes, {args.channels} channels")
     print("also: tv:<name> for any torchvision classification model (random init, never downloaded)")
+    print("      timm:<name>[.<tag>] for any timm model, e.g. timm:resnet18.a1_in1k (weights only from `checkpoint:`)")
     return 0
 
 

@@ -360,8 +360,8 @@ class TeacherSpec:
     """One entry of the shared `teachers` zoo.
 
     Either a demo teacher trained by `train_teacher` (arch + training recipe), or your own model:
-    `checkpoint:` pointing at a kdcache checkpoint or a bare `state_dict` (then `arch` says how to
-    rebuild it), which `train_teacher` imports instead of training.
+    `checkpoint:` pointing at a kdcache checkpoint or a `state_dict` (safetensors, or a torch `.pth`;
+    `arch` says how to rebuild it, e.g. `timm:resnet50`), which `train_teacher` imports instead of training.
     """
 
     arch: Name
@@ -370,6 +370,11 @@ class TeacherSpec:
     steps: PosInt | None = None
     lr: PosFloat = 0.05
     batch_size: PosInt = 128
+
+    # data: the data set's image size and mean/std | model: a timm model's pretrained_cfg (input size, mean/std,
+    # interpolation), the inputs its published weights expect; recorded in the store's teacher fingerprint.
+    preprocess: Literal["data", "model"] = "data"
+    pretrained: bool = False  # published weights: never downloaded, so this needs `checkpoint:` (the local file)
 
     def __post_init__(self) -> None:
         check_length(self.epochs, self.steps)
@@ -426,6 +431,7 @@ class DistillConfig:
     budgets: Annotated[tuple[PosInt | Literal["full"], ...], NONEMPTY] = ("full",)
     seeds: Annotated[tuple[NonNegInt, ...], NONEMPTY] = (0,)
     student: Name = "cnn_tiny"
+    student_preprocess: Literal["data", "model"] = "data"  # a timm student's pretrained_cfg; see TeacherSpec.preprocess
     train: TrainConfig = field(default_factory=TrainConfig)
     loss_params: dict[Name, dict[str, Any] | None] = field(default_factory=dict)  # each checked by its loss
     unqueried: Literal["drop", "ce"] = "drop"  # budget runs: what to do with rows the teacher never saw

@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 PARTIAL_SUFFIX = ".partial"
+#: Model checkpoints are safetensors files (`pipeline.models.checkpoint`); the training loop's resume state
+#: (`last.pt`: optimizer and RNG state) stays a torch file.
+CHECKPOINT_SUFFIX = ".safetensors"
+STUDENT_MODEL = "model" + CHECKPOINT_SUFFIX  # in the student's folder
 
 
 def partial_path(path: str | Path) -> Path:
@@ -23,7 +27,7 @@ def partial_path(path: str | Path) -> Path:
 
 
 class TeacherFiles(NamedTuple):
-    checkpoint: Path  # <name>.pt: what teach and online distillation load
+    checkpoint: Path  # <name>.safetensors: what teach and online distillation load
     metrics: Path  # <name>.json: the summary `dvc metrics show` lists (pipeline.records)
     details: Path  # details/<name>.json: the whole record (accuracy, warnings, training history)
     run: Path  # <name>.run/: a demo teacher's epoch checkpoints (resume)
@@ -66,10 +70,11 @@ class Layout:
         """A teacher's files: checkpoint and run folder in `folder`, metrics in `metrics_folder` (default `folder`)."""
         folder = Path(folder)
         summary = Path(metrics_folder or folder) / f"{teacher}.json"
-        return TeacherFiles(folder / f"{teacher}.pt", summary, Layout.details(summary), folder / f"{teacher}.run")
+        checkpoint = folder / f"{teacher}{CHECKPOINT_SUFFIX}"
+        return TeacherFiles(checkpoint, summary, Layout.details(summary), folder / f"{teacher}.run")
 
     def teacher_checkpoint(self, teacher: str) -> Path:
-        return self.teachers / f"{teacher}.pt"
+        return self.teacher_files(self.teachers, teacher).checkpoint
 
     def teacher_metrics(self, teacher: str) -> Path:
         return self.teacher_files(self.teachers, teacher, self.teacher_metrics_dir).metrics
@@ -83,8 +88,12 @@ class Layout:
 
     # -- students
     def student(self, sid: str) -> Path:
-        """The student's folder (model.pt, epoch checkpoint, history)."""
+        """The student's folder (model.safetensors, epoch checkpoint, history)."""
         return self._p("data", "students", sid)
+
+    def student_model(self, sid: str) -> Path:
+        """The student's checkpoint (what `evaluate` loads)."""
+        return self.student(sid) / STUDENT_MODEL
 
     def student_metrics(self, sid: str) -> Path:
         """The student's summary metrics (what `dvc metrics show` lists)."""

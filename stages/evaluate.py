@@ -26,7 +26,7 @@ from pipeline.stage import run_main, stage_parser, start
 def main(argv: list[str] | None = None) -> None:
     ap = stage_parser("evaluate", __doc__)
     ap.add_argument("--student", required=True, help="student id <teacher>-<loss>-<budget>-<seed>")
-    ap.add_argument("--model", default=None, help="default: data/students/<id>/model.pt")
+    ap.add_argument("--model", default=None, help="default: data/students/<id>/model.safetensors")
     ap.add_argument("--store", default=None, help="the student's teacher store (default: the one it was trained on)")
     ap.add_argument("--out", default=None, help="summary metrics (default: metrics/<id>.json; details beside it)")
     ap.add_argument("--corrupt", default=None, help="corrupted test set (default: data/corrupt/<dataset>)")
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     sid, layout = run.args.student, run.layout
     metrics = evaluate_student(
         run.manifest(),
-        run.args.model or layout.student(sid) / "model.pt",
+        run.args.model or layout.student_model(sid),
         run.args.corrupt or layout.corrupt,
         cfg,
         run.args.confusion or layout.confusion(sid),

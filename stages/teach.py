@@ -16,8 +16,8 @@ from pipeline.stage import run_main, stage_parser, start
 
 def main(argv: list[str] | None = None) -> None:
     ap = stage_parser("teach", __doc__)
-    ap.add_argument("--name", required=True, help="teacher name (data/teachers/<name>.pt)")
-    ap.add_argument("--checkpoint", default=None, help="teacher checkpoint (default: data/teachers/<name>.pt)")
+    ap.add_argument("--name", required=True, help="teacher name (data/teachers/<name>.safetensors)")
+    ap.add_argument("--checkpoint", default=None, help="teacher checkpoint (default: data/teachers/<name>.safetensors)")
     ap.add_argument("--out", default=None, help="store path (default: data/logits/<name>.zarr)")
     ap.add_argument("--force", action="store_true", help="overwrite an existing store / discard a partial one")
     ap.add_argument(

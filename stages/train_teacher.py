@@ -4,7 +4,7 @@
 
 The teacher's recipe is `teachers.<name>` in params.yaml (shared recipe: section `train_teacher`).
 With `teachers.<name>.checkpoint: PATH` nothing is trained: the file (a kdcache checkpoint or a bare
-state_dict of `arch`) is validated against the data set and copied to data/teachers/<name>.pt.
+state_dict of `arch`) is validated against the data set and copied to data/teachers/<name>.safetensors.
 Its accuracy goes to metrics/teachers/<name>.json (what `dvc metrics show` lists) and the whole record
 (training history, warnings) to metrics/teachers/details/<name>.json, both in git.
 """

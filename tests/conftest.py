@@ -59,6 +59,7 @@ TINY_PARAMS: dict = {
         "budgets": ["full"],
         "seeds": [0],
         "student": "cnn_tiny",
+        "student_preprocess": "data",
         "unqueried": "drop",
         "pool_epoch_samples": None,
         "teacher_source": "cache",

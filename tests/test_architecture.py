@@ -105,6 +105,7 @@ def test_dvc_outs_are_where_layout_says():
     assert outs(dvc["evaluate"], "plots") == {str(layout.confusion(sid))}
     assert outs(dvc["report"]) == {str(layout.reports)}
     # the stages' inputs are those outputs
+    assert str(layout.teacher_checkpoint(t)) in dvc["teach"]["do"]["deps"]
     assert str(layout.store(item_t)) in dvc["distill"]["deps"]
     assert str(layout.student(sid)) in dvc["evaluate"]["deps"]
     report_deps = set(dvc["report"]["deps"])

@@ -107,9 +107,9 @@ def test_torchrun_two_ranks_partition_epochs_and_stay_in_lockstep(tmp_path, monk
     assert np.isfinite(curves[-1]["train_loss"])
     teacher_acc = json.loads(Path("metrics/teachers/small.json").read_text())["accuracy"]
     assert curves[-1]["val_acc"] > 0.7, (curves, teacher_acc)  # 4 classes: chance is 0.25 (1 process: ~0.9)
-    assert Path("data/students/small-kd-full-0/model.pt").exists()
+    assert Path("data/students/small-kd-full-0/model.safetensors").exists()
     assert sorted(p.name for p in Path("data/students/small-kd-full-0").iterdir()) == [
-        "history.json", "last.pt", "model.pt",
+        "history.json", "last.pt", "model.safetensors",
     ]  # fmt: skip
     assert time.perf_counter() - t0 < 60
 

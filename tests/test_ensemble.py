@@ -323,7 +323,7 @@ def test_distill_on_ensembles_end_to_end(tmp_path, monkeypatch):
 
     m = load_manifest("data/shards/tiny")
     for k, name in enumerate(("small", "other")):
-        save_model(f"data/teachers/{name}.pt", linear_teacher(m, seed=k), "cnn_tiny")
+        save_model(f"data/teachers/{name}.safetensors", linear_teacher(m, seed=k), "cnn_tiny")
         teach_stage.main(["--name", name])
     ensemble.main(["--name", "both"])
     ensemble.main(["--name", "flat"])
@@ -356,7 +356,7 @@ def test_distill_on_ensembles_end_to_end(tmp_path, monkeypatch):
     # mtkd on a single teacher's store: the teacher is the one member (kd)
     (tmp_path / "params.yaml").write_text(__import__("yaml").safe_dump(params))
     distill.main(["--teacher", "small", "--loss", "mtkd"])
-    assert Path("data/students/small-mtkd-full-0/model.pt").exists()
+    assert Path("data/students/small-mtkd-full-0/model.safetensors").exists()
 
 
 def test_mtkd_trains_like_kd_on_a_single_teacher(cached, tmp_path):
@@ -395,7 +395,7 @@ def test_ensemble_results_driver_end_to_end_on_a_tiny_project(tmp_path, monkeypa
 
     m = load_manifest("data/shards/tiny")
     for k, name in enumerate(teachers):
-        save_model(f"data/teachers/{name}.pt", linear_teacher(m, seed=k), "cnn_tiny")
+        save_model(f"data/teachers/{name}.safetensors", linear_teacher(m, seed=k), "cnn_tiny")
         teach_stage.main(["--name", name])
     trained: list[str] = []
     orig = students.train_student

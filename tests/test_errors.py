@@ -257,7 +257,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.chdir(proj)
     try:
         prepare.main([])
-        save_model("data/teachers/small.pt", linear_teacher(load_manifest("data/shards/tiny")), "cnn_tiny")
+        save_model("data/teachers/small.safetensors", linear_teacher(load_manifest("data/shards/tiny")), "cnn_tiny")
         teach.main(["--name", "small"])
     finally:
         os.chdir(cwd)
@@ -337,7 +337,7 @@ def table() -> str:
         proj = make_project(Path(tmp) / "proj", tiny_params(prepare={"val": 0}))
         os.chdir(proj)
         prepare.main([])
-        save_model("data/teachers/small.pt", linear_teacher(load_manifest("data/shards/tiny")), "cnn_tiny")
+        save_model("data/teachers/small.safetensors", linear_teacher(load_manifest("data/shards/tiny")), "cnn_tiny")
         teach.main(["--name", "small"])
         for case in CASES:
             scratch = Path(tmp) / case.id

@@ -86,7 +86,7 @@ def test_disk_full_is_one_clean_line_at_the_command_line(tmp_path, monkeypatch, 
     make_project(tmp_path)
     monkeypatch.chdir(tmp_path)
     prepare.main([])
-    save_model("data/teachers/small.pt", linear_teacher(load_manifest("data/shards/tiny")), "cnn_tiny")
+    save_model("data/teachers/small.safetensors", linear_teacher(load_manifest("data/shards/tiny")), "cnn_tiny")
     real_set = LocalStore.set
 
     async def full_disk(self, key, value):
@@ -137,7 +137,7 @@ def test_sigkill_of_distill_mid_epoch_then_resume_equals_an_uninterrupted_run(tm
     proj = make_project(tmp_path / "proj", p)
     monkeypatch.chdir(proj)
     prepare.main([])
-    save_model("data/teachers/small.pt", linear_teacher(load_manifest("data/shards/tiny")), "cnn_tiny")
+    save_model("data/teachers/small.safetensors", linear_teacher(load_manifest("data/shards/tiny")), "cnn_tiny")
     teach.main(["--name", "small"])
     sid = "small-kd-full-0"
     distill.main(["--teacher", "small", "--loss", "kd", "--out-dir", "ref", "--curves", "ref.json"])  # uninterrupted

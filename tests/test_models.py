@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,14 +177,21 @@ def _trained_like(arch: str = "cnn_tiny", num_classes: int = 10, in_channels: in
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     model = _trained_like()
     path = save_checkpoint(
-        tmp_path / "teachers" / "t.pt",
+        tmp_path / "teachers" / "t.safetensors",
         model,
         "cnn-tiny",
         10,
         1,
         {"test_acc": 0.91, "epochs": 3, "params": {"lr": 0.1, "tags": ["a", None]}},
     )
-    assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["t.pt"]  # no temp file left behind
+    assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["t.safetensors"]  # no temp file left
+    # A plain safetensors file: the weights under the network's own names, kdcache's metadata as one JSON string.
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == set(model.state_dict())
+        header = json.loads(f.metadata()["kdcache"])
+    assert header["arch"] == "cnn_tiny" and header["params"] == {"lr": 0.1, "tags": ["a", None]}
 
     loaded, meta = load_checkpoint(path, expected_arch="cnn_tiny")
     assert meta == {
@@ -202,30 +211,34 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
 
 
 def test_checkpoint_overwrite_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = save_checkpoint(tmp_path / "t.pt", _trained_like(), "cnn_tiny", 10, 1)
+    path = save_checkpoint(tmp_path / "t.safetensors", _trained_like(), "cnn_tiny", 10, 1)
     before = path.read_bytes()
+    written = []
 
-    def crash(obj: object, f: object, *args: object, **kwargs: object) -> None:
-        f.write(b"partial")  # type: ignore[attr-defined]
+    def crash(fd: int) -> None:  # the bytes are in the temporary file, then the disk fails before it is complete
+        written.append(os.fstat(fd).st_size)
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(os, "fsync", crash)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(path, build_model("cnn_tiny", 10, 1), "cnn_tiny", 10, 1)
-    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["t.pt"]
+    assert written and written[0] > 0  # a partial file did exist...
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]  # ...not now
 
 
 def test_checkpoint_extra_validation(tmp_path: Path) -> None:
     model = build_model("cnn_tiny", 10, 1)
     with pytest.raises(ValueError, match="reserved keys"):
-        save_checkpoint(tmp_path / "a.pt", model, "cnn_tiny", 10, 1, {"arch": "resnet8"})
+        save_checkpoint(tmp_path / "a.safetensors", model, "cnn_tiny", 10, 1, {"arch": "resnet8"})
     with pytest.raises(TypeError, match="'when'.*Path"):
-        save_checkpoint(tmp_path / "a.pt", model, "cnn_tiny", 10, 1, {"when": tmp_path})
+        save_checkpoint(tmp_path / "a.safetensors", model, "cnn_tiny", 10, 1, {"when": tmp_path})
+    with pytest.raises(TypeError, match="'w'.*Tensor.*JSON"):  # metadata is JSON in the safetensors header
+        save_checkpoint(tmp_path / "a.safetensors", model, "cnn_tiny", 10, 1, {"w": torch.ones(2)})
     assert not list(tmp_path.iterdir())
 
 
 def test_architecture_mismatch_names_both(tmp_path: Path) -> None:
-    path = save_checkpoint(tmp_path / "t.pt", build_model("resnet8", 10, 1), "resnet8", 10, 1)
+    path = save_checkpoint(tmp_path / "t.safetensors", build_model("resnet8", 10, 1), "resnet8", 10, 1)
     with pytest.raises(CheckpointError, match=r"'resnet8'.*'wrn-16-2'"):
         load_checkpoint(path, expected_arch="wrn-16-2")
     with pytest.raises(CheckpointError, match=r"'resnet8'.*'resnet14'"):
@@ -234,7 +247,7 @@ def test_architecture_mismatch_names_both(tmp_path: Path) -> None:
 
 
 def test_missing_checkpoint_says_how_to_produce_it(tmp_path: Path) -> None:
-    path = tmp_path / "teachers" / "cnn_small.pt"
+    path = tmp_path / "teachers" / "cnn_small.safetensors"
     with pytest.raises(FileNotFoundError) as info:
         load_checkpoint(path)
     message = str(info.value)
@@ -245,11 +258,14 @@ def test_missing_checkpoint_says_how_to_produce_it(tmp_path: Path) -> None:
 
 
 def test_state_dict_key_mismatch_names_keys_and_file(tmp_path: Path) -> None:
-    path = save_checkpoint(tmp_path / "t.pt", build_model("cnn_tiny", 10, 1), "cnn_tiny", 10, 1)
-    payload = torch.load(path, weights_only=True)
-    sd = payload["state_dict"]
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = save_checkpoint(tmp_path / "t.safetensors", build_model("cnn_tiny", 10, 1), "cnn_tiny", 10, 1)
+    with safe_open(str(path), framework="pt") as f:
+        sd, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
     sd["head.weight"] = sd.pop("classifier.weight")
-    torch.save(payload, path)
+    save_file(sd, path, metadata=header)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     message = str(info.value)
@@ -314,3 +330,87 @@ def test_kdcache_models_lists_the_registry(capsys) -> None:
     out = capsys.readouterr().out
     assert "wrn_40_2" in out and "resnet8" not in out
     assert main(["models", "nothing*"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# safetensors: reproducible bytes, old torch checkpoints, users' files by content
+# ---------------------------------------------------------------------------------------------------------------
+
+_WRITE_IN_A_FRESH_PROCESS = """
+import sys, torch
+from pipeline.models import build_for, save_model
+from tests.test_timm import Spec
+torch.manual_seed(0)
+model = build_for("resnet8", Spec(num_classes=10))
+save_model(sys.argv[1], model, "resnet8", {"b": 1, "a": [0.5, None], "name": "t", "z": {"y": 1, "x": 2.5}})
+"""
+
+
+def test_checkpoint_bytes_are_the_same_in_every_process(tmp_path: Path) -> None:
+    """DVC hashes and the store's weights_sha256 need equal bytes for equal checkpoints. safetensors keeps header
+    metadata in a hash map whose order changes per process, so kdcache writes one sorted JSON string instead."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    paths = [tmp_path / f"{i}.safetensors" for i in range(2)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", _WRITE_IN_A_FRESH_PROCESS, str(path)], cwd=root, check=True)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    _, meta = load_checkpoint(paths[0])
+    assert meta["z"] == {"x": 2.5, "y": 1} and meta["preprocess"]["mode"] == "data" and meta["num_classes"] == 10
+
+
+def test_torch_checkpoints_of_earlier_versions_still_load(tmp_path: Path) -> None:
+    from pipeline.models import Preprocess, load_model
+
+    model = _trained_like()
+    old = tmp_path / "cnn.pt"  # what save_model wrote before safetensors: torch.save of a dict
+    state = {"arch": "cnn_tiny", "num_classes": 10, "in_channels": 1, "state_dict": model.state_dict()}
+    torch.save({**state, "mean": [0.3], "std": [0.2], "test_top1": 0.5}, old)
+    loaded, meta = load_model(old)
+    assert meta["test_top1"] == 0.5 and loaded.preprocess == Preprocess("data", (0.3,), (0.2,))
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model((x - 0.3) / 0.2), rtol=0, atol=0)
+
+
+def test_weights_files_are_read_by_content_not_name(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from pipeline.models import is_safetensors
+
+    model = _trained_like("resnet8")
+    save_file(model.state_dict(), tmp_path / "weights.pth")  # a safetensors file under a torch name
+    torch.save(model.state_dict(), tmp_path / "weights.safetensors")  # and the other way round
+    x = torch.randn(2, 1, 28, 28)
+    for name, st in (("weights.pth", True), ("weights.safetensors", False)):
+        assert is_safetensors(tmp_path / name) is st
+        loaded = load_state_dict_checkpoint(tmp_path / name, "resnet8", num_classes=10, in_channels=1)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    good = save_checkpoint(tmp_path / "t.safetensors", model, "resnet8", 10, 1).read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(good[: len(good) // 2])  # a truncated download
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*cut.safetensors"):
+        load_checkpoint(tmp_path / "cut.safetensors")
+    with pytest.raises(CheckpointError, match="not a kdcache checkpoint"):
+        load_checkpoint(tmp_path / "weights.pth")
+
+
+def test_tied_weights_are_saved_and_restored(tmp_path: Path) -> None:
+    """safetensors refuses tensors that share memory; a tied classifier is stored once per name and re-tied."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(4, 10, bias=False)
+            self.classifier = nn.Linear(4, 10, bias=False)
+            self.classifier.weight = self.embed.weight
+
+    model = Tied()
+    path = save_checkpoint(tmp_path / "tied.safetensors", model, "cnn_tiny", 10, 1)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == {"embed.weight", "classifier.weight"}
+        assert torch.equal(f.get_tensor("embed.weight"), model.embed.weight.detach())

@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline.cache.store import LogitStore
 from pipeline.config import ConfigError
+from pipeline.layout import Layout
 from pipeline.records import read_record
 from stages import corrupt, distill, evaluate, prepare, report, teach, train_teacher
 from tests.conftest import TINY_PARAMS, make_project, tiny_params
@@ -100,7 +101,7 @@ def test_evaluate_compares_a_student_with_the_store_it_was_trained_on(tmp_path, 
 
     m = load_manifest("data/shards/tiny")
     for name, seed in (("small", 0), ("other", 1)):  # two different (untrained) teachers
-        save_model(f"data/teachers/{name}.pt", linear_teacher(m, seed=seed), "cnn_tiny")
+        save_model(Layout("tiny").teacher_checkpoint(name), linear_teacher(m, seed=seed), "cnn_tiny")
         teach.main(["--name", name])
     distill.main(["--teacher", "small", "--loss", "kd", "--store", "data/logits/other.zarr"])
     evaluate.main(["--student", "small-kd-full-0"])

@@ -40,6 +40,14 @@ def test_profile_is_valid(path):
     assert set(d.teachers) <= set(zoo) | set(ensembles_section(p))  # ensembles are checked against the zoo
     for loss in d.losses:
         build_loss(loss, **(d.loss_params[loss] or {}))
+    # every param dvc.yaml tracks exists (DVC refuses to run a stage whose param is missing from params.yaml)
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
+        for key in stage.get("do", stage).get("params", []):
+            if "${" not in key:
+                node = p
+                for part in key.split("."):
+                    assert isinstance(node, dict) and part in node, f"{path.name}: no {key} (dvc.yaml tracks it)"
+                    node = node[part]
 
 
 def test_cifar100_profile_is_the_papers_recipe():

@@ -497,7 +497,7 @@ def test_synthetic_is_learnable() -> None:
 def test_unknown_source_lists_available() -> None:
     with pytest.raises(ValueError, match=r"unknown source 'cifar'; available: \['cifar10', 'cifar100'"):
         load_split("cifar", ".", "train")
-    assert set(SOURCES) == {"fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic"}
+    assert set(SOURCES) == {"fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder", "hf", "synthetic"}
 
 
 def test_unknown_option_names_valid_ones(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pipeline.cache.teach import build_spec, run_teach
 from pipeline.config import OptimConfig, TrainConfig
 from pipeline.data.shards import Manifest, write_dataset
 from pipeline.data.views import ViewRecipe
+from pipeline.layout import Layout
 from pipeline.losses import build_loss
 from pipeline.models import build_for, save_model, to_input
 from pipeline.training.dataset import DistillDataset
@@ -182,11 +183,11 @@ def test_distill_stage_online_mode_and_resume_errors(tmp_path, monkeypatch):
 
     m = load_manifest("data/shards/tiny")
     Path("data/teachers").mkdir(parents=True)
-    save_model("data/teachers/small.pt", linear_teacher(m).cpu(), "cnn_tiny")
+    save_model(Layout("tiny").teacher_checkpoint("small"), linear_teacher(m).cpu(), "cnn_tiny")
     teach.main(["--name", "small"])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         distill.main(["--teacher", "small", "--loss", "kd", "--resume"])
-    assert not Path("data/students/small-kd-full-0/model.pt").exists()
+    assert not Layout("tiny").student_model("small-kd-full-0").exists()
     distill.main(["--teacher", "small", "--loss", "kd"])
     curves = json.loads(Path("plots/curves/small-kd-full-0.json").read_text())
     assert np.isfinite(curves[-1]["train_loss"]) and "val_acc" in curves[-1]

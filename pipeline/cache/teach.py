@@ -171,7 +171,14 @@ def _teach_store(
 ) -> Path:
     model, meta = load_model(checkpoint, data=manifest)  # checks the teacher fits the data set before any work
     recipes = view_recipes(cfg, manifest)
-    teacher = {"name": name, "arch": meta["arch"], "weights_sha256": sha256_file(checkpoint)}
+    # The preprocessing (data statistics, or the timm model's input size / mean / std) is part of what the logits
+    # mean: a store made with other inputs is another store.
+    teacher = {
+        "name": name,
+        "arch": meta["arch"],
+        "weights_sha256": sha256_file(checkpoint),
+        "preprocess": model.preprocess.to_dict(),
+    }
     spec = build_spec(
         manifest,
         teacher,

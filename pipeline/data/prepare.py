@@ -15,32 +15,32 @@ import numpy as np
 
 from pipeline.config import ConfigError, PrepareConfig
 from pipeline.data.shards import Manifest, Samples, write_dataset
-from pipeline.data.sources import SplitData, SplitStream, check_options, load_split, open_imagefolder
+from pipeline.data.sources import STREAMED, SplitData, StreamedSplit, check_options, load_split
 
 log = logging.getLogger(__name__)
 
 _TAG_VAL = 0x56414C  # "VAL": the validation draw's own random stream
 
 
-def open_split(cfg: PrepareConfig, split: str) -> SplitData | SplitStream:
-    """One split of the source: in memory (IDX, CIFAR pickles, synthetic) or streamed (ImageFolder)."""
-    if cfg.source == "imagefolder":
-        # Streamed: indexed now, decoded while the shards are written (memory: one image, any folder size).
+def open_split(cfg: PrepareConfig, split: str) -> SplitData | StreamedSplit:
+    """One split of the source: in memory (IDX, CIFAR pickles, synthetic) or streamed (ImageFolder, hf)."""
+    if cfg.source in STREAMED:
+        # Streamed: indexed now, decoded while the shards are written (memory: one image or window, any size).
         if cfg.root is None:
-            raise ConfigError("source 'imagefolder' needs a root: set `prepare.root` to the folder or archive")
+            raise ConfigError(f"source {cfg.source!r} needs a root: set `prepare.root` to where the data set is")
         check_options(cfg.source, cfg.options)
-        return open_imagefolder(Path(cfg.root), split, **cfg.options)
+        return STREAMED[cfg.source](Path(cfg.root), split, **cfg.options)
     return load_split(cfg.source, cfg.root, split, **cfg.options)
 
 
 def validation_counts(labels: np.ndarray, val: float | int, classes: list[str]) -> np.ndarray:
-    """Validation images per class: `round(val * n_c)` for a fraction, a count spread over the classes in
+    """Validation images per class: `val * n_c` rounded half up for a fraction, a count spread over the classes in
     proportion to their sizes (largest remainders) otherwise. Every class keeps at least one image on each
     side, else a `ConfigError` names the class and the fix."""
     counts = np.bincount(labels, minlength=len(classes))  # (C,)
     n = int(counts.sum())
     if isinstance(val, float):
-        k = np.rint(val * counts).astype(np.int64)
+        k = np.floor(val * counts + 0.5).astype(np.int64)  # round half up: 5 images at 0.1 give one
         what = f"prepare.val={val}"
     else:
         if val >= n:
@@ -83,14 +83,14 @@ def stratified_split(
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-def _labels(data: SplitData | SplitStream) -> np.ndarray:
-    return data.labels() if isinstance(data, SplitStream) else data.labels.astype(np.int64)
+def _labels(data: SplitData | StreamedSplit) -> np.ndarray:
+    return data.labels.astype(np.int64) if isinstance(data, SplitData) else data.split_labels()
 
 
-def _shuffled(data: SplitData | SplitStream, seed: int | None) -> Samples:
+def _shuffled(data: SplitData | StreamedSplit, seed: int | None) -> Samples:
     """Shards must mix classes for the loader's shard-level + buffer shuffle to give well-mixed batches;
     sources like ImageFolder come sorted by class. A fixed seed keeps it reproducible."""
-    if isinstance(data, SplitStream):
+    if not isinstance(data, SplitData):
         if seed is not None:
             data.permute(seed)
         return data
@@ -111,7 +111,7 @@ def prepare(cfg: PrepareConfig, out: str | Path) -> Manifest:
         )
     if cfg.val and "train" not in cfg.splits:
         raise ConfigError("prepare.val carves the validation split out of train: add 'train' to prepare.splits")
-    opened: dict[str, SplitData | SplitStream] = {}
+    opened: dict[str, SplitData | StreamedSplit] = {}
     classes: list[str] | None = None
     for split in cfg.splits:
         data = open_split(cfg, split)
@@ -131,6 +131,6 @@ def prepare(cfg: PrepareConfig, out: str | Path) -> Manifest:
     for split, data in opened.items():
         seed = cfg.shuffle_seed if split in ("train", "val") else None
         splits[split] = _shuffled(data, seed)
-        where = data.location if isinstance(data, SplitStream) else f"shape {data.images.shape[1:]}"
+        where = f"shape {data.images.shape[1:]}" if isinstance(data, SplitData) else data.location
         log.info("%s/%s: %d images (%s)", cfg.source, split, len(_labels(data)), where)
     return write_dataset(out, cfg.name, splits, classes, cfg.shard_size, limit=cfg.limit)

@@ -8,7 +8,11 @@ Sources (the keys of :data:`SOURCES`, used by the ``prepare`` stage via :func:`l
   (``cifar-10-batches-py/``, ``cifar-100-python/``); ``download=True`` fetches it with torchvision.
 - ``imagefolder``: ``root/{train,test|val}/<class>/<image>`` in any Pillow-readable format, either a
   directory or a ``.tar[.gz|.bz2|.xz]`` archive of one, read in one streaming pass without extracting.
+- ``hf``: a Hugging Face ``datasets`` dataset on disk: a ``Dataset``/``DatasetDict.save_to_disk`` folder or
+  Parquet files (:mod:`pipeline.data.hf`), with options for the image and label columns and the split names.
 - ``synthetic``: small deterministic, learnable images for tests and demos.
+
+``imagefolder`` and ``hf`` also open as streams (:data:`STREAMED`), which ``prepare`` shards while decoding.
 
 Every reader takes ``(root, split, *, <its options>)``; options are keyword-only so a misspelt option
 is a ``TypeError`` (:class:`OptionError`) naming the valid ones instead of being silently ignored. Bad
@@ -32,12 +36,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from pipeline.config import ConfigError
 from pipeline.errors import InputError
+from pipeline.data.hf import load_hf_split, open_hf_split
 
 logger = logging.getLogger(__name__)
 
@@ -574,7 +579,7 @@ class SplitStream:
         perm = np.random.default_rng(seed).permutation(len(self.entries))
         self.entries = [self.entries[i] for i in perm]
 
-    def labels(self) -> np.ndarray:
+    def split_labels(self) -> np.ndarray:
         """(N,) int64 labels from the index (no decoding)."""
         return np.array([e.label for e in self.entries], dtype=np.int64)
 
@@ -775,13 +780,33 @@ SOURCES: dict[str, Callable[..., SplitData]] = {
     "cifar10": load_cifar10,
     "cifar100": load_cifar100,
     "imagefolder": load_imagefolder,
+    "hf": load_hf_split,
     "synthetic": load_synthetic,
 }
 
 
+class StreamedSplit(Protocol):
+    """A split decoded image by image while it is sharded (:class:`SplitStream`, :class:`pipeline.data.hf.HFStream`)."""
+
+    classes: list[str]
+    location: str
+
+    def __len__(self) -> int: ...
+    def permute(self, seed: int) -> None: ...
+    def split_labels(self) -> np.ndarray: ...  # (len,) int64, without decoding (the validation split's draw)
+    def subset(self, index: np.ndarray) -> StreamedSplit: ...  # those positions, in that order
+    def __iter__(self) -> Iterator[tuple[np.ndarray, int]]: ...
+
+
+#: Sources ``prepare`` streams (memory: one image or one window of rows, not the split); their keywords are the
+#: source's options (the :data:`SOURCES` reader takes the same ones).
+STREAMED: dict[str, Callable[..., StreamedSplit]] = {"imagefolder": open_imagefolder, "hf": open_hf_split}
+
+
 def source_options(source: str) -> dict[str, Any]:
-    """The options ``source`` accepts, with their defaults."""
-    reader = _reader(source)
+    """The options ``source`` accepts, with their defaults: the keywords of its streamed opener if it has one
+    (:data:`STREAMED`), else of its reader."""
+    reader = STREAMED.get(source) or _reader(source)
     params = inspect.signature(reader).parameters.values()
     return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 

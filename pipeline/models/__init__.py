@@ -1,12 +1,13 @@
 """Models: the architecture zoo, its registry, checkpoints and batched inference.
 
 Owns: network definitions (one module per family: ``cnn``, ``resnet``, ``wrn``, ``vgg``, ``mobilenet``,
-``shufflenet``; torchvision through ``tv:<name>``), the registry (``register_model``, ``build_model``,
-``list_models``, ``build_for``), the checkpoint format and the one atomic checkpoint writer
-(``checkpoint``), and the input conversion + batched forward pass (``predict``).
+``shufflenet``; torchvision through ``tv:<name>``, timm through ``timm:<name>``), the registry
+(``register_model``, ``build_model``, ``list_models``, ``build_for``, preprocessing), the checkpoint format
+(safetensors) and the one atomic checkpoint writer (``checkpoint``), and the input conversion + batched
+forward pass (``predict``).
 
-May import: torch, torchvision (lazily), ``pipeline.config``/``pipeline.runtime``. Nothing else of the
-pipeline: data sets are described to it by the ``DataSpec`` protocol (a manifest is one).
+May import: torch, safetensors, torchvision and timm (both lazily), ``pipeline.config``/``pipeline.runtime``.
+Nothing else of the pipeline: data sets are described to it by the ``DataSpec`` protocol (a manifest is one).
 
 Add a model family: a module here whose factories carry ``@register_model``; import it below.
 """
@@ -18,7 +19,8 @@ from . import cnn, mobilenet, resnet, shufflenet, vgg, wrn  # noqa: F401
 from .checkpoint import (
     CheckpointError,
     atomic_write,
-    import_state_dict,
+    import_model,
+    is_safetensors,
     load_checkpoint,
     load_model,
     load_state_dict_checkpoint,
@@ -28,34 +30,43 @@ from .checkpoint import (
 )
 from .predict import predict_arrays, to_input
 from .registry import (
+    TIMM_PREFIX,
     TORCHVISION_PREFIX,
     DataSpec,
     Normalized,
+    Preprocess,
     build_for,
     build_model,
     canonical_arch,
     count_parameters,
     list_models,
+    pretrained_source,
     register_model,
+    resolve_preprocess,
 )
 
 __all__ = [
+    "TIMM_PREFIX",
     "TORCHVISION_PREFIX",
     "CheckpointError",
     "DataSpec",
     "Normalized",
+    "Preprocess",
     "atomic_write",
     "build_for",
     "build_model",
     "canonical_arch",
     "count_parameters",
-    "import_state_dict",
+    "import_model",
+    "is_safetensors",
     "list_models",
     "load_checkpoint",
     "load_model",
     "load_state_dict_checkpoint",
     "predict_arrays",
+    "pretrained_source",
     "register_model",
+    "resolve_preprocess",
     "save_checkpoint",
     "save_model",
     "to_input",

@@ -4,32 +4,52 @@
   loop's ``last.pt``): to a temporary file in the same folder, fsync-ed, then ``os.replace``-d into place,
   so a crash never leaves a truncated file that a later DVC stage (or ``--resume``) would take for a
   finished one.
-- :func:`save_checkpoint` / :func:`load_checkpoint`: ``{"arch", "num_classes", "in_channels", "state_dict",
-  **extra}``; :func:`save_model` / :func:`load_model` add the data set's normalisation
-  (:class:`~pipeline.models.registry.Normalized`) and check a checkpoint fits a data set.
-- :func:`load_state_dict_checkpoint` / :func:`import_state_dict`: a user's bare ``state_dict`` (CRD/DKD
-  teachers, DataParallel prefixes, Lightning wrappers) for a registered architecture.
+- :func:`save_checkpoint` / :func:`load_checkpoint`: a safetensors file (Hugging Face's format: a JSON header
+  and raw tensor bytes, nothing executable) holding the bare network's ``state_dict`` in its own naming, with
+  kdcache's metadata (``arch``, ``num_classes``, ``in_channels``, ``**extra``) as one JSON string under the header's
+  ``__metadata__["kdcache"]``; :func:`save_model` / :func:`load_model` add the model's preprocessing
+  (:class:`~pipeline.models.registry.Preprocess`: the data set's normalisation, or a timm model's input size and
+  mean/std) and check a checkpoint fits a data set. The bytes are a pure function of the weights and the metadata,
+  so re-running a stage reproduces its checkpoint (and the DVC hash and the store fingerprint over it).
+- :func:`load_state_dict_checkpoint` / :func:`import_model`: a user's weights for an architecture: a safetensors
+  ``state_dict`` (e.g. timm's ``model.safetensors``, in timm's own key names), a torch ``.pth``/``.pt`` (bare,
+  or wrapped as CRD/DKD teachers, DataParallel prefixes, Lightning), or a kdcache checkpoint; old kdcache
+  checkpoints written with ``torch.save`` are still read.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from torch import nn
 
-from .registry import DataSpec, Normalized, build_model, canonical_arch, count_parameters
+from .registry import (
+    DataSpec,
+    Normalized,
+    Preprocess,
+    build_model,
+    canonical_arch,
+    check_input_size,
+    count_parameters,
+    resolve_preprocess,
+    wrap,
+)
 
 __all__ = [
     "CheckpointError",
     "atomic_write",
     "check_fits",
-    "import_state_dict",
+    "import_model",
+    "is_safetensors",
     "load_checkpoint",
     "load_model",
     "load_state_dict_checkpoint",
@@ -41,6 +61,11 @@ log = logging.getLogger(__name__)
 
 # Keys that save_checkpoint owns; `extra` may not overwrite them (a clobbered "arch" would rebuild the wrong net).
 _RESERVED_KEYS = ("arch", "num_classes", "in_channels", "state_dict")
+# The safetensors header's `__metadata__` key holding kdcache's metadata (JSON). One key on purpose: the
+# safetensors writer keeps `__metadata__` in a hash map whose order changes from process to process, so
+# several keys would give different bytes for the same checkpoint on every run.
+META_KEY = "kdcache"
+FORMAT_VERSION = 1
 
 
 class CheckpointError(ValueError):
@@ -68,7 +93,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
 
 
 def torch_save_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save(obj, path)`` through :func:`atomic_write`."""
+    """``torch.save(obj, path)`` through :func:`atomic_write` (the training loop's resume state, ``last.pt``)."""
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -84,8 +109,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _check_plain(value: Any, where: str) -> None:
-    """Reject values ``torch.load(weights_only=True)`` would refuse, at save time rather than at every load."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+    """Reject values JSON cannot hold, at save time rather than as a broken header at load time."""
+    if value is None or isinstance(value, (bool, int, float, str)):
         return
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
@@ -93,14 +118,36 @@ def _check_plain(value: Any, where: str) -> None:
         return
     if isinstance(value, dict):
         for k, v in value.items():
-            if not isinstance(k, (str, int)):
-                raise TypeError(f"checkpoint extra {where} has a key of type {type(k).__name__}; use str or int")
+            if not isinstance(k, str):
+                raise TypeError(f"checkpoint extra {where} has a key of type {type(k).__name__}; use str")
             _check_plain(v, f"{where}[{k!r}]")
         return
     raise TypeError(
-        f"checkpoint extra {where} is a {type(value).__name__}; checkpoints hold only None/bool/int/float/str, "
-        "tensors and lists/dicts of those (convert numpy scalars with float()/int())"
+        f"checkpoint extra {where} is a {type(value).__name__}; checkpoint metadata holds only JSON values "
+        "(None/bool/int/float/str and lists/dicts of those; convert numpy scalars with float()/int())"
     )
+
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The bare model's state_dict as contiguous CPU tensors that share no memory (safetensors refuses aliases)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for key, value in _unwrap(model).state_dict().items():
+        t = value.detach().cpu().contiguous()
+        where = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if t.numel() and where in seen:  # tied weights: store a copy under each name, load_state_dict re-ties them
+            t = t.clone()
+        seen.add(where)
+        out[key] = t
+    return out
+
+
+def checkpoint_bytes(state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> bytes:
+    """A safetensors file: ``state`` + ``meta`` as one JSON string (sorted keys), byte-identical for equal inputs."""
+    from safetensors.torch import save  # tensors are laid out sorted by (dtype, name): deterministic
+
+    header = json.dumps({"format_version": FORMAT_VERSION, **meta}, sort_keys=True, separators=(",", ":"))
+    return save(dict(state), metadata={META_KEY: header})
 
 
 def save_checkpoint(
@@ -111,32 +158,25 @@ def save_checkpoint(
     in_channels: int,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``{"arch", "num_classes", "in_channels", "state_dict", **extra}`` to ``path`` atomically.
+    """Write ``model``'s state_dict + ``{"arch", "num_classes", "in_channels", **extra}`` to ``path`` (safetensors).
 
-    The file is written to a temporary name in the same directory and ``os.replace``-d into place, so a crash
-    never leaves a truncated checkpoint that a later DVC stage would take for a finished one. ``arch`` is stored
-    in canonical form; tensors are stored on the CPU so the file loads on machines without the training device.
+    Written through :func:`atomic_write`, so a crash never leaves a truncated checkpoint that a later DVC stage would
+    take for a finished one. ``arch`` is stored in canonical form; ``extra`` must be JSON values. Equal weights and
+    metadata give equal bytes (see :func:`checkpoint_bytes`).
     """
     path = Path(path)
     name = canonical_arch(arch)
     extra = dict(extra or {})
-    clash = [k for k in _RESERVED_KEYS if k in extra]
+    clash = [k for k in (*_RESERVED_KEYS, "format_version") if k in extra]
     if clash:
         raise ValueError(f"checkpoint extra may not contain the reserved keys {clash}")
     for key, value in extra.items():
         if not isinstance(key, str):
             raise TypeError(f"checkpoint extra keys must be str; got {key!r}")
         _check_plain(value, repr(key))
-    state_dict = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
-    payload = {
-        "arch": name,
-        "num_classes": int(num_classes),
-        "in_channels": int(in_channels),
-        "state_dict": state_dict,
-        **extra,
-    }
-
-    torch_save_atomic(payload, path)
+    meta = {"arch": name, "num_classes": int(num_classes), "in_channels": int(in_channels), **extra}
+    data = checkpoint_bytes(_state_tensors(model), meta)
+    atomic_write(path, lambda f: f.write(data))
     log.info("saved %s checkpoint (%d parameters) to %s", name, count_parameters(model), path)
     return path
 
@@ -148,9 +188,57 @@ def _missing_file_error(path: Path, hint: str) -> FileNotFoundError:
 def _torch_load(path: Path, map_location: Any) -> Any:
     # weights_only=True: a checkpoint a user brings is untrusted input, and full unpickling could run arbitrary code.
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch decides by content, not by a `.safetensors` name
+            return torch.load(f, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises a zoo of types (UnpicklingError, RuntimeError, EOFError, ...)
         raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def is_safetensors(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a safetensors file: a little-endian u64 header length, then a JSON object.
+
+    Decided by content, not by name: users' files are named ``.pt``, ``.pth``, ``.bin`` and ``.safetensors`` alike.
+    """
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    (size,) = struct.unpack("<Q", head[:8])
+    return size <= os.path.getsize(path) - 8
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """What a weights file holds: its tensors (or torch's payload to dig them out of) and kdcache's metadata if any."""
+
+    payload: Any  # safetensors: {name: tensor}; torch: whatever was saved
+    meta: dict[str, Any] | None  # a kdcache checkpoint's metadata (without the state_dict), else None
+
+
+def _read_weights(path: Path, map_location: Any = "cpu") -> _Weights:
+    """Read a safetensors or torch weights file (never unpickling code); kdcache's metadata when it is one."""
+    if is_safetensors(path):
+        from safetensors import safe_open
+
+        device = map_location if isinstance(map_location, str) else "cpu"
+        try:
+            with safe_open(str(path), framework="pt", device=device) as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        except Exception as exc:  # SafetensorError for a corrupt header or truncated data
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        if META_KEY not in header:
+            return _Weights(tensors, None)
+        try:
+            meta = json.loads(header[META_KEY])
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"checkpoint {path}: unreadable kdcache metadata ({exc})") from exc
+        meta.pop("format_version", None)
+        return _Weights(tensors, meta)
+    payload = _torch_load(path, map_location)
+    if isinstance(payload, dict) and all(k in payload for k in _RESERVED_KEYS):  # kdcache's torch.save format
+        return _Weights(payload["state_dict"], {k: v for k, v in payload.items() if k != "state_dict"})
+    return _Weights(payload, None)
 
 
 def _first(keys: Sequence[str], n: int = 5) -> str:
@@ -158,30 +246,82 @@ def _first(keys: Sequence[str], n: int = 5) -> str:
     return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} in total)"
 
 
+def _shape_hints(mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]], model: nn.Module) -> list[str]:
+    """What a shape mismatch usually means: a classifier for other classes, or a stem for other channels."""
+    hints = []
+    heads = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    for key, file_shape, model_shape in mismatched:
+        module = key.rpartition(".")[0]
+        if module in heads and file_shape[:1] != model_shape[:1]:
+            hints.append(
+                f"the checkpoint's classifier {key!r} has {file_shape[0]} outputs but the data set has "
+                f"{model_shape[0]} classes: a teacher must predict the data set's classes, so fine-tune it on them "
+                "first (e.g. timm's train.py with --num-classes) and point `checkpoint` at the result"
+            )
+            break
+    for key, file_shape, model_shape in mismatched:
+        module = key.rpartition(".")[0]
+        if module in convs and len(file_shape) == 4 and file_shape[1] != model_shape[1]:
+            hints.append(
+                f"{key!r} takes {file_shape[1]}-channel images but the data set has {model_shape[1]} channel(s): "
+                f"prepare it with {file_shape[1]} channels (ImageFolder and hf sources: "
+                f"prepare.options.mode: {'RGB' if file_shape[1] == 3 else 'L'})"
+            )
+            break
+    return hints
+
+
 def _load_strict(model: nn.Module, state_dict: Mapping[str, Any], path: Path, arch: str) -> None:
-    """``load_state_dict(strict=True)`` with an error that names the file and the first offending keys."""
+    """``load_state_dict(strict=True)`` with an error that names the file, the first offending keys and the fix."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    problems = []
+    problems, hints = [], []
     if missing:
         problems.append(f"missing keys {_first(missing)}")
     if unexpected:
         problems.append(f"unexpected keys {_first(unexpected)}")
     if not problems:
         mismatched = [
-            f"{k}: file {tuple(getattr(state_dict[k], 'shape', ()))} vs model {tuple(v.shape)}"
+            (k, tuple(getattr(state_dict[k], "shape", ())), tuple(v.shape))
             for k, v in expected.items()
             if not isinstance(state_dict[k], torch.Tensor) or state_dict[k].shape != v.shape
         ]
         if mismatched:
-            problems.append(f"shape mismatches [{'; '.join(mismatched[:5])}] ({len(mismatched)} in total)")
+            shown = "; ".join(f"{k}: file {a} vs model {b}" for k, a, b in mismatched[:5])
+            problems.append(f"shape mismatches [{shown}] ({len(mismatched)} in total)")
+            hints = _shape_hints(mismatched, model)
     if problems:
-        raise CheckpointError(
-            f"state_dict in {path} does not fit architecture {arch!r}: {'; '.join(problems)}. Check the "
-            "architecture name, num_classes and in_channels the checkpoint was trained with."
+        fix = " ".join(f"Hint: {h}." for h in hints) or (
+            "Check the architecture name, num_classes and in_channels the checkpoint was trained with."
         )
+        raise CheckpointError(f"state_dict in {path} does not fit architecture {arch!r}: {'; '.join(problems)}. {fix}")
     model.load_state_dict(state_dict, strict=True)
+
+
+def _check_arch(path: Path, meta: Mapping[str, Any], expected: str | None) -> str:
+    """The canonical architecture a kdcache checkpoint records (it must equal ``expected`` when given)."""
+    try:
+        stored = canonical_arch(meta["arch"])
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from exc
+    if expected is not None and canonical_arch(expected) != stored:
+        raise CheckpointError(
+            f"checkpoint {path} holds architecture {meta['arch']!r}, but {expected!r} was expected; "
+            "fix the architecture in params.yaml or retrain the teacher"
+        )
+    return stored
+
+
+def _kdcache_net(path: Path, weights: _Weights, expected_arch: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a kdcache checkpoint's network and load its weights (eval mode)."""
+    assert weights.meta is not None
+    stored = _check_arch(path, weights.meta, expected_arch)
+    num_classes, in_channels = int(weights.meta["num_classes"]), int(weights.meta["in_channels"])
+    model = build_model(stored, num_classes, in_channels)
+    _load_strict(model, _extract_state_dict(weights.payload, path), path, stored)
+    return model.eval(), dict(weights.meta)
 
 
 def load_checkpoint(
@@ -189,9 +329,10 @@ def load_checkpoint(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a :func:`save_checkpoint` file: rebuild the stored architecture, load its weights, return it in eval mode.
 
-    Returns ``(model, meta)`` where ``meta`` is everything in the file but ``state_dict``. The model is put in
-    ``eval()`` mode because a loaded checkpoint here is a teacher: a teacher left in train mode would update its
-    BatchNorm statistics and emit batch-dependent logits; call ``.train()`` to fine-tune instead.
+    Returns ``(model, meta)`` where ``meta`` is the checkpoint's metadata (``arch``, ``num_classes``,
+    ``in_channels``, extra). The model is put in ``eval()`` mode because a loaded checkpoint here is a teacher: a
+    teacher left in train mode would update its BatchNorm statistics and emit batch-dependent logits; call
+    ``.train()`` to fine-tune instead. Reads safetensors checkpoints and the ``torch.save`` ones of earlier versions.
 
     Raises ``FileNotFoundError`` (saying how to produce the file), ``CheckpointError`` if ``expected_arch`` differs
     from the stored one (naming both) or the weights do not fit (naming missing/unexpected keys and the file).
@@ -203,26 +344,13 @@ def load_checkpoint(
             "Produce it with `dvc repro train_teacher@<name>` for a demo teacher, or point "
             "teachers.<name>.checkpoint in params.yaml at your own checkpoint.",
         )
-    payload = _torch_load(path, map_location)
-    if not isinstance(payload, dict) or any(k not in payload for k in _RESERVED_KEYS):
+    weights = _read_weights(path, map_location)
+    if weights.meta is None:
         raise CheckpointError(
-            f"{path} is not a kdcache checkpoint (it needs {list(_RESERVED_KEYS)} entries); for a bare state_dict "
-            "use load_state_dict_checkpoint(path, arch, num_classes, in_channels)"
+            f"{path} is not a kdcache checkpoint (it has no kdcache metadata: {list(_RESERVED_KEYS[:3])}); for a "
+            "bare state_dict use load_state_dict_checkpoint(path, arch, num_classes, in_channels)"
         )
-    try:
-        stored = canonical_arch(payload["arch"])
-    except ValueError as exc:
-        raise CheckpointError(f"checkpoint {path}: {exc}") from exc
-    if expected_arch is not None and canonical_arch(expected_arch) != stored:
-        raise CheckpointError(
-            f"checkpoint {path} holds architecture {payload['arch']!r}, but {expected_arch!r} was expected; "
-            "fix the architecture in params.yaml or retrain the teacher"
-        )
-    num_classes, in_channels = int(payload["num_classes"]), int(payload["in_channels"])
-    model = build_model(stored, num_classes, in_channels)
-    _load_strict(model, payload["state_dict"], path, stored)
-    meta = {k: v for k, v in payload.items() if k != "state_dict"}
-    return model.eval(), meta
+    return _kdcache_net(path, weights, expected_arch)
 
 
 # Containers other trainers wrap a state_dict in: CRD/DKD save {"model": ...}, Lightning and many others
@@ -255,34 +383,31 @@ def load_state_dict_checkpoint(
 ) -> nn.Module:
     """Build ``arch`` and load a user's own weights file into it; return the model in eval mode (it is a teacher).
 
-    Accepts a bare ``state_dict``, one wrapped under ``"state_dict"``/``"model"``/``"model_state_dict"``/``"net"``
-    (e.g. CRD's and DKD's published CIFAR teachers), with DataParallel's ``module.`` prefix stripped, or a
-    :func:`save_checkpoint` file (whose stored architecture must then equal ``arch``).
+    Accepts a safetensors ``state_dict`` (timm's ``model.safetensors``: timm's key names fit ``timm:<name>``), a
+    torch file with a bare ``state_dict`` or one wrapped under ``"state_dict"``/``"model"``/``"model_state_dict"``/
+    ``"net"`` (e.g. CRD's and DKD's published CIFAR teachers), with DataParallel's ``module.`` prefix stripped, or a
+    kdcache checkpoint (whose stored architecture must then equal ``arch``).
     """
     path = Path(path)
     if not path.is_file():
         raise _missing_file_error(path, "Set teachers.<name>.checkpoint in params.yaml to an existing state_dict file.")
-    payload = _torch_load(path, map_location)
+    weights = _read_weights(path, map_location)
     name = canonical_arch(arch)
-    if isinstance(payload, dict) and isinstance(payload.get("arch"), str) and "state_dict" in payload:
-        stored = canonical_arch(payload["arch"])
-        if stored != name:
-            raise CheckpointError(
-                f"checkpoint {path} holds architecture {payload['arch']!r}, but {arch!r} was requested"
-            )
+    if weights.meta is not None:
+        _check_arch(path, weights.meta, arch)
     model = build_model(name, num_classes, in_channels)
-    _load_strict(model, _extract_state_dict(payload, path), path, name)
+    _load_strict(model, _extract_state_dict(weights.payload, path), path, name)
     return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------
-# the pipeline's models: checkpoints that carry the data set's normalisation
+# the pipeline's models: checkpoints that carry the model's preprocessing
 
 
 def save_model(path: str | Path, model: Normalized, arch: str, extra: dict[str, Any] | None = None) -> Path:
-    """Checkpoint: the bare net's state_dict + arch + normalisation + ``extra`` (e.g. test accuracy)."""
+    """Checkpoint: the bare net's state_dict + arch + preprocessing (mean/std, input size) + ``extra`` (e.g. top-1)."""
     net = model.net
-    meta = {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(), **(extra or {})}
+    meta = {"preprocess": model.preprocess.to_dict(), **(extra or {})}
     num_classes = meta.pop("num_classes", None) or _out_features(net)
     in_channels = int(model.mean.numel())
     return save_checkpoint(path, net, arch=arch, num_classes=num_classes, in_channels=in_channels, extra=meta)
@@ -293,25 +418,52 @@ def _out_features(net: nn.Module) -> int:
     return int(last.out_features)
 
 
+def _recorded_preprocess(meta: Mapping[str, Any], data: DataSpec | None, path: Path) -> Preprocess:
+    """The preprocessing a checkpoint records (older ones: only mean/std, i.e. ``preprocess: data``)."""
+    if isinstance(meta.get("preprocess"), dict):
+        return Preprocess.from_dict(meta["preprocess"])
+    mean = meta.get("mean") or (data.mean if data else None)
+    std = meta.get("std") or (data.std if data else None)
+    if mean is None or std is None:
+        raise CheckpointError(f"{path}: checkpoint has no normalisation (mean/std); pass the data set's manifest")
+    return Preprocess("data", tuple(mean), tuple(std))
+
+
 def load_model(
     path: str | Path, expected_arch: str | None = None, data: DataSpec | None = None
 ) -> tuple[Normalized, dict[str, Any]]:
-    """Load a kdcache checkpoint; with ``data`` (a manifest), check classes/channels fit the data set."""
+    """Load a kdcache checkpoint behind its recorded preprocessing; with ``data`` (a manifest), check it fits."""
     net, meta = load_checkpoint(path, expected_arch=expected_arch)
     if data is not None:
         check_fits(meta, data, path)
-    mean = meta.get("mean") or (data.mean if data else None)
-    std = meta.get("std") or (data.std if data else None)
-    if mean is None:
-        raise CheckpointError(f"{path}: checkpoint has no normalisation (mean/std); pass the data set's manifest")
-    return Normalized(net, mean, std), meta
+    return wrap(net, _recorded_preprocess(meta, data, Path(path))), meta
 
 
-def import_state_dict(path: str | Path, arch: str, data: DataSpec) -> Normalized:
-    """A user's bare ``state_dict`` for ``arch`` (e.g. a published teacher), normalised with the data set's stats."""
-    h, w, c = data.image_shape
-    net = load_state_dict_checkpoint(path, arch=arch, num_classes=data.num_classes, in_channels=c)
-    return Normalized(net, data.mean, data.std)
+def import_model(path: str | Path, arch: str, data: DataSpec, preprocess: str = "data") -> Normalized:
+    """A user's teacher for ``arch`` on ``data``: a kdcache checkpoint, or any weights file of it (see
+    :func:`load_state_dict_checkpoint`) behind ``preprocess`` (``"data"`` | ``"model"``, see
+    :class:`~pipeline.models.registry.Preprocess`).
+
+    A kdcache checkpoint keeps the preprocessing it was trained with; asking for another is an error naming both.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise _missing_file_error(path, "Set teachers.<name>.checkpoint in params.yaml to an existing weights file.")
+    weights = _read_weights(path)
+    if weights.meta is not None:
+        net, meta = _kdcache_net(path, weights, arch)
+        check_fits(meta, data, path)
+        recorded = _recorded_preprocess(meta, data, path)
+        if recorded.mode != preprocess:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with preprocess: {recorded.mode}, but preprocess: {preprocess} was "
+                f"asked for; set the teacher's preprocess to {recorded.mode}"
+            )
+        return wrap(net, recorded)
+    p = resolve_preprocess(arch, data, preprocess)
+    check_input_size(arch, data, p)
+    net = load_state_dict_checkpoint(path, arch=arch, num_classes=data.num_classes, in_channels=data.image_shape[2])
+    return wrap(net, p)
 
 
 def check_fits(meta: Mapping[str, Any], data: DataSpec, path: str | Path) -> None:

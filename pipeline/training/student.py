@@ -5,7 +5,7 @@ loss, on all cached sample-views or on the first `budget` teacher calls of the s
 order, and its checkpoint, metadata and training curves are written where `Layout` says.
 
     student = StudentRun("resnet", "dist", budget=1000, seed=1)
-    run_student(manifest, cfg, student, layout)   # -> data/students/resnet-dist-1000-1/model.pt + curves
+    run_student(manifest, cfg, student, layout)   # -> data/students/resnet-dist-1000-1/model.safetensors + curves
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pipeline.cache.budget import BudgetSpec
 from pipeline.cache.store import LogitStore
 from pipeline.config import ConfigError, DistillConfig, student_id
 from pipeline.data.shards import Manifest
-from pipeline.layout import Layout
+from pipeline.layout import STUDENT_MODEL, Layout
 from pipeline.losses import LossConfigError, build_loss
 from pipeline.models.checkpoint import atomic_write, load_model, save_model
 from pipeline.models.registry import build_for
@@ -149,7 +149,7 @@ def run_student(
     resume: bool = False,
     device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Train one student; rank 0 writes `model.pt` (with its metadata) and the curves. Returns the metadata.
+    """Train one student; rank 0 writes `model.safetensors` (with its metadata) and the curves. Returns the metadata.
 
     store / out_dir / curves override the layout's paths (experiments that train on another store).
     Under torchrun every rank calls this; the process group must already be initialised.
@@ -184,7 +184,7 @@ def run_student(
     teacher = None
     if cfg.teacher_source == "online":
         teacher, _ = load_model(layout.teacher_checkpoint(run.teacher), data=manifest)
-    model = build_for(cfg.student, manifest)
+    model = build_for(cfg.student, manifest, cfg.student_preprocess)
     out = Path(out_dir or layout.student(run.sid))
     result = train(
         model,
@@ -215,7 +215,7 @@ def run_student(
     }
     if rank != 0:
         return meta  # only rank 0 writes outputs
-    save_model(out / "model.pt", model.cpu(), cfg.student, extra=meta)
+    save_model(out / STUDENT_MODEL, model.cpu(), cfg.student, extra=meta)
     curves_path = Path(curves or layout.curves(run.sid))
     atomic_write(curves_path, lambda f: f.write((json.dumps(result.history, indent=1) + "\n").encode()))
     log.info("student %s done: kept epoch %d, validation top-1 %s", run.sid, result.selected_epoch, result.val_acc)

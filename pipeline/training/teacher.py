@@ -3,8 +3,8 @@
 `train_teacher` is what `stages.train_teacher` calls. A teacher entry of the `teachers` zoo either
 names an architecture and a recipe (trained here with the same loop as the students, CE only, a
 fresh augmentation per epoch and sample, the best epoch on the validation split kept) or a
-`checkpoint` (a kdcache checkpoint or a bare state_dict of `arch`), which is validated against the
-data set instead of trained.
+`checkpoint` (a kdcache checkpoint, or a safetensors / torch state_dict of `arch`, e.g. timm's own
+`model.safetensors` for `timm:<name>`), which is validated against the data set instead of trained.
 
 The teacher check (`teacher_check`) looks at the teacher's validation top-1 before anything is
 distilled from it: an imported teacher near chance is an error (its class order or normalisation
@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from pipeline.config import TeacherSpec, TrainTeacherConfig
+from pipeline.config import ConfigError, TeacherSpec, TrainTeacherConfig
 from pipeline.data.shards import Manifest
 from pipeline.data.views import ViewRecipe
 from pipeline.layout import Layout
 from pipeline.losses.ce import CELoss
-from pipeline.models.checkpoint import import_state_dict, load_model, save_model
-from pipeline.models.registry import Normalized, build_for
+from pipeline.models.checkpoint import import_model, save_model
+from pipeline.models.registry import build_for, pretrained_source
 from pipeline.records import write_record
 from pipeline.runtime import pick_device, seed_everything, set_threads
 from pipeline.training.dataset import DistillDataset
@@ -82,7 +82,7 @@ def teacher_check(
                 f"{msg}: its outputs do not match this data set. Likely causes: (1) another class order: this data "
                 f"set's classes are {list(manifest.classes)} in this order (label i = classes[i]); (2) another "
                 f"input normalisation: this data set's mean {list(manifest.mean)}, std {list(manifest.std)}, "
-                f"the checkpoint's {recorded}. Fix the checkpoint or `prepare` (class folders, source) and rerun"
+                f"the teacher's {recorded}. Fix the checkpoint or `prepare` (class folders, source) and rerun"
             )
         warnings.append(f"{msg}: training failed; check teachers.{name}.lr and its schedule")
     vals = [(i, r["val_acc"]) for i, r in enumerate(history) if "val_acc" in r]
@@ -99,15 +99,15 @@ def teacher_check(
     return warnings
 
 
-def import_teacher(path: str | Path, arch: str, manifest: Manifest) -> tuple[Normalized, dict[str, Any]]:
-    """A user's teacher: a kdcache checkpoint of `arch` (and its metadata), or a bare state_dict of it ({}).
-
-    Classes and channels are checked against the data set; its accuracy by `teacher_check`.
-    """
-    try:
-        return load_model(path, expected_arch=arch, data=manifest)
-    except (KeyError, ValueError, TypeError):  # not a kdcache checkpoint of `arch`: a bare state_dict (or an error)
-        return import_state_dict(path, arch, manifest), {}
+def check_pretrained(name: str, spec: TeacherSpec, out_dir: str | Path) -> None:
+    """`pretrained: true` names weights that kdcache never downloads: without `checkpoint:` say where to put them."""
+    if spec.pretrained and not spec.checkpoint:
+        where = Path("weights") / f"{name}.safetensors"
+        raise ConfigError(
+            f"teachers.{name}: pretrained: true, but kdcache never downloads weights and no checkpoint is set. "
+            f"{pretrained_source(spec.arch)}. Put the file at {where} (any path outside {out_dir}/, which DVC owns) "
+            f"and set teachers.{name}.checkpoint: {where}"
+        )
 
 
 def train_teacher(
@@ -122,13 +122,14 @@ def train_teacher(
     device: torch.device | None = None,
     run_log: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train (or import) teacher `name`; write `<out_dir>/<name>.pt` and its metrics record; return the metrics.
+    """Train (or import) teacher `name`; write `<out_dir>/<name>.safetensors` and its metrics record; return them.
 
     `out_dir` is `Layout.teachers` in the pipeline; a demo teacher's epoch checkpoints go to `<name>.run/`.
     `run_log`: where the training's per-epoch timings go (the metrics file holds none, so it is reproducible).
     The record (`pipeline.records`: summary `<metrics_dir>/<name>.json`, details `<metrics_dir>/details/<name>.json`;
     `metrics_dir` defaults to `out_dir`) uses the students' key names: `accuracy` is test top-1.
     """
+    check_pretrained(name, spec, out_dir)
     files = Layout.teacher_files(out_dir, name, metrics_dir)
     device = device or pick_device()
     set_threads(cfg.train.threads)
@@ -137,12 +138,14 @@ def train_teacher(
     history: list[dict[str, float]] = []
     meta: dict[str, Any] = {}
     if spec.checkpoint:
-        model, meta = import_teacher(spec.checkpoint, spec.arch, manifest)
+        model = import_model(spec.checkpoint, spec.arch, manifest, spec.preprocess)
+        # what the teacher normalises its inputs with (recorded in a kdcache checkpoint, else the data set's)
+        meta = {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()}
         source = str(spec.checkpoint)
     else:
         tcfg = spec.train_config(cfg.train)
         seed_everything(tcfg.seed)
-        model = build_for(spec.arch, manifest)
+        model = build_for(spec.arch, manifest, spec.preprocess)
         train_set = DistillDataset(
             manifest,
             "train",
