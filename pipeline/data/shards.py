@@ -13,27 +13,22 @@ source reproduces it byte for byte and the logit stores that fingerprint it stay
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import mmap
 import os
 import shutil
-import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
 from tqdm.auto import tqdm
 
+from pipeline.data.tario import decode_png_fast, encode_png, tar_samples
 from pipeline.errors import InputError, UserError
 from pipeline.layout import partial_path
-from pipeline.data.tario import decode_png_fast, encode_png, tar_samples
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.config import ConfigError
-from pipeline.errors import InputError
 from pipeline.data.hf import load_hf_split, open_hf_split
+from pipeline.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ SPLITS: tuple[str, ...] = ("train", "test")
 
 #: Where a source's files live when the user installed them the documented way.
 DEFAULT_ROOTS: dict[str, str] = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
-
 
 
 class OptionError(ConfigError, TypeError):

@@ -40,7 +40,6 @@ def decode_png(data: bytes) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-
 _ZERO_BLOCK = bytes(512)
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 _PNG_MODES = {(8, 0): ("L", 1), (8, 2): ("RGB", 3), (8, 6): ("RGBA", 4)}  # (bit depth, colour type) -> mode
