@@ -27,11 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 
 
-def archive_args(doc: str, workdir: str, argv: list[str] | None) -> tuple[argparse.Namespace, Path | None]:
-    """`--archive` (the CIFAR-10 JPEG ImageFolder) and `--workdir`; the archive is None (skip: said so) if absent."""
+def archive_args(
+    doc: str, workdir: str, argv: list[str] | None, seeds: bool = False
+) -> tuple[argparse.Namespace, Path | None]:
+    """`--archive` (the CIFAR-10 JPEG ImageFolder) and `--workdir` (and `--seeds`); the archive is None (skip: said
+    so) if absent."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--workdir", default=workdir, help="where the benchmark works")
     ap.add_argument("--archive", default=str(ARCHIVE), help="CIFAR-10 JPEG ImageFolder (.tar.gz or folder)")
+    if seeds:
+        ap.add_argument("--seeds", type=int, nargs="+", default=None, help="distill.seeds (default: the profile's)")
     args = ap.parse_args(argv)
     archive = Path(args.archive).resolve()
     if not archive.exists():
@@ -41,7 +46,7 @@ def archive_args(doc: str, workdir: str, argv: list[str] | None) -> tuple[argpar
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, archive = archive_args(__doc__, "/tmp/kdcache-cifar10", argv)  # workdir: a git clone
+    args, archive = archive_args(__doc__, "/tmp/kdcache-cifar10", argv, seeds=True)  # workdir: a git clone
     if archive is None:
         return 0
     work = Path(args.workdir)
@@ -49,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(["git", "clone", "--quiet", str(ROOT), str(work)], check=True)
     params = yaml.safe_load((ROOT / "profiles" / "cifar10.yaml").read_text())
     params["prepare"]["root"] = str(archive)
+    if args.seeds:
+        params["distill"]["seeds"] = args.seeds
     new = yaml.safe_dump(params, sort_keys=False)
     target = work / "params.yaml"
     if not target.exists() or target.read_text() != new:
