@@ -94,6 +94,7 @@ def make_run(
                         "seed": seed,
                         "teacher_calls": FULL_CALLS if budget == "full" else int(budget),
                         "arch": "cnn_tiny",
+                        "val_accuracy": clean["accuracy"],  # as if validation scored like test here
                     }
                     robust = {}
                     if robustness:

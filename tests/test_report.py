@@ -121,6 +121,17 @@ def test_warnings_come_first_and_a_loss_below_ce_is_flagged(tmp_path):
     assert [(t, loss) for t, loss, _ in study.below_ce()] == [("big", "kd"), ("small", "kd")]
 
 
+def test_a_teacher_no_better_than_a_ce_student_is_flagged(tmp_path):
+    """The teacher check's cheap reference: a CE student's validation top-1 (labels alone, no teacher)."""
+    teachers = {"weak": (0.40, "cnn_tiny", None), "big": (0.92, "resnet8", 78_000)}
+    layout, manifest = make_run(tmp_path, budgets=("full",), seeds=(0,), teachers=teachers)
+    study = load_study(layout.metrics, layout.teacher_metrics_dir, manifest, layout.confusion_dir)
+    (weak,) = study.weak_teachers()
+    assert weak[0] == "weak" and weak[1] < weak[2]
+    head = "\n".join(report._warnings(study))
+    assert "teacher **weak** is no better than a CE student" in head and "teacher **big** is no" not in head
+
+
 def test_what_is_missing_is_said_not_hidden(tmp_path):
     layout, manifest = make_run(tmp_path, budgets=("full",), robustness=False)
     for p in layout.confusion_dir.glob("small-*.csv"):

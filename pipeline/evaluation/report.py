@@ -139,6 +139,12 @@ def _warnings(study: Study) -> list[str]:
             items.append(f"teacher **{t}**: no record in metrics/teachers: its accuracy and warnings are unknown")
             continue
         items += [f"teacher **{t}**: {w}" for w in study.teachers[t].warnings]
+    for t, acc, ce in study.weak_teachers():
+        items.append(
+            f"teacher **{t}** is no better than a CE student: validation top-1 {100 * acc:.2f} vs {100 * ce:.2f} for "
+            "a student trained on labels alone; distilling from it can only teach its mistakes: train it longer "
+            f"(teachers.{t}.steps) or bring a stronger one"
+        )
     for t, loss, p in study.below_ce():
         items.append(
             f"**{loss}** with teacher {t} is significantly *below* CE: {100 * p.diff:+.2f} points "

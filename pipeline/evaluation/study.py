@@ -34,6 +34,10 @@ ALPHA = 0.05  # the level of every test the report states
 CURVE_KEYS = (("val_acc", "val"), ("test_acc", "test"))
 
 
+#: a teacher must beat a CE student on validation by this much (top-1) to be worth distilling from
+CE_MARGIN = 0.005
+
+
 class StudyError(ValueError):
     """Metrics that cannot be reported together (another data set or schema, missing keys)."""
 
@@ -235,6 +239,21 @@ class Study:
                 p = self.paired(t, loss, NO_TEACHER_LOSS, budget)
                 if p is not None and p.diff < 0 and p.significant(ALPHA):
                     out.append((t, loss, p))
+        return out
+
+    def weak_teachers(self, margin: float = CE_MARGIN) -> list[tuple[str, float, float]]:
+        """(teacher, its validation top-1, the CE students' mean validation top-1) for every teacher not
+        `margin` better than a CE student on validation: the cheap reference of the teacher check (a student
+        trained on labels alone), read off validation, never test."""
+        out = []
+        for t in self.teacher_names:
+            teacher = self.teachers.get(t)
+            ce = self.values(self.cell(t, NO_TEACHER_LOSS), "val_accuracy")
+            if teacher is None or teacher.val_accuracy is None or not ce:
+                continue
+            ce_mean = float(np.mean(ce))
+            if teacher.val_accuracy < ce_mean + margin:
+                out.append((t, teacher.val_accuracy, ce_mean))
         return out
 
     def teacher_accuracy(self, teacher: str) -> float | None:
