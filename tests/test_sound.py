@@ -267,8 +267,15 @@ def test_an_imported_teacher_near_chance_is_an_error_naming_class_order_and_norm
 
 def test_a_trained_teacher_gets_warnings_not_errors():
     rising = [{"epoch": 1, "val_acc": 0.6}, {"epoch": 2, "val_acc": 0.8}]
-    w = teacher_check("cnn", 0.8, _M(), rising, imported=False)
-    assert len(w) == 1 and "still improving" in w[0] and "60.0% -> 80.0%" in w[0]
+    w = teacher_check("cnn", 0.8, _M(), rising, imported=False, n_val=400)
+    assert len(w) == 1 and "still improving" in w[0] and "60.0% by epoch 1 -> 80.0% by epoch 2" in w[0]
+    # the same 1-point rise: noise on 400 validation images (2 SE = 4 points), a signal on 60,000 (0.3 points)
+    noisy = [{"epoch": e, "val_acc": a} for e, a in enumerate([0.5, 0.8, 0.8, 0.81], 1)]
+    assert teacher_check("cnn", 0.81, _M(), noisy, imported=False, n_val=400) == []
+    assert len(teacher_check("cnn", 0.81, _M(), noisy, imported=False, n_val=60_000)) == 1
+    # best-so-far: a dip and a recovery in the last quarter is not "still improving"
+    dip = [{"epoch": e, "val_acc": a} for e, a in enumerate([0.5, 0.7, 0.85, 0.80, 0.85], 1)]
+    assert teacher_check("cnn", 0.85, _M(), dip, imported=False, n_val=60_000) == []
     flat = [{"epoch": i, "val_acc": a} for i, a in enumerate([0.6, 0.85, 0.9, 0.905], 1)]
     assert teacher_check("cnn", 0.905, _M(), flat, imported=False) == []
     early = [{"epoch": 1, "val_acc": 0.5}, {"epoch": 2, "val_acc": 0.8}, {"epoch": 3}, {"epoch": 4}, {"epoch": 5}]
