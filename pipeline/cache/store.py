@@ -551,6 +551,3 @@ class LogitStore:
     def read_all(self) -> np.ndarray:
         return self.read_block(0, self.n)
 
-
-def open_store(path: str | Path, split: str = "train", manifest: Manifest | None = None) -> LogitStore:
-    return LogitStore(path, split=split, manifest=manifest)
