@@ -69,3 +69,31 @@ def test_cifar10_benchmark_skips_cleanly_without_the_archive(tmp_path, capsys):
 
     assert cifar10_profile.main(["--archive", str(tmp_path / "absent.tar.gz"), "--workdir", str(tmp_path / "w")]) == 0
     assert "skip:" in capsys.readouterr().out and not (tmp_path / "w").exists()
+
+
+def test_every_value_that_shapes_results_is_spelled_out_in_params_yaml():
+    """A default hidden in config.py would change results without DVC noticing (config.py is no stage's dep):
+    every field of the training and teach sections is written out in params.yaml. Exempt: the one of
+    `epochs`/`steps` not used, `distill.train.seed` (each student's seed is its matrix item's),
+    `optim.milestones` (read by `schedule: step` only, which needs them set), and the teacher's
+    epochs/lr/batch size (each teacher's own, in `teachers.<name>`)."""
+    import dataclasses
+
+    from pipeline.config import DistillConfig, OptimConfig, PrepareConfig, TeachConfig, TrainConfig
+
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def missing(cls, d, where, exempt=()):
+        return [f"{where}.{f.name}" for f in dataclasses.fields(cls) if f.name not in d and f.name not in exempt]
+
+    gaps = missing(PrepareConfig, p["prepare"], "prepare") + missing(TeachConfig, p["teach"], "teach")
+    gaps += missing(DistillConfig, p["distill"], "distill")
+    for where, train, exempt in (
+        ("distill.train", p["distill"]["train"], {"steps", "seed"}),
+        ("train_teacher.train", p["train_teacher"]["train"], {"steps", "epochs", "batch_size"}),
+    ):
+        gaps += missing(TrainConfig, train, where, exempt)
+        # milestones: only read by `schedule: step`, which cannot be used without setting them
+        optim_exempt = {"milestones", "lr"} if where.startswith("train_") else {"milestones"}
+        gaps += missing(OptimConfig, train["optim"], f"{where}.optim", optim_exempt)
+    assert not gaps, gaps

@@ -550,4 +550,3 @@ class LogitStore:
 
     def read_all(self) -> np.ndarray:
         return self.read_block(0, self.n)
-
