@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from pipeline.active import rounds as rounds_mod
 from pipeline.active.rounds import plan_rounds, rounds_path, run_query
 from pipeline.active.scores import entropy, k_center_greedy, margin, select, softmax
+from pipeline.cache.budget import selection_order
 from pipeline.cache.inspect_store import format_info, inspect_store
 from pipeline.cache.store import LogitStore
 from pipeline.config import ConfigError, DistillConfig, QuerySpec, TeachConfig, from_dict, query_section
@@ -81,7 +83,7 @@ def test_diversity_spreads_uncertain_picks_apart():
     features = np.r_[np.zeros((10, 2)), np.full((10, 2), 10.0)] + np.arange(20)[:, None] * 1e-3
     pool = np.array([[-50.0, -50.0]])
     by_margin = select("margin", logits, 2)
-    spread = select("diversity", logits, 2, features=features, pool_features=pool, candidates=10)
+    spread = select("diversity", logits, 2, features=features, pool_features=pool, shortlist=20)
     assert (features[by_margin, 0] < 5).all() or (features[by_margin, 0] > 5).all()  # one cluster
     assert sorted(features[spread, 0] > 5) == [False, True]  # one from each
     with pytest.raises(ValueError, match="needs the candidates"):
@@ -102,10 +104,8 @@ def test_fewer_picks_are_a_prefix_of_more(score, m, k, seed):
     rng = np.random.default_rng(seed)
     logits = np.round(rng.normal(size=(m, 4)), 1)  # rounded: ties happen and must break the same way
     feats, pool = rng.normal(size=(m, 3)), rng.normal(size=(4, 3))
-    kw = {"features": feats, "pool_features": pool, "candidates": 3}
+    kw = {"features": feats, "pool_features": pool, "shortlist": 3 * (k + 5)}  # a query's: candidates x per_round
     small, big = select(score, logits, k, **kw), select(score, logits, k + 5, **kw)
-    if score == "diversity":  # its shortlist grows with k: a prefix for a fixed per_round, as rounds use it
-        big = select(score, logits, k, **kw)
     assert small.tolist() == big[: len(small)].tolist() and len(set(small.tolist())) == len(small)
 
 
@@ -230,15 +230,16 @@ def test_the_teacher_sees_exactly_the_selected_sample_views(manifest, tmp_path, 
     assert not rounds_path(path).exists()  # the round checkpoints are gone once the store is complete
 
 
-def test_budget_n_is_a_prefix_and_raising_it_goes_on_from_the_last_round(manifest, tmp_path):
-    fresh = _query(manifest, tmp_path / "fresh" / "x.zarr", RecordingTeacher(manifest), budget=50)
-    small = _query(manifest, tmp_path / "grow" / "x.zarr", RecordingTeacher(manifest), budget=26)  # [20, 6]
+@pytest.mark.parametrize("score", ["margin", "diversity"])
+def test_budget_n_is_a_prefix_and_raising_it_goes_on_from_the_last_round(manifest, tmp_path, score):
+    fresh = _query(manifest, tmp_path / "fresh" / "x.zarr", RecordingTeacher(manifest), budget=50, score=score)
+    small = _query(manifest, tmp_path / "grow" / "x.zarr", RecordingTeacher(manifest), budget=26, score=score)
     big, small_store = LogitStore(fresh, "train"), LogitStore(small, "train")
     s_order, b_order = small_store.query_order(), big.query_order()
     assert ((s_order >= 0) == ((b_order >= 0) & (b_order < 26))).all()  # the same first 26 calls, in order
     np.testing.assert_array_equal(s_order[s_order >= 0], b_order[s_order >= 0])
     t = RecordingTeacher(manifest)
-    grown = _query(manifest, tmp_path / "grow" / "x.zarr", t, budget=50, reuse=True)
+    grown = _query(manifest, tmp_path / "grow" / "x.zarr", t, budget=50, reuse=True, score=score)
     assert t.calls == 50 - 26  # only the new calls: round 1 grows from 6 to 12, then rounds 2 and 3
     assert_same_files(grown, fresh)  # byte for byte the store a fresh run with the larger budget writes
 
@@ -371,3 +372,42 @@ def test_a_partial_store_of_another_query_is_not_resumed(manifest, tmp_path):
         _query(manifest, out, RecordingTeacher(manifest, fail_after=n_other + 25))
     with pytest.raises(ValueError, match="holds a partial store of a different run"):
         _query(manifest, out, RecordingTeacher(manifest), score="entropy")
+
+
+def test_the_sweep_driver_end_to_end_on_a_tiny_project(tmp_path, monkeypatch):
+    """benchmarks/active_sweep.py: one store per strategy/budget/seed (the project's data untouched), every loss
+    on every store, tables against random with intervals, the figure; a rerun trains and queries nothing."""
+    import benchmarks.active_sweep as sweep
+    import benchmarks.students as students
+    from pipeline.models import save_model
+    from stages import prepare
+    from tests.conftest import make_project
+
+    make_project(tmp_path, tiny_params())
+    monkeypatch.chdir(tmp_path)
+    prepare.main([])
+    m = load_manifest("data/shards/tiny")
+    save_model("data/teachers/small.safetensors", linear_teacher(m), "cnn_tiny")
+    trained: list[str] = []
+    orig = students.train_student
+    monkeypatch.setattr(students, "train_student", lambda *a, **k: trained.append(a[2].sid) or orig(*a, **k))
+    argv = ["--teacher", "small", "--budgets", "16", "--seeds", "0", "1", "--strategies", "random", "margin"]
+    argv += ["--losses", "kd", "--steps", "2", "--round-steps", "2", "--pool-epoch", "32", "--rounds", "2"]
+    sweep.main([*argv, "--out", "work"])
+    assert sorted(trained) == sorted(["small-kd-16-0", "small-kd-16-1"] * 2)  # one per strategy and seed
+    assert not Path("data/logits").exists()  # the project's stores are not touched
+    active = LogitStore("work/stores/margin-16-1-kd.zarr", "train")
+    assert active.teacher_calls == 16 and np.bincount(active.query_rounds()[active.queried()]).tolist() == [8, 8]
+    fixed = LogitStore("work/stores/random-16-1.zarr", "train")
+    assert fixed.attrs["budget"] == {"n": 16, "strategy": "random", "seed": 1}
+    # round 0 of the active store is the random order's first 8 calls (the same seed)
+    ids = selection_order(m.iter_labels("train"), 2, "random", 1)[:8]
+    assert (active.query_rounds().reshape(-1)[ids] == 0).all() and fixed.queried().reshape(-1)[ids].all()
+    md = Path("work/results.md").read_text()
+    assert "| kd | " in md and "Against `random`" in md and "| margin | 16 | 2 | 2 |" in md
+    res = json.loads(Path("work/results.json").read_text())
+    assert len(res["cells"]["margin|kd|16"]) == 2 and "margin|kd|16" in res["vs_random"]
+    assert Path("work/active.png").stat().st_size > 1000
+    trained.clear()
+    sweep.main([*argv, "--out", "work"])
+    assert trained == []  # resumable: finished students and stores are kept

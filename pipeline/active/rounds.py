@@ -252,8 +252,8 @@ class _Job:
         self.writer = StoreWriter(self.out, self.store_spec, force=force)
         work = rounds_path(self.out)
         key = self._work_key()
-        if (work / "identity").is_file() and (work / "identity").read_text() != key:
-            shutil.rmtree(work)  # round checkpoints of another query
+        if force or ((work / "identity").is_file() and (work / "identity").read_text() != key):
+            shutil.rmtree(work, ignore_errors=True)  # starting over, or round checkpoints of another query
         work.mkdir(parents=True, exist_ok=True)
         (work / "identity").write_text(key)
 
@@ -416,7 +416,7 @@ class _Job:
             k,
             features=features,
             pool_features=pool_features,
-            candidates=self.spec.candidates,
+            shortlist=self.spec.candidates * self.spec.per_round,  # fixed: the last, shorter round is a prefix
         )
         return rows[picks], views[picks]
 

@@ -8,7 +8,8 @@ takes fewer calls (the last round of a smaller budget) takes a prefix of what a 
   Learning Literature Survey", §3.1 uncertainty sampling).
 - `margin`: p_(1) - p_(2), the gap between the two most likely classes, smallest first (Scheffer et al. 2001;
   a strong baseline across benchmarks: Bahri et al. 2022, "Is margin all you need?").
-- `diversity`: uncertain *and* far apart: the `candidates` x k lowest-margin sample-views, then k-center greedy
+- `diversity`: uncertain *and* far apart: the `shortlist` lowest-margin sample-views (`candidates` x per_round in
+  a query: fixed per query, so a round's first k picks are the same whatever k), then k-center greedy
   (Sener & Savarese 2018, "Active Learning for CNNs: A Core-Set Approach") on the student's penultimate features,
   starting from the sample-views already queried: each pick is the candidate farthest (Euclidean) from every
   queried and already-picked one. Margin first, diversity second is Cluster-Margin's order (Citovsky et al. 2021).
@@ -80,12 +81,13 @@ def select(
     *,
     features: np.ndarray | None = None,
     pool_features: np.ndarray | None = None,
-    candidates: int = 10,
+    shortlist: int | None = None,
 ) -> np.ndarray:
     """The k candidates to ask about, best first: positions into the rows of `logits` (M, C).
 
     features (M, D) and pool_features (P, D): the student's penultimate features of the candidates and of the
-    sample-views already queried (`diversity` only).
+    sample-views already queried, and `shortlist` (>= k; default 10 k) how many of the lowest-margin candidates
+    k-center greedy chooses from (`diversity` only).
     """
     if score not in SCORES:
         raise ValueError(f"unknown query score '{score}'; available: {list(SCORES)}")
@@ -98,5 +100,5 @@ def select(
         return by_margin[:k]
     if features is None or pool_features is None:
         raise ValueError("score 'diversity' needs the candidates' and the queried pool's features")
-    shortlist = by_margin[: candidates * k]  # the most uncertain, most uncertain first
-    return shortlist[k_center_greedy(features[shortlist], pool_features, k)]
+    short = by_margin[: max(k, shortlist if shortlist is not None else 10 * k)]  # most uncertain first
+    return short[k_center_greedy(features[short], pool_features, k)]
