@@ -586,6 +586,77 @@ def ensemble_spec(params: dict[str, Any], name: str) -> EnsembleSpec:
     return ensembles[name]
 
 
+#: what ranks the unqueried sample-views of an active round (`pipeline.active.scores.SCORES`)
+QUERY_SCORES = ("entropy", "margin", "diversity")
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """One entry of the `query` section: a teacher queried actively, in rounds (the `query@<name>` stage).
+
+    Round 0 asks `teacher` about `initial` sample-views chosen by `seed_strategy` (a fixed order, as
+    `teach.strategy`); every later round trains the distill student (`distill.student`, `distill.train` with
+    `steps` optimizer steps, loss `loss`) on the calls made so far, scores every unqueried sample-view with it
+    (`score`) and asks the teacher about the `per_round` best, until `budget` calls are made. The store,
+    `data/logits/<name>.zarr`, is used like any teacher's (`distill.teachers: [<name>]`); it records which round
+    asked for each call and their order, so any distill budget below `budget` is the prefix of that order.
+    """
+
+    teacher: Name  # a teacher of the `teachers` zoo (its checkpoint answers the calls)
+    budget: PosInt  # teacher calls on the train split (above the split's sample-views: clamped, with a warning)
+    initial: PosInt  # calls of round 0 (no student yet): at most `budget`
+    per_round: PosInt  # calls of every later round
+    seed_strategy: Literal["random", "class_balanced"] = "class_balanced"  # round 0's order (teach.strategy's)
+    score: Literal["entropy", "margin", "diversity"] = "margin"  # == QUERY_SCORES
+    candidates: PosInt = 10  # diversity: k-center greedy among the candidates x per_round lowest-margin views
+    loss: Name = "kd"  # the round students' loss: a key of distill.loss_params
+    steps: PosInt | None = 500  # optimizer steps of each round's student (None: distill.train's schedule)
+    seed: NonNegInt = 0  # round 0's order and the round students' seed
+
+    def __post_init__(self) -> None:
+        if self.initial > self.budget:
+            raise ConfigError(
+                f"initial: {self.initial} calls in round 0 is more than the whole budget of {self.budget}; "
+                f"set initial to at most {self.budget} (or raise budget)"
+            )
+
+
+def query_section(params: dict[str, Any]) -> dict[str, QuerySpec]:
+    """The `query` section (optional): name -> QuerySpec, checked against the teacher zoo and the ensembles.
+
+    A name is a store's name, so it may not be a teacher's or an ensemble's; `teacher` must be a teacher of the
+    zoo (an ensemble has no model to ask).
+    """
+    raw = params.get("query") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"query: expected a mapping of name -> {{teacher: ..., budget: ...}}, got {raw!r}")
+    teachers = set(params.get("teachers") or {})
+    ensembles = set(params.get("ensembles") or {})
+    out = {name: from_dict(QuerySpec, spec or {}, f"query.{name}") for name, spec in raw.items()}
+    for name, spec in out.items():
+        where = f"query.{name}"
+        if name in teachers | ensembles:
+            raise ConfigError(
+                f"{where}: '{name}' is also a {'teacher' if name in teachers else 'ensemble'}; a query entry names "
+                f"its own store: give it another name, e.g. {spec.teacher}_{spec.score}"
+            )
+        if spec.teacher not in teachers:
+            what = "an ensemble, which has no model to ask" if spec.teacher in ensembles else "not a teacher"
+            raise ConfigError(
+                f"{where}.teacher: '{spec.teacher}' is {what}; name one of the teachers {sorted(teachers)}",
+                where=f"{where}.teacher",
+            )
+    return out
+
+
+def query_spec(params: dict[str, Any], name: str) -> QuerySpec:
+    """One checked entry of the `query` section; an unknown name lists the ones configured."""
+    queries = query_section(params)
+    if name not in queries:
+        raise ConfigError(f"unknown query '{name}'; query entries in params.yaml: {sorted(queries)}")
+    return queries[name]
+
+
 def load_section(cls: type[T], name: str, params_path: str | Path = DEFAULT_PARAMS) -> T:
     """Read `params.yaml` and return section `name` as dataclass `cls`."""
     return from_dict(cls, section(load_params(params_path), name), name)

@@ -35,6 +35,7 @@ TINY_PARAMS: dict = {
         "small": {"arch": "cnn_tiny", "epochs": 4, "lr": 0.1, "batch_size": 32},
     },
     "ensembles": {},
+    "query": {},
     "train_teacher": {"train": {"workers": 0, "shuffle_buffer": 64, "seed": 0, "threads": 1}},
     "teach": {
         "views": 2,

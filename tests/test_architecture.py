@@ -21,6 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"core"},
     "cache": {"core", "data", "models"},
     "training": {"core", "data", "cache", "models", "losses"},
+    # active queries train students to choose teacher calls: above both cache and training, imported by no package
+    "active": {"core", "data", "cache", "models", "losses", "training"},
     "evaluation": {"core", "data", "cache", "models", "losses", "training"},
 }
 
@@ -97,6 +99,8 @@ def test_dvc_outs_are_where_layout_says():
     assert outs(dvc["ensemble"]) == {str(layout.store(t))}  # an ensemble's store is a teacher's store
     members = [str(layout.store(f"${{item.members[{k}]}}")) for k in (0, 1)]
     assert set(members) <= set(dvc["ensemble"]["do"]["deps"])  # it depends on its member stores
+    assert outs(dvc["query"]) == {str(layout.store(t))}  # an actively queried store is a teacher's store too
+    assert str(layout.teacher_checkpoint("${item.teacher}")) in dvc["query"]["do"]["deps"]  # its teacher answers
     assert outs(dvc["corrupt"]) == {str(layout.corrupt)}
     item_t = "${item.teacher}"
     assert outs(dvc["distill"]) == {str(layout.student(sid)), str(layout.curves(sid))}

@@ -218,6 +218,25 @@ def test_dvc_reruns_only_what_a_change_touches(tmp_path):
     p["teachers"].pop("big")
     p["distill"]["teachers"] = ["small"]
 
+    # 1b. Switching to an actively queried teacher (a `query` entry used as a distill teacher): only its query stage,
+    # its students and the report; the teacher's own teach stage is untouched (it never runs student code).
+    p["query"] = {"small_margin": {"teacher": "small", "budget": 40, "initial": 20, "per_round": 10, "loss": "kd"}}
+    p["distill"]["teachers"] = ["small_margin"]
+    (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    items = [f"small_margin-{loss}-{b}-0" for loss in ("ce", "kd") for b in ("full", 40)]
+    active = {f"{stage}@{item}" for stage in ("distill", "evaluate") for item in items}
+    assert _stale(proj) == {"query@small_margin", "report"} | active
+    # Training code reruns the active store (its rounds train students) but never a teach stage (demo teachers are
+    # trained by the same loop, so train_teacher reruns).
+    loop = proj / "pipeline" / "training" / "loop.py"
+    original = loop.read_text()
+    loop.write_text(original + "# an edit\n")
+    stale = _stale(proj)
+    assert "query@small_margin" in stale and not {x for x in stale if x.startswith("teach@")}
+    loop.write_text(original)
+    p["query"] = {}
+    p["distill"]["teachers"] = ["small"]
+
     # 2. One loss's parameter: only that loss's students.
     p["distill"]["loss_params"]["kd"]["T"] = 2.0
     (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))

@@ -92,6 +92,15 @@ def inspect_store(
     }
     queried = da.from_zarr(g["queried"], chunks=(rows, -1))
     info["teacher_calls"] = int(queried.sum().compute())
+    if "round" in g:  # written in rounds (active queries): calls per round, and what each round cost
+        made = da.from_zarr(g["round"], chunks=(rows, -1))[queried].astype(np.int64)
+        per_round = da.bincount(made, minlength=len(sa.get("rounds") or [])).compute()
+        info["queries_per_round"] = {int(r): int(c) for r, c in enumerate(per_round)}
+        info["rounds"] = sa.get("rounds")
+    if labels is not None and len(labels) == n:  # teacher calls per class (sample-views of rows of that class)
+        y = da.from_array(np.asarray(labels), chunks=rows)
+        per_class = da.bincount(y, weights=queried.sum(axis=1), minlength=c).compute()
+        info["queries_per_class"] = {int(k): int(v) for k, v in enumerate(per_class)}
     disk = _disk_bytes(target / split)
     info["disk_bytes"] = disk
     info["bytes_per_sample_view"] = round(disk / max(1, info["teacher_calls"]), 3)
@@ -109,7 +118,7 @@ def inspect_store(
             raise ValueError(f"{len(labels)} labels for a store of N={n}")
         y = da.from_array(np.asarray(labels), chunks=rows)
         pred = z.argmax(axis=-1)
-        conf = p.max(axis=-1)
+        conf = da.where(q0, p.max(axis=-1), 0.0)  # unqueried rows hold NaN logits: keep them out of the sums
         correct = (pred == y) & q0
         # ECE (Guo et al. 2017) from per-bin sums: one streaming pass, then a tiny numpy reduction.
         which = da.clip(da.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
@@ -128,7 +137,15 @@ def format_info(info: dict[str, Any]) -> str:
     """Human-readable multi-line rendering for the CLI."""
     lines = []
     for k, val in info.items():
-        if k == "entropy_hist":
+        if k == "rounds" and val:
+            lines.append("rounds (calls, pool the round's student trained on, its steps and validation top-1):")
+            for r in val:
+                acc = "-" if r.get("val_accuracy") is None else f"{100 * r['val_accuracy']:.2f}%"
+                lines.append(
+                    f"  round {r['round']:3d}: {r['calls']:7d} calls  pool {r['pool']:7d}  "
+                    f"steps {r['student_steps']:6d}  val top-1 {acc}"
+                )
+        elif k == "entropy_hist":
             counts, edges = val["counts"], val["edges"]
             peak = max(counts) or 1
             lines.append("entropy histogram (nats):")

@@ -9,6 +9,8 @@ Layout (one group per teacher, one sub-group per split)::
         topk_indices(N, V, k)       their class ids (smallest unsigned int that fits C)
         tail_mass   (N, V)          softmax(z)[classes outside the top k].sum()  (T = 1)
         queried     (N, V) bool     which sample-views the teacher actually saw (budget mode)
+        round       (N, V) int16    active queries: the round that selected each sample-view (-1: never) [ordered]
+        order       (N, V) int32    active queries: its position in the order of teacher calls (-1: never) [ordered]
         members     (N, V, M, C)    an ensemble's member-teacher logits, M = len(attrs["members"]) [optional]
         done        (S,) bool       per store shard: written completely (resume + concurrent writers)
 
@@ -120,10 +122,13 @@ class StoreSpec:
     # Member teachers whose logits an ensemble store keeps next to the combined ones (`members` array);
     # which members they are is part of the ensemble's identity in `extra`.
     members: tuple[str, ...] = ()
+    # Splits whose teacher calls are made in rounds (active queries, `pipeline.active`): they also hold the
+    # `round` and `order` arrays, and their shards are marked done when the last round is written.
+    ordered: tuple[str, ...] = ()
 
     def identity(self) -> dict[str, Any]:
         """The attrs a resumed run must agree on."""
-        return {
+        ident = {
             "schema_version": SCHEMA_VERSION,
             "teacher": self.teacher,
             "dataset": self.dataset,
@@ -132,6 +137,9 @@ class StoreSpec:
             "extra": self.extra,
             "splits": {k: _split_attrs(s) for k, s in self.splits.items()},
         }
+        if self.ordered:  # only then: the identity (and bytes) of every other store stay what they were
+            ident["ordered"] = list(self.ordered)
+        return ident
 
 
 def _split_attrs(s: SplitSpec) -> dict[str, Any]:
@@ -228,6 +236,9 @@ class StoreWriter:
             else:
                 arr("logits", (n, v, c), spec.dtype, np.nan)
             arr("queried", (n, v), "bool", False)
+            if name in spec.ordered:
+                arr("round", (n, v), "int16", -1)
+                arr("order", (n, v), "int32", -1)
             # One chunk per shard flag so concurrent writers never share a file.
             g.create_array("done", shape=(s.num_shards,), dtype="bool", chunks=(1,), fill_value=False)
             g.attrs.update({"split": name, **_split_attrs(s), "teacher_calls": 0})
@@ -323,6 +334,78 @@ class StoreWriter:
             raise StoreError(f"member logits in shard {j} of {split} exceed float16's range; use float32")
         return np.where(q, members, np.nan).astype(self.spec.dtype)
 
+    # -- teacher calls made in rounds (ordered splits: active queries) -----------------------------
+
+    def selection(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(round, order), each (N, V), of an ordered split: which round selected each sample-view and its call's
+        position in the order of all calls (-1: not selected)."""
+        g = self._ordered_group(split)
+        return g["round"][:], g["order"][:]
+
+    def record_selection(self, split: str, round_: np.ndarray, order: np.ndarray) -> None:
+        """Replace the (N, V) `round` and `order` arrays of an ordered split (selections are recorded before the
+        teacher is called on them, so a killed run knows which calls it still owes)."""
+        g = self._ordered_group(split)
+        s = self.spec.splits[split]
+        if round_.shape != (s.n, s.views) or order.shape != (s.n, s.views):
+            raise StoreError(f"{split}: selection shapes {round_.shape}, {order.shape} != {(s.n, s.views)}")
+        if ((round_ >= 0) != (order >= 0)).any():
+            raise StoreError(f"{split}: a sample-view has a round but no call position, or the reverse")
+        made = g["queried"][:]
+        if (made & (round_ < 0)).any():
+            raise StoreError(f"{split}: the selection drops sample-views whose teacher calls were already made")
+        g["round"][:] = round_.astype(np.int16)
+        g["order"][:] = order.astype(np.int32)
+
+    def add_calls(self, split: str, j: int, calls: np.ndarray, logits: np.ndarray) -> None:
+        """Add teacher calls to store shard `j` of an ordered split, keeping the calls it already holds.
+
+        calls: (n_j, V) bool, the sample-views answered now; logits: (n_j, V, C) float32, read where `calls` is
+        set (NaN elsewhere). The logits are written before the `queried` flags: a call counts as made only once
+        its logits are in the store, so a writer killed in between makes that call again, never loses one.
+        """
+        s = self.spec.splits[split]
+        self._ordered_group(split)
+        start, stop = s.shard_range(j)
+        n = stop - start
+        if calls.shape != (n, s.views) or logits.shape != (n, s.views, s.num_classes):
+            raise StoreError(f"shard {j} of {split}: calls {calls.shape} / logits {logits.shape} do not fit the shard")
+        if not np.isfinite(logits[calls]).all():
+            raise StoreError(f"teacher produced NaN/Inf logits in shard {j} of {split}; refusing to cache them")
+        if self.spec.dtype == "float16" and np.abs(logits[calls]).max(initial=0) > FLOAT16_MAX:
+            raise StoreError(f"logits in shard {j} of {split} exceed float16's range; set teach.dtype: float32")
+        g = self.group[split]
+        queried = g["queried"][start:stop]
+        if (queried & calls).any():
+            raise StoreError(f"shard {j} of {split}: some of these teacher calls are already in the store")
+        rows, views = np.nonzero(calls)
+        new = logits[rows, views][:, None, :]  # (k, 1, C)
+        if self.spec.topk:  # the calls already held keep their stored values: nothing is recompressed
+            keys = ("topk_values", "topk_indices", "tail_mass")
+            parts = dict(zip(keys, topk_compress(new, self.spec.topk), strict=True))
+            for key, part in parts.items():
+                block = g[key][start:stop]
+                block[rows, views] = part[:, 0].astype(block.dtype)
+                g[key][start:stop] = block
+        else:
+            block = g["logits"][start:stop]  # (n, V, C) stored dtype
+            block[rows, views] = new[:, 0].astype(block.dtype)
+            g["logits"][start:stop] = block
+        g["queried"][start:stop] = queried | calls
+
+    def mark_done(self, split: str) -> None:
+        """Mark every shard of `split` written (an ordered split, once its last round's calls are in)."""
+        self._ordered_group(split)["done"][:] = True
+
+    def _ordered_group(self, split: str) -> zarr.Group:
+        if split not in self.spec.ordered:
+            raise StoreError(f"split {split} of {self.partial} is not written in rounds (no round/order arrays)")
+        return self.group[split]
+
+    def read(self, split: str, manifest: Manifest | None = None) -> LogitStore:
+        """What this writer has written so far, read back (the rounds of active queries train on it)."""
+        return LogitStore(self.partial, split, manifest, partial=True)
+
     def finalize(self, extra_attrs: dict[str, Any] | None = None) -> Path:
         """Check every shard is done, record call counts, and atomically move into place."""
         calls = {}
@@ -410,9 +493,12 @@ def topk_expand(values: np.ndarray, indices: np.ndarray, tail: np.ndarray, num_c
 class LogitStore:
     """Read-only view of one split of a complete store, checked against the data set it joins."""
 
-    def __init__(self, path: str | Path, split: str = "train", manifest: Manifest | None = None) -> None:
+    def __init__(
+        self, path: str | Path, split: str = "train", manifest: Manifest | None = None, *, partial: bool = False
+    ) -> None:
+        """`partial=True` (`StoreWriter.read` only): read a store still being written; never a user's choice."""
         self.path = Path(path)
-        if self.path.name.endswith(PARTIAL_SUFFIX):
+        if self.path.name.endswith(PARTIAL_SUFFIX) and not partial:
             raise StoreError(f"{self.path} is a partial store (an unfinished teach run); re-run teach to complete it")
         if not self.path.exists():
             hint = " (a partial run exists: re-run teach to resume it)" if partial_path(self.path).exists() else ""
@@ -426,7 +512,7 @@ class LogitStore:
             raise StoreError(
                 f"{self.path}: schema version {attrs.get('schema_version')!r}, this kdcache reads {SCHEMA_VERSION}"
             )
-        if not attrs.get("complete"):
+        if not attrs.get("complete") and not partial:
             raise StoreError(f"{self.path} is marked incomplete; re-run teach to finish it")
         if split not in root:
             raise StoreError(f"{self.path} has no split '{split}'; splits: {sorted(k for k, _ in root.groups())}")
@@ -500,6 +586,15 @@ class LogitStore:
     def queried(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """(n, V) bool: which sample-views the teacher saw."""
         return self.group["queried"][start : self.n if stop is None else stop]
+
+    def query_order(self) -> np.ndarray | None:
+        """(N, V) int32: each call's position in the order the teacher was asked (-1: never); None unless the store
+        was written in rounds (active queries), whose order only the store knows."""
+        return self.group["order"][:] if "order" in self.group else None
+
+    def query_rounds(self) -> np.ndarray | None:
+        """(N, V) int16: the round that selected each sample-view (-1: never); None unless written in rounds."""
+        return self.group["round"][:] if "round" in self.group else None
 
     def read_rows(self, rows: np.ndarray, cache_shards: int = 4) -> np.ndarray:
         """Random rows (B,) -> (B, V, C) float32, reading whole store shards and indexing in numpy.

@@ -116,11 +116,14 @@ def build_spec(
     )
 
 
-def query_masks(manifest: Manifest, spec: StoreSpec) -> dict[str, np.ndarray]:
-    """(N, V) query mask per split. The budget applies to the train split; other splits are fully queried."""
+def query_masks(manifest: Manifest, spec: StoreSpec, splits: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """(N, V) query mask per split (of `splits`, default all). The budget applies to the train split; other splits
+    are fully queried."""
     budget = BudgetSpec.from_attrs(spec.extra.get("budget"))
     masks = {}
     for split, s in spec.splits.items():
+        if splits is not None and split not in splits:
+            continue
         if split == "train" and not budget.is_full:
             masks[split] = budget.mask(manifest.iter_labels(split), s.views)
         else:
@@ -134,6 +137,18 @@ def view_recipes(cfg: TeachConfig, manifest: Manifest) -> dict[str, ViewRecipe]:
     return {
         split: ViewRecipe(cfg.views if split == "train" else cfg.test_views, cfg.view_seed, aug.pad, aug.flip)
         for split in manifest.splits
+    }
+
+
+def teacher_identity(name: str, checkpoint: Path, model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """The store's fingerprint of the teacher `load_model(checkpoint)` returned: name, architecture, weights hash and
+    preprocessing (data statistics, or a timm model's input size / mean / std: part of what the logits mean, so a
+    store made with other inputs is another store)."""
+    return {
+        "name": name,
+        "arch": meta["arch"],
+        "weights_sha256": sha256_file(checkpoint),
+        "preprocess": model.preprocess.to_dict(),
     }
 
 
@@ -171,14 +186,7 @@ def _teach_store(
 ) -> Path:
     model, meta = load_model(checkpoint, data=manifest)  # checks the teacher fits the data set before any work
     recipes = view_recipes(cfg, manifest)
-    # The preprocessing (data statistics, or the timm model's input size / mean / std) is part of what the logits
-    # mean: a store made with other inputs is another store.
-    teacher = {
-        "name": name,
-        "arch": meta["arch"],
-        "weights_sha256": sha256_file(checkpoint),
-        "preprocess": model.preprocess.to_dict(),
-    }
+    teacher = teacher_identity(name, checkpoint, model, meta)
     spec = build_spec(
         manifest,
         teacher,
@@ -261,8 +269,8 @@ def run_teach(
         if isinstance(model, nn.Module):
             model.eval().to(device, memory_format=torch.channels_last)  # inputs are channels_last already
         writer = StoreWriter(out, spec, force=force, create=shards is None)
-        masks = query_masks(manifest, spec)
         todo = list(shards) if shards is not None else [(s, j) for s in spec.splits for j in writer.pending(s)]
+        masks = query_masks(manifest, spec, {s for s, _ in todo})
         total = sum(spec.splits[s].num_shards for s in spec.splits)
         if not todo:
             log.info("all %d shards already cached in %s", total, writer.partial)

@@ -37,6 +37,7 @@ META_KEYS = (
     "seed",
     "train_samples",
     "distinct_comparisons",
+    "query",
     "schedule",
     "selected_epoch",
     "store",

@@ -12,7 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["predict_arrays", "to_input"]
+__all__ = ["classifier_layer", "predict_arrays", "predict_features", "to_input"]
+
+#: attribute names under which classifiers keep their last layer: the zoo's and torchvision's (`fc`, `classifier`,
+#: `linear`, `head`, `heads`); timm models say it themselves (`get_classifier()`)
+CLASSIFIER_NAMES = ("fc", "classifier", "linear", "head", "heads")
 
 
 def to_input(images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -41,3 +45,33 @@ def predict_arrays(
         out.append(model(to_input(x.to(device, non_blocking=True))).float().cpu().numpy())
     model.train(was_training)
     return np.concatenate(out) if out else np.empty((0, 0), dtype=np.float32)
+
+
+def classifier_layer(model: nn.Module) -> nn.Linear | None:
+    """The final `nn.Linear` of a classifier (whose *input* is the penultimate features), or None when there is none
+    to identify: a model behind `Normalized` is looked up in its `net`; timm's `get_classifier()`, else the first of
+    `CLASSIFIER_NAMES` that is an attribute, the last `nn.Linear` of it when it is a block (`nn.Sequential` heads)."""
+    net = getattr(model, "net", model)
+    get = getattr(net, "get_classifier", None)
+    head = get() if callable(get) else next((getattr(net, n) for n in CLASSIFIER_NAMES if hasattr(net, n)), None)
+    if isinstance(head, nn.Module) and not isinstance(head, nn.Linear):
+        head = next((m for m in reversed(list(head.modules())) if isinstance(m, nn.Linear)), None)
+    return head if isinstance(head, nn.Linear) else None
+
+
+def predict_features(
+    model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`predict_arrays`' logits (N, C) and the penultimate features (N, D): the input of `classifier_layer`, caught
+    by a forward hook on it. A model without an identifiable classifier is a `ValueError`."""
+    layer = classifier_layer(model)
+    if layer is None:
+        raise ValueError(f"{type(getattr(model, 'net', model)).__name__} has no identifiable classifier layer")
+    feats: list[np.ndarray] = []
+    hook = layer.register_forward_hook(lambda m, inp, out: feats.append(inp[0].detach().float().cpu().numpy()))
+    try:
+        logits = predict_arrays(model, images, batch_size, device)
+    finally:
+        hook.remove()
+    d = layer.in_features
+    return logits, (np.concatenate(feats).reshape(len(images), d) if feats else np.empty((0, d), np.float32))

@@ -35,6 +35,7 @@ _TAG_POOL = 0x504F_4F4C  # "POOL"
 class QueriedPool:
     """In-memory (image, logits) pairs of every allowed sample-view: a `BatchSource` of DistillDataset-style batches.
 
+    store: the store's path, or an open `LogitStore` (an active query round reads the store it is writing).
     allowed: (N, V) bool of usable sample-views (a subset of the store's `queried`).
     epoch_samples: rows per epoch (back-to-back permutations of the pool); default N of the split.
     teacher_features: as `DistillDataset`'s, added to each batch by the loader.
@@ -46,7 +47,7 @@ class QueriedPool:
         self,
         manifest: Manifest,
         split: str,
-        store_path: str | Path,
+        store: str | Path | LogitStore,
         allowed: np.ndarray,
         *,
         seed: int = 0,
@@ -54,11 +55,12 @@ class QueriedPool:
         teacher_features: TeacherFeatures | None = None,
         members: bool = False,
     ) -> None:
-        store = LogitStore(store_path, split=split, manifest=manifest)
+        if not isinstance(store, LogitStore):
+            store = LogitStore(store, split=split, manifest=manifest)
         if allowed.shape != (store.n, store.views):
             raise ValueError(f"allowed mask shape {allowed.shape} != store rows/views {(store.n, store.views)}")
         if (allowed & ~store.queried()).any():
-            raise ValueError(f"allowed sample-views include some the teacher never answered in {store_path}")
+            raise ValueError(f"allowed sample-views include some the teacher never answered in {store.path}")
         recipe = ViewRecipe.from_dict(store.view_recipe)
         rows, views = np.nonzero(allowed)  # (P,) each, sorted by row
         if len(rows) == 0:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache.budget import BudgetSpec
+from pipeline.cache.budget import BudgetSpec, parse_budget
 from pipeline.cache.store import LogitStore
 from pipeline.config import ConfigError, DistillConfig, student_id
 from pipeline.data.shards import Manifest
@@ -57,16 +57,24 @@ class StudentRun:
 
 
 def budget_mask(store: LogitStore, labels: np.ndarray | None, budget: str | int) -> np.ndarray:
-    """(N, V) sample-views a student may use: the first `budget` calls of the store's selection order."""
+    """(N, V) sample-views a student may use: the first `budget` calls of the store's selection order.
+
+    A store written in rounds (active queries) records that order itself (`LogitStore.query_order`): it cannot
+    be recomputed from the labels, since each round depended on a student.
+    """
     queried = store.queried()
     if str(budget) == "full":
         return queried
     assert labels is not None
-    mask = BudgetSpec.from_attrs(store.attrs.get("budget")).prefix(budget).mask(labels, store.views)
-    if (mask & ~queried).any():
+    n, order = parse_budget(budget), store.query_order()
+    if order is None:
+        mask = BudgetSpec.from_attrs(store.attrs.get("budget")).prefix(budget).mask(labels, store.views)
+    else:
+        mask = (order >= 0) & (order < n)
+    if (mask & ~queried).any() or int(mask.sum()) < min(int(n or 0), queried.size):
         raise ConfigError(
             f"budget {budget} needs teacher calls the store {store.path} never made (it holds {int(queried.sum())}); "
-            "raise teach.budget or lower the distill budget"
+            f"raise {'query.<name>.budget' if order is not None else 'teach.budget'} or lower the distill budget"
         )
     return mask
 
@@ -137,6 +145,81 @@ def wants_members(loss_fn: Any, store: LogitStore, run: StudentRun, teacher_sour
     return False
 
 
+def student_loss(cfg: DistillConfig, loss: str) -> Any:
+    """The loss `loss` with its `distill.loss_params` (errors name the key to fix)."""
+    if loss not in cfg.loss_params:
+        raise ConfigError(
+            f"no parameters for loss '{loss}': add distill.loss_params.{loss} to params.yaml "
+            f"(configured: {sorted(cfg.loss_params)})"
+        )
+    try:
+        return build_loss(loss, **(cfg.loss_params[loss] or {}))
+    except LossConfigError as e:  # name the key: the loss only knows its own parameter names
+        raise ConfigError(f"distill.loss_params.{loss}: {e}", where=f"distill.loss_params.{loss}") from e
+
+
+def fit_student(
+    manifest: Manifest,
+    cfg: DistillConfig,
+    loss_fn: Any,
+    train_set: BatchSource,
+    out: Path,
+    *,
+    seed: int,
+    device: torch.device,
+    resume: bool = False,
+    teacher: torch.nn.Module | None = None,
+    desc: str = "student",
+    run_log: str | Path | None = None,
+) -> tuple[torch.nn.Module, Any]:
+    """A fresh `distill.student` (seeded) trained on `train_set` with `distill.train` and `seed`, the checkpoint kept
+    by validation on the `val` split; returns (model, `TrainResult`). What every student run trains through: the
+    distill stage's and an active query round's."""
+    tcfg = dataclasses.replace(cfg.train, seed=seed)
+    val_set = held_out(manifest, "val")  # checkpoint selection; the test split is for final reporting only
+    seed_everything(seed)
+    model = build_for(cfg.student, manifest, cfg.student_preprocess)
+    result = train(
+        model,
+        loss_fn,
+        train_set,
+        tcfg,
+        out,
+        val_set=val_set,
+        device=device,
+        resume=resume,
+        teacher=teacher,
+        desc=desc,
+        arch=cfg.student,
+        run_log=run_log,
+    )
+    return model, result
+
+
+def selection_record(store: LogitStore, allowed: np.ndarray) -> dict[str, Any] | None:
+    """How the teacher calls a student used were chosen (its record's `student.query`), None for a full store.
+
+    Active stores (written in rounds): strategy `active`, the score, the rounds the calls come from and the
+    student steps spent on choosing them; budget stores: the fixed strategy and its seed.
+    """
+    budget = store.attrs.get("budget") or {}
+    active = store.attrs.get("active")
+    if active:
+        rounds_of = store.query_rounds()[allowed]  # (k,) the round of each call used
+        used = int(rounds_of.max()) + 1 if len(rounds_of) else 0
+        log_rows = store.group.attrs.get("rounds") or []
+        return {
+            "strategy": "active",
+            "score": active.get("score"),
+            "rounds": used,
+            "selection_steps": int(sum(r.get("student_steps", 0) for r in log_rows[:used])),
+            "seed": budget.get("seed"),
+        }
+    if budget.get("n") is None:
+        return None
+    return {"strategy": budget.get("strategy", "random"), "seed": budget.get("seed", 0)}
+
+
 def run_student(
     manifest: Manifest,
     cfg: DistillConfig,
@@ -155,23 +238,14 @@ def run_student(
     Under torchrun every rank calls this; the process group must already be initialised.
     """
     rank, _ = rank_world()
-    if run.loss not in cfg.loss_params:
-        raise ConfigError(
-            f"no parameters for loss '{run.loss}': add distill.loss_params.{run.loss} to params.yaml "
-            f"(configured: {sorted(cfg.loss_params)})"
-        )
+    loss_fn = student_loss(cfg, run.loss)
     if cfg.teacher_source not in ("cache", "online"):
         raise ConfigError(f"distill.teacher_source must be 'cache' or 'online', got '{cfg.teacher_source}'")
-    try:
-        loss_fn = build_loss(run.loss, **(cfg.loss_params[run.loss] or {}))
-    except LossConfigError as e:  # name the key: the loss only knows its own parameter names
-        raise ConfigError(f"distill.loss_params.{run.loss}: {e}", where=f"distill.loss_params.{run.loss}") from e
     store_path = Path(store or layout.store(run.teacher))
     train_store = LogitStore(store_path, "train", manifest)
     labels = None if run.is_full else manifest.iter_labels("train")
     allowed = budget_mask(train_store, labels, run.budget)
-    tcfg = dataclasses.replace(cfg.train, seed=run.seed)
-    set_threads(tcfg.threads)
+    set_threads(cfg.train.threads)
     seed_everything(run.seed)
     # The loss's teacher side (CMKD's soft ranks...) depends on the cached logits alone: the loader's worker
     # computes it per batch, off the training step (identical results, tested).
@@ -180,24 +254,21 @@ def run_student(
         features = None
     members = wants_members(loss_fn, train_store, run, cfg.teacher_source)
     train_set = build_train_source(cfg, manifest, store_path, allowed, run, teacher_features=features, members=members)
-    val_set = held_out(manifest, "val")  # checkpoint selection; the test split is for final reporting only
     teacher = None
     if cfg.teacher_source == "online":
         teacher, _ = load_model(layout.teacher_checkpoint(run.teacher), data=manifest)
-    model = build_for(cfg.student, manifest, cfg.student_preprocess)
     out = Path(out_dir or layout.student(run.sid))
-    result = train(
-        model,
+    model, result = fit_student(
+        manifest,
+        cfg,
         loss_fn,
         train_set,
-        tcfg,
         out,
-        val_set=val_set,
+        seed=run.seed,
         device=device or pick_device(),
         resume=resume,
         teacher=teacher,
         desc=run.sid,
-        arch=cfg.student,
         run_log=layout.run_log("distill", run.sid) if rank == 0 else None,
     )
     meta = {
@@ -213,6 +284,9 @@ def run_student(
         "store": str(store_path),  # what `evaluate` compares the student with by default
         **result.summary(),  # schedule, selected epoch, its validation top-1
     }
+    query = selection_record(train_store, allowed)
+    if query is not None:  # how the calls were chosen (budget and active stores); a full store has nothing to say
+        meta["query"] = query
     if rank != 0:
         return meta  # only rank 0 writes outputs
     save_model(out / STUDENT_MODEL, model.cpu(), cfg.student, extra=meta)
