@@ -35,7 +35,7 @@ import numpy as np
 if TYPE_CHECKING:
     from pipeline.data.sources import SplitData
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Default of ``window_mb``: most stored MB one window of rows may hold (what a streamed split keeps in memory).
 WINDOW_MB = 64.0
@@ -167,7 +167,7 @@ def _resolve_split(available: Sequence[str], split: str, split_names: dict[str, 
     if wanted in available:
         return wanted
     if split == "test" and split not in (split_names or {}) and "validation" in available:
-        logger.info("%s has no test split: using validation as the test split", root)
+        log.info("%s has no test split: using validation as the test split", root)
         return "validation"
     others = sorted(set(available) - {"train"}) if split != "train" else sorted(available)
     fix = (
@@ -383,7 +383,7 @@ def open_hf_split(
             f"{rows.location}: label column {label!r} has label {int(labels.max())} but its ClassLabel names "
             f"{len(classes)} classes"
         )
-    logger.info("%s: %d rows, image column %r, label column %r, %d classes", rows.location, rows.num_rows, image,
+    log.info("%s: %d rows, image column %r, label column %r, %d classes", rows.location, rows.num_rows, image,
                 label, len(classes))  # fmt: skip
     return HFStream(classes, rows, image, labels, mode, resize, window_bytes=int(window_mb * 2**20))
 

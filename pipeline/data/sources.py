@@ -44,7 +44,7 @@ from pipeline.config import ConfigError
 from pipeline.data.hf import load_hf_split, open_hf_split
 from pipeline.errors import InputError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "test")
 
@@ -313,7 +313,7 @@ def _download_cifar(layout: _CifarLayout, root: Path) -> None:
     container = root.parent if root.name == layout.folder else root
     container.mkdir(parents=True, exist_ok=True)
     cls = datasets.CIFAR10 if layout.name == "cifar10" else datasets.CIFAR100
-    logger.info("downloading %s into %s with torchvision", layout.name, container)
+    log.info("downloading %s into %s with torchvision", layout.name, container)
     cls(root=str(container), train=True, download=True)
 
 
@@ -509,7 +509,7 @@ def _select_split(tree: _Tree, split: str) -> str:
     if split in tree.splits:
         return split
     if split == "test" and "val" in tree.splits:
-        logger.info("%s has no test/ folder: using val/ as the test split", tree.location)
+        log.info("%s has no test/ folder: using val/ as the test split", tree.location)
         return "val"
     raise FileNotFoundError(
         f"{tree.location}: no {split}/ folder{' (nor val/)' if split == 'test' else ''}; found "
@@ -633,7 +633,7 @@ class SplitStream:
                 )
             yield arr, entry.label, entry.name
         if self.skipped:
-            logger.warning(
+            log.warning(
                 "%s: skipped %d undecodable image(s) of %d in %s/ (first: %s)",
                 self.location, len(self.skipped), len(self.entries), self.folder, ", ".join(self.skipped[:3]),
             )  # fmt: skip
@@ -681,7 +681,7 @@ def open_imagefolder(
             f"{'; non-image files are ignored' if tree.ignored else ''}). Add images or remove the folder(s)"
         )
     if tree.ignored:
-        logger.info("%s: ignored %d non-image file(s)", tree.location, tree.ignored)
+        log.info("%s: ignored %d non-image file(s)", tree.location, tree.ignored)
     entries = []
     for label, c in enumerate(classes):
         for entry in tree.splits[folder][c]:
@@ -849,7 +849,7 @@ def load_split(source: str, root: str | Path | None, split: str, **options: Any)
         root = default
     start = time.perf_counter()
     data = reader(Path(root) if root is not None else None, split, **options)
-    logger.info(
+    log.info(
         "loaded %s/%s: %d images of %s, %d classes in %.1f s%s",
         source, split, len(data), "x".join(map(str, data.images.shape[1:])), data.num_classes,
         time.perf_counter() - start, f" ({data.skipped} skipped)" if data.skipped else "",
