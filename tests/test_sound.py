@@ -273,7 +273,7 @@ def test_a_trained_teacher_gets_warnings_not_errors():
     noisy = [{"epoch": e, "val_acc": a} for e, a in enumerate([0.5, 0.8, 0.8, 0.81], 1)]
     assert teacher_check("cnn", 0.81, _M(), noisy, imported=False, n_val=400) == []
     assert len(teacher_check("cnn", 0.81, _M(), noisy, imported=False, n_val=60_000)) == 1
-    # best-so-far: a dip and a recovery in the last quarter is not "still improving"
+    # best-so-far: a dip and a recovery in the last tenth is not "still improving"
     dip = [{"epoch": e, "val_acc": a} for e, a in enumerate([0.5, 0.7, 0.85, 0.80, 0.85], 1)]
     assert teacher_check("cnn", 0.85, _M(), dip, imported=False, n_val=60_000) == []
     flat = [{"epoch": i, "val_acc": a} for i, a in enumerate([0.6, 0.85, 0.9, 0.905], 1)]
