@@ -16,6 +16,12 @@ the real `DistillDataset` + `make_loader` path, one epoch each:
 Ratios printed: (a) kd / ce (target >= 0.90); (b) (kd / online) / ideal (target >= 0.90);
 (c) loader / kd (must stay well above 1), with the worker count.
 
+Where the loop's time goes (issue 19): one more epoch of `ce` and of `kd` with a
+`pipeline.training.phases.PhaseTimer` (ms per batch: wait, input, forward, loss, bookkeeping, backward,
+optimizer), next to the same split of the in-memory step; the loop time beyond the in-memory step is
+printed as a share of that step (target <= 10%). `--profile` adds `torch.profiler`'s top operators of
+one kd epoch. `--device cuda` runs everything on a GPU (default: CUDA when present).
+
 `--ensemble` adds an ensemble teacher (issue 15): a second teacher of the same architecture (another seed)
 is cached, the two stores are combined into an ensemble store with its members (`pipeline.cache.ensemble`),
 and two more modes run: `ens_kd` (kd from the ensemble store: the same read path as one teacher's store,
@@ -60,6 +66,7 @@ from pipeline.losses import build_loss  # noqa: E402
 from pipeline.models import build_for, load_model, to_input  # noqa: E402
 from pipeline.training.dataset import DistillDataset  # noqa: E402
 from pipeline.training.loop import train  # noqa: E402
+from pipeline.training.phases import NO_TIMER, PHASES, PhaseTimer  # noqa: E402
 from pipeline.training.schedule import make_optimizer  # noqa: E402
 from pipeline.training.transport import make_loader  # noqa: E402
 
@@ -176,10 +183,12 @@ def dataset(p: Pair, cached: bool, store: Path | None = None, members: bool = Fa
     return ds
 
 
-def time_train(p: Pair, mode: str, cfg: TrainConfig, out: Path) -> tuple[float, float, float]:
+def time_train(
+    p: Pair, mode: str, cfg: TrainConfig, out: Path, device: torch.device, phases: PhaseTimer | None = None
+) -> tuple[float, float, float]:
     """One epoch of the real training loop in `mode` (ce | kd | online): samples/s, and per sample the
     main thread's CPU seconds (what the loop itself costs, whatever else runs on the machine) and
-    seconds blocked on the loader."""
+    seconds blocked on the loader. `phases` collects the per-phase step times."""
     torch.manual_seed(0)
     model = build_for(p.student_arch, p.manifest)
     loss = build_loss("ce") if mode == "ce" else build_loss("mtkd" if mode == "ens_mtkd" else "kd", **KD)
@@ -187,7 +196,7 @@ def time_train(p: Pair, mode: str, cfg: TrainConfig, out: Path) -> tuple[float, 
     ds = dataset(p, mode != "ce", p.ensemble if mode.startswith("ens_") else None, members=mode == "ens_mtkd")
     cpu0 = time.thread_time()
     timings = out / f"{mode}.timings.json"  # the loop's run log: throughput is not part of the history
-    train(model, loss, ds, cfg, out / mode, teacher=teacher, desc=mode, run_log=timings)
+    train(model, loss, ds, cfg, out / mode, teacher=teacher, desc=mode, run_log=timings, device=device, phases=phases)
     row = json.loads(timings.read_text())[-1]
     n = ds.num_samples()
     return row["samples_per_s"], (time.thread_time() - cpu0) / n, row["data_wait_s"] / n
@@ -204,27 +213,41 @@ def time_loader(p: Pair, batch_size: int, workers: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def time_steps(p: Pair, batch_size: int, seconds: float) -> tuple[float, float]:
-    """Seconds per sample of (student training step with KD, teacher forward), on one in-memory batch."""
+def time_steps(
+    p: Pair, batch_size: int, seconds: float, device: torch.device, mode: str = "kd", phases: PhaseTimer | None = None
+) -> tuple[float, float]:
+    """Seconds per sample of (student training step with `mode`'s loss, teacher forward), on one in-memory batch
+    already on `device`; `phases` (optional) splits the student step as the loop's timer does."""
     h, w, c = p.manifest.image_shape
     g = torch.Generator().manual_seed(0)
-    raw = torch.randint(0, 256, (batch_size, h, w, c), dtype=torch.uint8, generator=g)  # (B, H, W, C) as loaded
+    raw = torch.randint(0, 256, (batch_size, h, w, c), dtype=torch.uint8, generator=g).to(device)  # (B, H, W, C)
     x = to_input(raw)  # (B, C, H, W) channels_last
-    y = torch.randint(0, p.manifest.num_classes, (batch_size,), generator=g)
+    y = torch.randint(0, p.manifest.num_classes, (batch_size,), generator=g).to(device)
     torch.manual_seed(0)
-    model = build_for(p.student_arch, p.manifest).to(memory_format=torch.channels_last).train()
-    teacher = p.teacher.eval().to(memory_format=torch.channels_last)
-    loss_fn = build_loss("kd", **KD)
+    model = build_for(p.student_arch, p.manifest).to(device, memory_format=torch.channels_last).train()
+    teacher = p.teacher.eval().to(device, memory_format=torch.channels_last)
+    loss_fn = build_loss("ce") if mode == "ce" else build_loss("kd", **KD)
     opt = make_optimizer(model, OptimConfig())
     with torch.no_grad():
         t = teacher(x).float()  # (B, C)
+    timer = phases or NO_TIMER  # a real timer syncs CUDA per phase: only in the phase pass
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def student_step() -> None:
+        timer.restart()
         # The uint8 -> float conversion is student-side work of every step (offline and online alike).
-        parts = loss_fn(model(to_input(raw)).float(), t, y, epoch=0.0)
+        xs = to_input(raw)
+        timer.lap("input")
+        s = model(xs).float()
+        timer.lap("forward")
+        parts = loss_fn(s, t, y, epoch=0.0)
+        timer.lap("loss")
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
+        timer.lap("backward")
         opt.step()
+        timer.lap("optimizer")
+        timer.step_done()
 
     def teacher_fwd() -> None:
         with torch.no_grad():
@@ -234,16 +257,68 @@ def time_steps(p: Pair, batch_size: int, seconds: float) -> tuple[float, float]:
     for fn in (student_step, teacher_fwd):
         for _ in range(3):  # warm-up: oneDNN primitive creation
             fn()
+        if fn is student_step:
+            timer.seconds.clear()
+            timer.batches = 0
         # As long a window as a training measurement's, so a noisy neighbour cannot favour either side.
         iters, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             fn()
             iters += 1
+        sync()
         out.append((time.perf_counter() - t0) / (iters * batch_size))
     return out[0], out[1]
 
 
+def _drain(ds: DistillDataset, batch_size: int) -> None:
+    """Run the cached-logit loader forever in this (child) process: the load a DataLoader worker puts on the machine."""
+    torch.set_num_threads(1)
+    epoch = 0
+    while True:
+        ds.set_epoch(epoch)
+        for _ in make_loader(ds, batch_size, 0):
+            pass
+        epoch += 1
+
+
+def time_phases(
+    p: Pair, cfg: TrainConfig, tmp: Path, device: torch.device, mode: str, seconds: float = 3.0
+) -> tuple[dict, dict, dict]:
+    """Milliseconds per batch of each phase: one epoch of the loop in `mode`, the in-memory step in `mode`, and
+    the in-memory step while a second process runs the loader (what the loop's worker does to the step's speed:
+    the two share the machine's cores, caches and memory bandwidth)."""
+    import multiprocessing
+
+    loop = PhaseTimer(device)
+    time_train(p, mode, cfg, tmp / f"{p.name}-phases", device, phases=loop)
+    step = PhaseTimer(device)
+    time_steps(p, cfg.batch_size, seconds, device, mode=mode, phases=step)
+    busy = PhaseTimer(device)
+    drain = multiprocessing.get_context("fork").Process(target=_drain, args=(dataset(p, cached=True), cfg.batch_size))
+    drain.start()
+    try:
+        time.sleep(min(1.0, seconds))  # past its start-up
+        time_steps(p, cfg.batch_size, seconds, device, mode=mode, phases=busy)
+    finally:
+        drain.kill()
+        drain.join()
+    return loop.per_batch_ms(), step.per_batch_ms(), busy.per_batch_ms()
+
+
+def profile_kd(p: Pair, cfg: TrainConfig, tmp: Path, device: torch.device, rows: int = 15) -> None:
+    """`torch.profiler`'s top operators (by self time) over one kd epoch of the loop."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        time_train(p, "kd", cfg, tmp / f"{p.name}-profile", device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n   torch.profiler, one kd epoch of pair '{p.name}' (main process; top {rows} by self time):")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
+
+
 def bench(p: Pair, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
+    device = torch.device(args.device)
     cfg = TrainConfig(
         epochs=1, batch_size=args.batch_size, workers=args.workers, shuffle_buffer=2000, seed=0,
         threads=args.threads, optim=OptimConfig(lr=0.05), eval_every=0,
@@ -254,12 +329,12 @@ def bench(p: Pair, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     diag: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     for r in range(args.repeats):  # interleaved: noise from neighbours hits every mode alike
         for mode in modes:
-            sps, cpu, wait = time_train(p, mode, cfg, tmp / f"{p.name}-{r}")
+            sps, cpu, wait = time_train(p, mode, cfg, tmp / f"{p.name}-{r}", device)
             runs[mode].append(sps)
             diag[mode].append((cpu, wait))
         runs["loader"].append(time_loader(p, args.batch_size, args.workers))
         window = sum(c.count for c in p.manifest.split("train").shards[: p.shards]) / runs["kd"][-1]
-        t_s, t_t = time_steps(p, args.batch_size, window)
+        t_s, t_t = time_steps(p, args.batch_size, window, device)
         runs["t_s"].append(t_s)
         runs["t_t"].append(t_t)
         log.info("%s repeat %d: %s", p.name, r, {k: v[-1] for k, v in runs.items()})
@@ -270,6 +345,13 @@ def bench(p: Pair, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     for mode, v in diag.items():  # medians: main-thread CPU and loader wait per sample
         best[f"cpu_{mode}"] = statistics.median(c for c, _ in v)
         best[f"wait_{mode}"] = statistics.median(w for _, w in v)
+    if args.phases:
+        for mode in ("ce", "kd"):
+            best[f"phases_{mode}"], best[f"phases_mem_{mode}"], best[f"phases_busy_{mode}"] = time_phases(
+                p, cfg, tmp, device, mode, args.step_seconds
+            )
+    if args.profile:
+        profile_kd(p, cfg, tmp, device)
     return best
 
 
@@ -300,6 +382,8 @@ def report(p: Pair, r: dict[str, float], args: argparse.Namespace) -> None:
         "   blocked on the loader per sample (median): "
         + ", ".join(f"{m} {1e6 * r[f'wait_{m}']:.1f} us" for m in modes)
     )
+    if "phases_kd" in r:
+        print_phases(r, args.batch_size)
     print(f"   {'mode':<44}{'samples/s':>12}")
     rows = [
         ("ce: plain student training (no store)", r["ce"]),
@@ -328,6 +412,28 @@ def report(p: Pair, r: dict[str, float], args: argparse.Namespace) -> None:
               f"(by main-thread CPU {r['cpu_kd'] / r['cpu_ens_mtkd']:.3f})")  # fmt: skip
 
 
+def print_phases(r: dict, batch_size: int) -> None:
+    """The per-phase table (ms per batch) and the loop's time beyond the in-memory step, as a share of it."""
+    cols = [(f"{m} {kind}", r[f"phases{key}_{m}"]) for m in ("ce", "kd")
+            for kind, key in (("loop", ""), ("step", "_mem"), ("busy", "_busy"))]  # fmt: skip
+    print(f"   where a batch's time goes (ms per batch of {batch_size}; 'step' = the in-memory step split alike, "
+          "'busy' = the same while another process runs the loader):")  # fmt: skip
+    print("   " + f"{'phase':<12}" + "".join(f"{name:>10}" for name, _ in cols))
+    for ph in (*PHASES, "total"):
+        vals = [sum(c.values()) if ph == "total" else c[ph] for _, c in cols]
+        print("   " + f"{ph:<12}" + "".join(f"{v:>10.2f}" for v in vals))
+    model_work = ("forward", "backward")
+    for mode in ("ce", "kd"):
+        loop, step, busy = (r[f"phases{k}_{mode}"] for k in ("", "_mem", "_busy"))
+        t_loop, t_step, t_busy = (sum(d.values()) for d in (loop, step, busy))
+        own = sum(v - step[ph] for ph, v in loop.items() if ph not in model_work)  # startup/wait/input/loss/...
+        extra = t_loop - t_step
+        print(f"   {mode}: loop beyond the in-memory step {extra:+.2f} ms = {extra / t_step:+.1%} "
+              f"of the step (target <= 10%); the loop's own phases (all but forward/backward) {own:+.2f} ms = "
+              f"{own / t_step:+.1%}; the step itself next to a running loader {t_busy - t_step:+.2f} ms = "
+              f"{(t_busy - t_step) / t_step:+.1%}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", nargs="+", default=["default", "cifar"], choices=["default", "cifar"])
@@ -340,6 +446,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ensemble", action="store_true", help="also time kd and mtkd from a two-teacher ensemble store")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda[:i]")
+    ap.add_argument("--no-phases", dest="phases", action="store_false", help="skip the per-phase breakdown")
+    ap.add_argument("--step-seconds", type=float, default=3.0, help="timing window of each in-memory phase split")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of one kd epoch")
     args = ap.parse_args(argv)
     logging.basicConfig(level=os.environ.get("KDCACHE_LOG", "WARNING"), format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)

@@ -28,13 +28,17 @@ from pipeline.losses.functional import soft_rank, zscore
 LOSS_NAMES = ["ce", "kd", "dkd", "dist", "cmkd", "ckd", "dkd+cmkd"]
 
 
-def time_round_robin(candidates: dict[str, Callable[[], None]], rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each candidate, calls interleaved round by round."""
+def time_round_robin(
+    candidates: dict[str, Callable[[], None]], rounds: int, warmup: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, calls interleaved round by round (`sync`: wait for the device)."""
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for r in range(warmup + rounds):
         for name, fn in candidates.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             elapsed = time.perf_counter() - t0
             if r >= warmup:
                 samples[name].append(elapsed)
@@ -59,16 +63,18 @@ def loss_step(
     return step
 
 
-def student_step(arch: str, batch: int, classes: int, image_size: int) -> Callable | None:
+def student_step(
+    arch: str, batch: int, classes: int, image_size: int, device: torch.device | None = None
+) -> Callable | None:
     """One SGD step (forward, CE, backward, update) of the default student, or None if unavailable."""
     try:
         from pipeline.models import build_model
     except ImportError:
         return None
-    model = build_model(arch, num_classes=classes, in_channels=3)
+    model = build_model(arch, num_classes=classes, in_channels=3).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, image_size, image_size)
-    y = torch.randint(0, classes, (batch,))
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    y = torch.randint(0, classes, (batch,), device=device)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -142,28 +148,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student", default="cnn_tiny", help="student arch for the step reference ('' to skip)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda[:i] (on CUDA, CMKD runs torchsort's CUDA kernel)")
+    parser.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the CMKD breakdown")
     args = parser.parse_args(argv)
 
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), B={args.batch}, {args.rounds} rounds, median\n")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), B={args.batch}, {args.rounds} rounds, median, "
+          f"device {device}\n")  # fmt: skip
     for C in args.classes:
-        student = torch.randn(args.batch, C).mul_(3).requires_grad_(True)
-        teacher = torch.randn(args.batch, C).mul_(3)
-        target = torch.randint(0, C, (args.batch,))
+        student = torch.randn(args.batch, C, device=device).mul_(3).requires_grad_(True)
+        teacher = torch.randn(args.batch, C, device=device).mul_(3)
+        target = torch.randint(0, C, (args.batch,), device=device)
         candidates = {name: loss_step(name, student, teacher, target) for name in LOSS_NAMES}
         for name in ("cmkd", "dkd+cmkd"):  # what the training step pays with cached logits
             candidates[f"{name}, teacher side from the loader"] = loss_step(
                 name, student, teacher, target, precomputed=True
             )
         candidates["cmkd teacher side alone (loader worker)"] = partial(build_loss("cmkd").teacher_features, teacher)
-        step_fn = student_step(args.student, args.batch, C, args.image_size) if args.student else None
+        step_fn = student_step(args.student, args.batch, C, args.image_size, device) if args.student else None
         if step_fn is not None:
             candidates[f"student step ({args.student}, {args.image_size}px)"] = step_fn
-        times = time_round_robin(candidates, args.rounds, args.warmup)
+        times = time_round_robin(candidates, args.rounds, args.warmup, sync)
         step = times.get(f"student step ({args.student}, {args.image_size}px)")
         print(table(f"B={args.batch}, C={C}: loss forward+backward", times, "kd", step), "\n")
-
+        if not args.breakdown or device.type != "cpu":  # the breakdown compares CPU code paths
+            continue
         extra = {"kd": candidates["kd"], **variants(student, teacher, target)}
         times = time_round_robin(extra, args.rounds, args.warmup)
         print(table(f"B={args.batch}, C={C}: CMKD breakdown", times, "kd", step), "\n")

@@ -121,11 +121,13 @@ def bench_bytes_and_reads(tmp: Path, n: int, c: int, repeats: int) -> None:
     print(f"| random batches of 256 (zarr orthogonal selection) | {256 * 20 / t_fancy:,.0f} | (for comparison) |")
 
 
-def bench_teach(tmp: Path, n: int, repeats: int, threads: int) -> None:
+def bench_teach(tmp: Path, n: int, repeats: int, threads: int, device: torch.device | None = None) -> None:
+    device = device or torch.device("cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.set_num_threads(threads)
     d = load_split("synthetic", None, "train", n=n, size=28, channels=1, num_classes=10, seed=0)
     m = write_dataset(tmp / "shards", "bench", {"train": (d.images, d.labels)}, d.classes, shard_size=5000)
-    model = build_for("cnn_small", m).eval().to(memory_format=torch.channels_last)
+    model = build_for("cnn_small", m).eval().to(device, memory_format=torch.channels_last)
     recipes = {"train": ViewRecipe(2, 0, 2, True)}
     spec = build_spec(m, {"name": "b", "arch": "cnn_small", "weights_sha256": "0"}, recipes)
     batches = [load_shard(m, "train", j) for j in range(len(m.split("train").shards))]
@@ -136,10 +138,12 @@ def bench_teach(tmp: Path, n: int, repeats: int, threads: int) -> None:
 
     def bare() -> None:
         for imgs in views:
-            predict_arrays(model, imgs, 1000, torch.device("cpu"))
+            predict_arrays(model, imgs, 1000, device)
+        sync()
 
     def teach() -> None:
-        run_teach(m, model, tmp / "t.zarr", spec, recipes, batch_size=1000, force=True)
+        run_teach(m, model, tmp / "t.zarr", spec, recipes, batch_size=1000, force=True, device=device)
+        sync()
 
     ratios, t_b, t_t = [], [], []
     bare()  # warm-up
@@ -150,7 +154,10 @@ def bench_teach(tmp: Path, n: int, repeats: int, threads: int) -> None:
         t_t.append(b)
         ratios.append(a / b)
     sv = n * 2
-    print(f"\n## 2. Teach overhead (N={n} 28x28 images x 2 views, cnn_small teacher, {threads} torch thread(s))\n")
+    print(
+        f"\n## 2. Teach overhead (N={n} 28x28 images x 2 views, cnn_small teacher, {threads} torch thread(s), "
+        f"device {device})\n"
+    )
     print("| path | sample-views/s (median) |")
     print("|---|---:|")
     print(f"| bare teacher inference on pre-decoded, pre-augmented batches | {sv / statistics.median(t_b):,.0f} |")
@@ -161,18 +168,22 @@ def bench_teach(tmp: Path, n: int, repeats: int, threads: int) -> None:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=50000, help="rows of the size/read benchmark")
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--teach-n", type=int, default=20000, help="images of the teach-overhead benchmark")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the teach benchmark")
     ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="teacher device")
+    ap.add_argument("--only", choices=["store", "teach"], default=None, help="run one part (default: both)")
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        bench_bytes_and_reads(tmp, args.n, args.classes, args.repeats)
-        bench_teach(tmp, args.teach_n, args.repeats, args.threads)
+        if args.only in (None, "store"):
+            bench_bytes_and_reads(tmp, args.n, args.classes, args.repeats)
+        if args.only in (None, "teach"):
+            bench_teach(tmp, args.teach_n, args.repeats, args.threads, torch.device(args.device))
 
 
 if __name__ == "__main__":

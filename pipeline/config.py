@@ -338,6 +338,11 @@ class TrainConfig:
     select: Literal["best_val", "last"] = "best_val"  # keep the epoch best on the validation split | the last
     batch_size: PosInt = 128
     workers: NonNegInt = 1
+    # How loader workers start: `forkserver` (default) forks them from a small server process, so they share
+    # no memory with the trainer and its writes copy no pages (fork's copy-on-write cost the step 10-20% on
+    # short epochs, BENCHMARKS.md); like every start method but `fork` it needs `if __name__ == "__main__":`
+    # around a script's training code. `fork`: for unguarded scripts and notebooks.
+    worker_start: Literal["forkserver", "fork"] = "forkserver"
     shuffle_buffer: NonNegInt = 2000
     seed: NonNegInt = 0
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU

@@ -180,7 +180,12 @@ def test_a_mutated_value_is_a_config_error_naming_its_key_or_loads(which, data, 
     assume(not (dataclasses.is_dataclass(_split(tp)[0]) and isinstance(value, (dict, type(None)))))
     mutated = put(base, path, value)
     if accepts(tp, value):
-        load_all(mutated)  # a valid value loads (and no other exception)
+        # A value of the right type loads, or fails a check across values (a teacher listed twice) with a
+        # ConfigError naming its key; never another exception.
+        try:
+            load_all(mutated)
+        except ConfigError as e:
+            assert e.where.startswith(_dotted(path)) and str(e).startswith(f"{e.where}: "), (str(e), path)
         return
     with pytest.raises(ConfigError) as err:
         load_all(mutated)

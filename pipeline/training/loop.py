@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -56,10 +57,11 @@ from pipeline.models.checkpoint import CheckpointError, atomic_write, torch_save
 from pipeline.models.predict import to_input
 from pipeline.runtime import rank_world, write_run_log
 from pipeline.training.dataset import DistillDataset
+from pipeline.training.phases import NO_TIMER, PhaseTimer
 from pipeline.training.pool import ComparisonTracker
 from pipeline.training.schedule import Schedule, lr_at, make_optimizer, resolve_schedule
 from pipeline.training.source import BatchSource, EpochPlan
-from pipeline.training.transport import FEATURE_PREFIX, make_loader
+from pipeline.training.transport import FEATURE_PREFIX, make_loader, prefetch_to_device
 from pipeline.training.validate import predict_split, topk_accuracy
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,7 @@ class _Run:
     comparisons: ComparisonTracker | None = None
     idle_x: torch.Tensor | None = None  # (1, C, H, W): the input of a zero-weight step
     schedule: Schedule | None = None  # resolved once the loader's plan is known
+    timer: PhaseTimer = NO_TIMER  # per-phase step times (benchmarks); a no-op otherwise
 
 
 @dataclass
@@ -178,6 +181,7 @@ def train(
     arch: str | None = None,
     on_batch: Callable[[int, dict[str, Any]], None] | None = None,
     run_log: str | Path | None = None,
+    phases: PhaseTimer | None = None,
 ) -> TrainResult:
     """Train `model` in place; returns the history (also written to `out_dir/history.json`) and the selection.
 
@@ -189,6 +193,7 @@ def train(
     checkpoint of another architecture is an error. `on_batch(epoch, batch)` sees every real batch
     (tests use it to check which samples each rank trained on). `run_log`: a JSON file (outside every
     DVC output) for each epoch's timings (`seconds`, `samples_per_s`, `data_wait_s`), written by rank 0.
+    `phases`: a `PhaseTimer` that collects where each step's time goes (benchmarks; it syncs CUDA per phase).
     Under an initialised process group with world size > 1 the model trains with DDP (see module doc).
     """
     device = device or torch.device("cpu")
@@ -234,8 +239,9 @@ def train(
         teacher=teacher,
         comparisons=ComparisonTracker(loss_fn),
         idle_x=torch.zeros(1, c, h, w, device=device).contiguous(memory_format=torch.channels_last),
+        timer=phases or NO_TIMER,
     )
-    loader = make_loader(train_set, cfg.batch_size, cfg.workers)
+    loader = make_loader(train_set, cfg.batch_size, cfg.workers, start=cfg.worker_start)
     first = train_set.plan(cfg.batch_size, loader.num_workers, epoch=0)
     schedule = resolve_schedule(cfg, first.steps, sum(first.samples))
     run.schedule = schedule
@@ -353,8 +359,12 @@ def _train_epoch(
     steps: int,
 ) -> _EpochTotals:
     """One epoch of `steps` (<= plan.steps) optimizer steps; a rank out of data takes zero-weight steps (DDP
-    lockstep). Fewer steps than the plan: the schedule's step budget ends inside this epoch."""
-    cfg, opt = run.cfg, run.opt
+    lockstep). Fewer steps than the plan: the schedule's step budget ends inside this epoch.
+
+    No host sync per step: batches reach the device one ahead (`prefetch_to_device`), the epoch's sums stay
+    on the device (`_EpochTotals`), and the teacher mask is read on the host. `_epoch_row` syncs once."""
+    cfg, opt, timer = run.cfg, run.opt, run.timer
+    it = prefetch_to_device(it, run.device)
     my_batches = plan.batches[run.rank]
     total_epochs = run.schedule.epochs if run.schedule else float(cfg.epochs or 1)
     totals = _EpochTotals(correct=torch.zeros((), dtype=torch.long, device=run.device))
@@ -362,14 +372,17 @@ def _train_epoch(
     t0 = time.perf_counter()
     desc = f"{run.desc} epoch {epoch + 1}/{math.ceil(total_epochs)}"
     bar = tqdm(range(steps), desc=desc, leave=False, disable=run.rank != 0 or None)
+    timer.restart()
     for step in bar:
         e = epoch + step / plan.steps  # fractional epoch: the schedule's clock
         lr = lr_at(cfg.optim, e, total_epochs)
         for g in opt.param_groups:
             g["lr"] = lr
+        timer.lap("bookkeeping")
         t_wait = time.perf_counter()
         batch = next(it, None) if step < my_batches else None
         totals.waited += time.perf_counter() - t_wait
+        timer.lap("wait" if step else "startup")
         if batch is None and step < my_batches:
             raise RuntimeError(f"{run.desc}: the loader ended after {step} batches; the epoch plan said {my_batches}")
         if batch is None:
@@ -386,11 +399,15 @@ def _train_epoch(
             totals.correct += (s.detach().argmax(1) == y).sum()
             for k, v in parts.items():
                 totals.sums[k] = totals.sums[k] + v.detach() * b if k in totals.sums else v.detach() * b
+            timer.lap("bookkeeping")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        timer.lap("backward")
         if cfg.optim.grad_clip:
             nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optim.grad_clip)
         opt.step()
+        timer.lap("optimizer")
+        timer.step_done()
     if steps == plan.steps and next(it, None) is not None:
         raise RuntimeError(f"{run.desc}: the loader yielded more than the {my_batches} batches the epoch plan said")
     totals.seconds = time.perf_counter() - t0
@@ -412,10 +429,14 @@ def _idle_loss(run: _Run) -> torch.Tensor:
 def _batch_loss(
     run: _Run, batch: dict[str, torch.Tensor], epoch: float
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """The loss parts of one batch; returns (parts, student logits (B, C), labels (B,))."""
+    """The loss parts of one batch; returns (parts, student logits (B, C), labels (B,)).
+
+    The batch's device fields are already on the device (`prefetch_to_device`): the `.to` calls are no-ops
+    there and keep direct callers (a batch straight from a loader) working."""
     device = run.device
     x = to_input(batch["image"].to(device, non_blocking=True))  # (B, C, H, W), channels_last
     y = batch["label"].to(device, non_blocking=True)  # (B,)
+    run.timer.lap("input")
     if run.teacher is not None:
         with torch.no_grad(), run.ctx:
             t = run.teacher(x).float()  # (B, C) live teacher (online mode)
@@ -425,6 +446,7 @@ def _batch_loss(
         t = None
     with run.ctx:
         s = run.ddp_model(x)  # (B, C)
+    run.timer.lap("forward")
     groups = run.comparisons.draw(batch) if run.comparisons is not None else None  # CKD groups (pool ids)
     features = {  # the loss's teacher side, precomputed by the loader (cached logits only)
         k[len(FEATURE_PREFIX) :]: v.to(device, non_blocking=True)
@@ -444,6 +466,7 @@ def _batch_loss(
         features=features or None,
         members=None if members is None else members.to(device, non_blocking=True),
     )
+    run.timer.lap("loss")
     return parts, s, y
 
 
@@ -545,7 +568,7 @@ def compute_loss(
     s: torch.Tensor,
     t: torch.Tensor | None,
     y: torch.Tensor,
-    has_teacher: torch.Tensor | None,
+    has_teacher: torch.Tensor | np.ndarray | None,
     epoch: float,
     label_smoothing: float,
     groups: torch.Tensor | None = None,
@@ -557,19 +580,23 @@ def compute_loss(
     s: student logits (B, C); t: teacher logits (B, C) or None (CE only, teacher training);
     features: the loss's `teacher_features` of `t`, precomputed by the loader (rows as `t`);
     members: (B, M, C) the member teachers' logits of an ensemble store (rows as `t`).
+    has_teacher: (B,) bool, read on the host (the loader's mask stays there: no device sync); rows are
+    picked with `index_select` on host-made indices, which never waits for the device either.
     Every loss takes the same keyword inputs (`pipeline.losses.base.DistillationLoss.forward`).
     """
     s = s.float()
     if t is None:
         ce = nn.functional.cross_entropy(s, y, label_smoothing=label_smoothing)
         return {"loss": ce, "ce": ce}
-    if has_teacher is None or bool(has_teacher.all()):
+    has = _host_mask(has_teacher)  # (B,) numpy bool, or None
+    if has is None or has.all():
         return loss_fn(s, t, y, epoch=epoch, groups=groups, teacher_features=features, members=members)
-    m = has_teacher.to(s.device)
-    n_t = int(m.sum())
-    ce_rest = nn.functional.cross_entropy(s[~m], y[~m], label_smoothing=label_smoothing)
+    rest = torch.from_numpy(np.flatnonzero(~has)).to(s.device, non_blocking=True)  # (B - n_t,) row indices
+    ce_rest = nn.functional.cross_entropy(s[rest], y[rest], label_smoothing=label_smoothing)
+    n_t = int(has.sum())
     if n_t == 0:
         return {"loss": ce_rest, "ce_unqueried": ce_rest}
+    m = torch.from_numpy(np.flatnonzero(has)).to(s.device, non_blocking=True)  # (n_t,) rows with teacher logits
     # Groups index the whole batch: the loss draws its own on the rows it gets.
     sub_features = None if features is None else {k: v[m] for k, v in features.items()}
     sub_members = None if members is None else members[m]
@@ -579,3 +606,10 @@ def compute_loss(
     parts["loss"] = frac * parts["loss"] + (1 - frac) * ce_rest
     parts["ce_unqueried"] = ce_rest
     return parts
+
+
+def _host_mask(has_teacher: torch.Tensor | np.ndarray | None) -> np.ndarray | None:
+    """The teacher mask (B,) as a host numpy array (`.numpy()` of a CPU tensor shares its memory, never syncs)."""
+    if has_teacher is None or isinstance(has_teacher, np.ndarray):
+        return has_teacher
+    return (has_teacher if has_teacher.device.type == "cpu" else has_teacher.cpu()).numpy()
