@@ -130,14 +130,17 @@ def main(argv: list[str] | None = None) -> None:
                 ).result()
             times: dict[str, list[float]] = {name: [] for name in setups}
             background: dict[str, list[float]] = {name: [] for name in setups}
+            roles: dict[str, list[dict[str, float]]] = {name: [] for name in setups}  # cores used per role
             try:
                 for r in range(args.rounds):
                     # Alternate the order so 1 and 2 workers are always adjacent in time and load drifts
                     # hit both alike; the ratio is taken per round.
                     order = list(setups) if r % 2 == 0 else list(reversed(setups))
                     for name in order:
-                        busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
+                        busy0, own0, role0 = busy_cpu_seconds(), own_cpu_seconds(), role_cpu_seconds()
                         times[name].append(setups[name](r))
+                        role1 = role_cpu_seconds()
+                        roles[name].append({k: (role1[k] - role0.get(k, 0.0)) / times[name][-1] for k in role1})
                         others = (busy_cpu_seconds() - busy0) - (own_cpu_seconds() - own0)
                         background[name].append(max(0.0, others) / times[name][-1])
                         t, bg = times[name][-1], background[name][-1]
@@ -169,6 +172,22 @@ def main(argv: list[str] | None = None) -> None:
             for r, (t, b) in enumerate(zip(times[name], background[name], strict=True))
         )
         print(f"| {name} | {k} | {views / sec:,.0f} | {sec:.1f} | {views / sec / one:.2f}x | {rounds} | {up} |")
+    print("\nwhere the CPU goes (cores used during the run, median over the rounds used; 2 cores in all):\n")
+    print("| setup | driver (scheduler, nannies) | workers | idle | worker CPU per sample-view |")
+    print("|---|---:|---:|---:|---:|")
+    ncpu = psutil.cpu_count() or 2
+    for name in setups:
+        cores = {k: statistics.median(roles[name][r][k] for r in used) for k in ("driver", "workers")}
+        idle = ncpu - cores["driver"] - cores["workers"]
+        per_view = 1e6 * cores["workers"] * med[name] / views
+        print(f"| {name} | {cores['driver']:.2f} | {cores['workers']:.2f} | {idle:.2f} | {per_view:.0f} us |")
+    one_w = statistics.median(roles["dask, 1 worker"][r]["workers"] for r in used)
+    drv = statistics.median(roles["dask, 2 workers"][r]["driver"] for r in used)
+    print(
+        f"\nBound: one worker already uses {one_w:.2f} cores (its reader and writer threads overlap the forward "
+        f"pass), so {ncpu} cores minus the driver's {drv:.2f} allow at most {(ncpu - drv) / one_w:.2f}x at equal CPU "
+        "per sample-view."
+    )
     ratios = [times["dask, 1 worker"][r] / times["dask, 2 workers"][r] for r in range(args.rounds)]
     ratio = statistics.median(ratios[r] for r in used)
     print(
@@ -193,6 +212,23 @@ def own_cpu_seconds() -> float:
             c = p.cpu_times()
             total += c.user + c.system
     return total
+
+
+def role_cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far of this process (the driver: a LocalCluster's scheduler and nannies run in its event loop)
+    and of its child processes (the dask workers, or the no-dask reference process; the idle one adds ~0)."""
+    me = psutil.Process()
+    out = {"driver": 0.0, "workers": 0.0}
+
+    def cpu(p: psutil.Process) -> float:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            c = p.cpu_times()
+            return c.user + c.system
+        return 0.0
+
+    out["driver"] = cpu(me)
+    out["workers"] = sum(cpu(child) for child in me.children(recursive=True))
+    return out
 
 
 def solo_run(m: Manifest, ckpt: Path, out: Path, spec: StoreSpec, recipes: dict, batch_size: int) -> float:
