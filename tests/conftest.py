@@ -164,6 +164,26 @@ def assert_same_files(a: Path, b: Path) -> None:
     assert not differ, f"files differ between {a} and {b}: {differ}"
 
 
+def cached_tiny(root: Path, n_train: int = 300, n_test: int = 64) -> tuple[Manifest, Path, torch.nn.Module]:
+    """Synthetic shards of 64 (the last one short) cached by a fixed random cnn_tiny teacher, 2 views, float16.
+
+    Returns (manifest, store path, teacher)."""
+    from pipeline.cache.budget import BudgetSpec
+    from pipeline.cache.teach import build_spec, run_teach
+    from pipeline.data.views import ViewRecipe
+
+    splits, classes = synthetic_splits(n_train=n_train, n_test=n_test)
+    m = write_dataset(root / "shards", "tiny", splits, classes, shard_size=64)
+    teacher = linear_teacher(m, seed=1)
+    recipes = {"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}
+    info = {"name": "lin", "arch": "cnn_tiny", "weights_sha256": "0"}
+    spec = build_spec(
+        m, info, recipes, dtype="float16", topk=0, compressor="blosc-zstd", chunk_rows=64, budget=BudgetSpec()
+    )
+    run_teach(m, teacher, root / "lin.zarr", spec, recipes, batch_size=256)
+    return m, root / "lin.zarr", teacher
+
+
 def linear_teacher(manifest: Manifest, seed: int = 0) -> torch.nn.Module:
     """A deterministic small teacher for store tests (no training needed)."""
     from pipeline.models import build_for

@@ -15,40 +15,23 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache.budget import BudgetSpec
-from pipeline.cache.teach import build_spec, run_teach
 from pipeline.config import OptimConfig, TrainConfig
-from pipeline.data.shards import Manifest, write_dataset
-from pipeline.data.views import ViewRecipe
+from pipeline.data.shards import Manifest
 from pipeline.losses import build_loss
 from pipeline.models import build_for
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.loop import compute_loss, train
 from pipeline.training.phases import NO_TIMER, PHASES, PhaseTimer
 from pipeline.training.transport import HOST_FIELDS, make_loader, pack_to_device, prefetch_to_device
-from tests.conftest import linear_teacher, synthetic_splits
+from tests.conftest import cached_tiny
 
 SYNC_METHODS = ("item", "tolist", "cpu", "__bool__", "__int__", "__float__")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Manifest, Path]:
-    root = tmp_path_factory.mktemp("device")
-    splits, classes = synthetic_splits(n_train=320, n_test=32)
-    m = write_dataset(root / "shards", "tiny", splits, classes, shard_size=64)
-    recipes = {"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}
-    spec = build_spec(
-        m,
-        {"name": "lin", "arch": "cnn_tiny", "weights_sha256": "0"},
-        recipes,
-        dtype="float16",
-        topk=0,
-        compressor="blosc-zstd",
-        chunk_rows=64,
-        budget=BudgetSpec(),
-    )
-    run_teach(m, linear_teacher(m, seed=1), root / "lin.zarr", spec, recipes, batch_size=256)
-    return m, root / "lin.zarr"
+    m, store, _ = cached_tiny(tmp_path_factory.mktemp("device"), n_train=320, n_test=32)
+    return m, store
 
 
 def _cfg(steps: int, workers: int = 1) -> TrainConfig:

@@ -9,40 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache.budget import BudgetSpec
-from pipeline.cache.teach import build_spec, run_teach
 from pipeline.config import OptimConfig, TrainConfig
-from pipeline.data.shards import Manifest, write_dataset
-from pipeline.data.views import ViewRecipe
+from pipeline.data.shards import Manifest
 from pipeline.layout import Layout
 from pipeline.losses import build_loss
 from pipeline.models import build_for, save_model, to_input
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.loop import CHECKPOINT, train
 from pipeline.training.transport import make_loader
-from tests.conftest import linear_teacher, make_project, synthetic_splits, tiny_params
+from tests.conftest import cached_tiny, linear_teacher, make_project, tiny_params
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Manifest, Path, torch.nn.Module]:
     """5 train shards (the last one short) cached by a fixed random cnn_tiny teacher, 2 views, float16."""
-    root = tmp_path_factory.mktemp("train")
-    splits, classes = synthetic_splits(n_train=300, n_test=64)
-    m = write_dataset(root / "shards", "tiny", splits, classes, shard_size=64)
-    teacher = linear_teacher(m, seed=1)
-    recipes = {"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}
-    spec = build_spec(
-        m,
-        {"name": "lin", "arch": "cnn_tiny", "weights_sha256": "0"},
-        recipes,
-        dtype="float16",
-        topk=0,
-        compressor="blosc-zstd",
-        chunk_rows=64,
-        budget=BudgetSpec(),
-    )
-    run_teach(m, teacher, root / "lin.zarr", spec, recipes, batch_size=256)
-    return m, root / "lin.zarr", teacher
+    return cached_tiny(tmp_path_factory.mktemp("train"))
 
 
 def cfg(epochs: int = 2, workers: int = 0) -> TrainConfig:
