@@ -3,7 +3,7 @@ than its best member, and does standardization help here as it does on CIFAR-100
 
     python -m benchmarks.ensemble_results [--teachers cnn resnet] [--ensemble both] [--seeds 0 1 2]
         [--epochs N] [--losses kd dkd dist cmkd ckd mtkd mtkd:confidence lskd] [--kl-losses kd dkd ckd]
-        [--out benchmarks/results/ensembles] [--params params.yaml]
+        [--member-losses kd] [--out benchmarks/results/ensembles] [--params params.yaml]
 
 Run from a project whose `dvc repro` has cached the two teachers (the default data set, or the clone that
 `benchmarks/cifar10_profile.py` makes with `profiles/cifar10.yaml`). Every student is trained and evaluated
@@ -14,7 +14,10 @@ not trained again; interrupt and rerun freely.
 
 Tables (mean and 95% t-interval over seeds of each student's test top-1, %):
 
-1. teachers: `ce` (no teacher) and `kd` from each single teacher and from the ensemble;
+1. teachers: `ce` (no teacher) and `kd` from each single teacher and from the ensemble; with `--member-losses`
+   beyond kd (e.g. `ce kd dist cmkd ckd`: the project's five-loss table), each single teacher with each of
+   them, each loss against CE and KD of the same teacher, and each loss from the stronger teacher (by the
+   teacher's own validation top-1) against the weaker (the DIST paper's "KD degrades as the teacher grows");
 2. the ensemble with each loss in `--losses` (`mtkd` distils from each member: `mtkd:confidence` is CA-MKD's
    per-sample weighting; `lskd` is logit-standardized KD);
 3. every KL-based loss in `--kl-losses` on each teacher and the ensemble, without and with standardization.
@@ -142,6 +145,34 @@ def ensemble_store_for(params: dict[str, Any], teachers: list[str], name: str, o
     return str(path)
 
 
+def teacher_val(params_path: str, teachers: list[str]) -> dict[str, float]:
+    """Each teacher's own validation top-1 (its `metrics/teachers/<name>.json`): which one is the stronger. A teacher
+    without that record (a checkpoint put in place by hand) is left out."""
+    params = load_params(params_path)
+    layout = Layout(from_dict(PrepareConfig, section(params, "prepare"), "prepare").name)
+    records = {t: layout.teacher_metrics(t) for t in teachers}
+    return {t: float(json.loads(p.read_text())["val_accuracy"]) for t, p in records.items() if p.exists()}
+
+
+def member_pairs(
+    members: dict[str, list[float]], teachers: list[str], losses: list[str], val: dict[str, float]
+) -> list[tuple[str, list[float], list[float]]]:
+    """Paired comparisons of the per-teacher table: each loss against CE and KD of the same teacher, then each
+    loss from the stronger teacher against the same loss from the weaker (same seeds on both sides)."""
+    pairs = []
+    for t in teachers:
+        for key in losses:
+            pairs.append((f"{t}: {key} vs ce", members[f"{t}: {key}"], members[f"{t}: ce (no teacher)"]))
+            if key != "kd":
+                pairs.append((f"{t}: {key} vs kd", members[f"{t}: {key}"], members[f"{t}: kd"]))
+    if len(val) < len(teachers):
+        return pairs  # which teacher is the stronger is unknown
+    weak, strong = sorted(teachers, key=val.__getitem__)
+    for key in losses:
+        pairs.append((f"{key}: from {strong} vs from {weak}", members[f"{strong}: {key}"], members[f"{weak}: {key}"]))
+    return pairs
+
+
 def table(title: str, rows: list[tuple[str, list[float]]]) -> list[str]:
     lines = [f"### {title}", "", "| | top-1 (%) | seeds |", "|---|---:|---:|"]
     for label, accs in rows:
@@ -163,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
         "--losses", nargs="+", default=["kd", "dkd", "dist", "cmkd", "ckd", "mtkd", "mtkd:confidence", "lskd"]
     )
     ap.add_argument("--kl-losses", nargs="+", default=["kd", "dkd", "ckd"], choices=list(KL_LOSSES))
+    ap.add_argument(
+        "--member-losses", nargs="+", default=["kd"], help="losses trained from each single teacher (table 1)"
+    )
     ap.add_argument("--std-recipe", choices=["paper", "plain"], default="paper")
     ap.add_argument("--out", default="benchmarks/results/ensembles")
     args = ap.parse_args(argv)
@@ -181,10 +215,17 @@ def main(argv: list[str] | None = None) -> None:
         return [runner.accuracy(teacher, v, s) for s in args.seeds]
 
     kd = variant("kd")
-    results: dict[str, dict[str, list[float]]] = {"teachers": {}, "ensemble": {}, "standardization": {}}
-    results["teachers"]["ce (no teacher)"] = accs(teachers[0], variant("ce"))
+    results: dict[str, dict[str, list[float]]] = {"teachers": {}, "members": {}, "ensemble": {}, "standardization": {}}
+    ce = accs(teachers[0], variant("ce"))  # no teacher: the same students whichever teacher names the run
+    results["teachers"]["ce (no teacher)"] = ce
     for t in everyone:
         results["teachers"][f"kd from {t}" + (" (ensemble)" if t == ens else "")] = accs(t, kd)
+    member_losses = [key for key in args.member_losses if key not in ("ce", "kd")]
+    if member_losses:
+        for t in teachers:
+            results["members"][f"{t}: ce (no teacher)"] = ce
+            for key in ["kd", *member_losses]:
+                results["members"][f"{t}: {key}"] = accs(t, variant(key))
     for key in args.losses:
         results["ensemble"][f"{ens}: {key}"] = accs(ens, variant(key))
     for t in everyone:
@@ -202,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         "`" + " ".join(["python -m benchmarks.ensemble_results", *(sys.argv[1:] if argv is None else argv)]) + "`",
         "",
         *table("Single teachers and their ensemble (kd)", list(results["teachers"].items())),
+        *(table("Each single teacher with each loss", list(results["members"].items())) if member_losses else []),
         *table(f"The ensemble {ens} with each loss", list(results["ensemble"].items())),
         *table(
             f"KL-based losses without / with standardization ({args.std_recipe} recipe)",
@@ -217,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     std = results["standardization"]
     pairs += [(f"{label} + standardization vs without", std[f"{label} + standardization"], std[label])
               for label in std if not label.endswith("standardization")]  # fmt: skip
+    if member_losses:
+        pairs += member_pairs(results["members"], teachers, ["kd", *member_losses], teacher_val(args.params, teachers))
     for label, a, b in pairs:
         mean, half = interval([x - y for x, y in zip(a, b, strict=True)])
         verdict = "better" if mean - half > 0 else "worse" if mean + half < 0 else "no clear difference"

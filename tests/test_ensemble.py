@@ -418,6 +418,21 @@ def test_ensemble_results_driver_end_to_end_on_a_tiny_project(tmp_path, monkeypa
     trained.clear()
     er.main(argv)  # resumable: every student is found, none retrained
     assert trained == [] and Path("work/results.md").read_text() == md
+    # the per-teacher table: ce and kd are reused, dist is trained from each member; "other" is the stronger
+    Path("metrics/teachers").mkdir(parents=True, exist_ok=True)
+    for name, val in (("small", 0.4), ("other", 0.6)):
+        Path(f"metrics/teachers/{name}.json").write_text(json.dumps({"accuracy": val, "val_accuracy": val}))
+    er.main([*argv, "--member-losses", "ce", "kd", "dist"])
+    assert trained == ["dist"] * 4
+    md = Path("work/results.md").read_text()
+    assert (
+        "### Each single teacher with each loss" in md
+        and "| small: dist |" in md
+        and "| other: ce (no teacher) |" in md
+    )
+    assert "- small: dist vs kd:" in md and "- dist: from other vs from small:" in md
+    res = json.loads(Path("work/results.json").read_text())
+    assert res["members"]["other: ce (no teacher)"] == res["teachers"]["ce (no teacher)"]
     mean, half = er.interval([70.0, 72.0, 74.0])
     assert mean == 72.0 and half == pytest.approx(4.302653 * 2.0 / math.sqrt(3), rel=1e-5)  # t_{0.975, 2}
     v = er.standardized(er.variant("dkd"), "paper", {"dkd": {"alpha": 1.0, "beta": 8.0, "T": 4.0, "warmup": 1}})
