@@ -8,7 +8,8 @@ stage (through `benchmarks.students.run_student`): budget n uses the first n tea
 store's fixed selection order, held in memory as the queried pool, for the same number of steps as
 the full-budget run. `ce` at budget n is cross-entropy on the same n samples (no teacher). The
 figure and tables come from `pipeline.evaluation.report.build_report` over the sweep's metrics, written to
-<out>/budget/report/. Inside the DVC pipeline the same sweep is
+<out>/budget/report/; `<out>/budget/vs_kd.md` adds each loss against KD at every budget (the report compares
+with KD at the full budget only), paired on the same test images. Inside the DVC pipeline the same sweep is
 `dvc exp run -S 'distill.budgets=[100,300,1000,3000,full]'`.
 """
 
@@ -20,7 +21,8 @@ from pathlib import Path
 from benchmarks.students import run_student
 from pipeline.config import PrepareConfig, from_dict, load_params, section, student_id
 from pipeline.data.shards import load_manifest
-from pipeline.evaluation.report import build_report
+from pipeline.evaluation.report import build_report, fmt_paired
+from pipeline.evaluation.study import HINTON_LOSS, Study, load_study
 from pipeline.layout import Layout
 
 
@@ -55,16 +57,38 @@ def main() -> None:
                     flush=True,
                 )
     layout = Layout(from_dict(PrepareConfig, section(load_params(), "prepare"), "prepare").name)
+    manifest = load_manifest(layout.shards)
     path = build_report(
         work / "metrics",
         layout.teacher_metrics_dir,  # the project's teacher records: the sweep distils the project's teacher
         work / "report",
-        load_manifest(layout.shards),
+        manifest,
         confusion_dir=work / "confusion",
         curves_dir=work / "curves",
         title=f"Budget sweep, teacher {args.teacher}",
     )
     print(path.read_text())
+    study = load_study(work / "metrics", layout.teacher_metrics_dir, manifest, work / "confusion")
+    text = vs_kd_table(study, args.teacher, args.budgets)
+    (work / "vs_kd.md").write_text(text)
+    print(text)
+
+
+def vs_kd_table(study: Study, teacher: str, budgets: list[str]) -> str:
+    """Each loss minus KD (points) at each budget, same teacher and seeds, on the same test images: the
+    report's paired test (paired bootstrap over images with several seeds, McNemar mid-p with one)."""
+    losses = [loss for loss in study.losses if loss != HINTON_LOSS]
+    lines = [
+        f"Each loss minus `{HINTON_LOSS}` (top-1 points) with teacher {teacher} at each budget [95% paired interval], "
+        "p; * = p < 0.05 (unadjusted); the test is the report's (paired bootstrap over images with several seeds).",
+        "",
+        "| loss | " + " | ".join(budgets) + " |",
+        "|---|" + "---:|" * len(budgets),
+    ]
+    for loss in losses:
+        cells = [fmt_paired(study.paired(teacher, loss, HINTON_LOSS, budget)) for budget in budgets]
+        lines.append(f"| {loss} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

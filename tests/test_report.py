@@ -240,3 +240,24 @@ def test_compare_reads_summaries_with_their_details(tmp_path, capsys):
     assert cli_main(["compare", str(nested), str(nested)]) == 0
     out = capsys.readouterr().out
     assert "a.b" in out and "a.d.e" in out and "a.c" not in out and "flag" not in out
+
+
+def test_budget_sweep_vs_kd_table_is_the_paired_test_at_every_budget(tmp_path):
+    """benchmarks/budget_sweep.py's `vs_kd.md`: each loss minus KD per budget, the paired test on the same images."""
+    from benchmarks.budget_sweep import vs_kd_table
+    from pipeline.evaluation.stats import paired_comparison
+
+    layout, manifest = make_run(tmp_path)
+    study = load_study(layout.metrics, layout.teacher_metrics_dir, manifest, layout.confusion_dir)
+    text = vs_kd_table(study, "big", ["250", "1000", "full"])
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"loss", "ce", "dist"}  # kd is the reference: no row
+    for loss in ("ce", "dist"):
+        cells = rows[loss].strip("| ").split(" | ")[1:]
+        for budget, cell in zip(["250", "1000", "full"], cells, strict=True):
+            a = np.stack([read_correct(layout.confusion_dir / f"big-{loss}-{budget}-{s}.csv") for s in range(3)])
+            b = np.stack([read_correct(layout.confusion_dir / f"big-kd-{budget}-{s}.csv") for s in range(3)])
+            c = paired_comparison(a, b)
+            p = "< 0.001" if c.p < 0.001 else f"{c.p:.3f}"
+            assert cell.startswith(f"{100 * c.diff:+.2f} [{100 * c.lo:+.2f}, {100 * c.hi:+.2f}], p {p}")
+            assert cell.endswith(" *") == (c.p < 0.05)
