@@ -1,11 +1,12 @@
 """What CMKD's soft rank computes on z-scored logits, by regularization strength (a property, with its proof).
 
-torchsort's l2 soft rank (Blondel et al. 2020) of ``theta`` at strength ``eps`` is the projection of
-``theta / eps`` onto the permutahedron of ``(1, ..., n)``. The affine point ``theta / eps - mean + (n + 1) / 2``
-is already inside it iff, for every k, the sum of the k largest centred entries of ``theta / eps`` is at most
+torchsort's l2 soft rank (Blondel et al. 2020) at strength ``eps`` is the projection of ``theta = z / eps`` onto
+the permutahedron of ``(1, ..., n)``. The affine point ``theta - mean(theta) + (n + 1) / 2`` is already inside it
+(so the projection returns it) iff, for every k, the k largest centred entries of ``theta`` sum to at most
 ``k (n - k) / 2``. A z-scored row (mean 0, unbiased variance 1) has a top-k sum of at most
-``sqrt(k (n - 1) (n - k) / n)``, which is ``<= k (n - k) / 2`` for every k once ``n >= 4``. So for C >= 4 and
-strength >= 1 the soft rank of z-scored logits is *exactly* affine in them, and CMKD's Spearman part
+``sqrt(k (n - 1) (n - k) / n)``, so ``theta`` is inside for every k once ``eps >= 2 / sqrt(n)`` (k = 1 is the
+tightest); strength 1 is such a strength from ``n >= 4`` on. So for C >= 4 and CMKD's default strength the soft
+rank of z-scored logits is *exactly* affine in them, and CMKD's Spearman part
 ``1 - pearson(soft_rank(zs(s)), soft_rank(zs(t)))`` equals ``1 - pearson(s, t)``: a Pearson correlation of the
 logits, not of their ranks. Ranks appear only at strengths below the class gaps of z-scored logits.
 """
@@ -34,12 +35,24 @@ def logit_rows(draw, min_c: int = 4, max_c: int = 300):
 
 
 @PROPS
-@given(x=logit_rows(), strength=st.floats(1.0, 100.0))
-def test_soft_rank_of_zscored_logits_is_affine_from_four_classes_at_strength_one(x, strength):
+@given(x=logit_rows(), factor=st.floats(1.0, 100.0))
+def test_soft_rank_of_zscored_logits_is_affine_at_strengths_from_two_over_sqrt_c(x, factor):
+    """Sum of squares of theta = z / eps is (C - 1) / eps^2 <= C (C - 1) / 4 iff eps >= 2 / sqrt(C): inside.
+    eps = 1 is such a strength from C = 4 on (CMKD's default)."""
     z = zscore(x)  # (B, C), rows with mean 0 and unbiased std 1
     C = x.shape[1]
+    strength = factor * 2.0 / C**0.5
     affine = z / strength + (C + 1) / 2  # what the projection returns when it is already inside the permutahedron
     torch.testing.assert_close(soft_rank(z, "l2", strength), affine, rtol=0, atol=1e-9)
+
+
+def test_below_two_over_sqrt_c_a_confident_row_gets_ranks():
+    """The bound is reached by a row with one dominant class: just below it the top class separates."""
+    C = 100
+    z = zscore(torch.cat([torch.tensor([[1.0]]), torch.zeros(1, C - 1)], dim=1).double())  # top z = sqrt(C - 1)
+    at, below = 2.0 / C**0.5, 0.9 * 2.0 / C**0.5
+    torch.testing.assert_close(soft_rank(z, "l2", at), z / at + (C + 1) / 2, rtol=0, atol=1e-9)
+    assert (soft_rank(z, "l2", below) - (z / below + (C + 1) / 2)).abs().max() > 1e-3
 
 
 def test_the_bound_is_tight_below_four_classes():

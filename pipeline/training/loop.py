@@ -581,7 +581,8 @@ def compute_loss(
     features: the loss's `teacher_features` of `t`, precomputed by the loader (rows as `t`);
     members: (B, M, C) the member teachers' logits of an ensemble store (rows as `t`).
     has_teacher: (B,) bool, read on the host (the loader's mask stays there: no device sync); rows are
-    picked with `index_select` on host-made indices, which never waits for the device either.
+    picked by indexing with integer index tensors made on the host (`s[m]`), which never waits for the device
+    either (a boolean-mask index would: its output size is only known on the device).
     Every loss takes the same keyword inputs (`pipeline.losses.base.DistillationLoss.forward`).
     """
     s = s.float()
