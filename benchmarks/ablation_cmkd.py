@@ -20,13 +20,12 @@ strengths make the soft ranks approach the hard ranks.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import yaml
 
-from benchmarks.students import run_student, summarize
+from benchmarks.students import find_student, run_student, summarize
 
 T = 4.0
 
@@ -81,10 +80,8 @@ def main() -> None:
     for k, (label, loss, lp) in enumerate(rows(cmkd_defaults, tuple(args.strengths))):
         vals, accs, agrees = [], [], []
         for seed in args.seeds:
-            path = work / "metrics" / f"row{k}-s{seed}.json"
-            if path.exists():  # resumable
-                m = json.loads(path.read_text())  # the summary: accuracy, val_accuracy, agreement
-            else:
+            m = find_student(work, f"row{k}-s{seed}")  # resumable
+            if m is None:
                 m = run_student(
                     work,
                     f"row{k}-s{seed}",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.students import run_student
+from benchmarks.students import find_student, run_student
 from pipeline.config import PrepareConfig, from_dict, load_params, section, student_id
 from pipeline.data.shards import load_manifest
 from pipeline.evaluation.report import build_report, fmt_paired
@@ -46,7 +46,7 @@ def main() -> None:
         for loss in args.losses:
             for seed in args.seeds:
                 name = student_id(args.teacher, loss, budget, seed)
-                if (work / "metrics" / f"{name}.json").exists():
+                if find_student(work, name) is not None:
                     continue  # resumable: a finished student is not trained again
                 m = run_student(
                     work, name, teacher=args.teacher, loss=loss, seed=seed, budget=budget, distill_overrides=overrides

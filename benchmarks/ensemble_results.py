@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.students import run_student
+from benchmarks.students import find_student, run_student
 from pipeline.config import (
     DistillConfig,
     EnsembleSpec,
@@ -106,10 +106,8 @@ class Runner:
 
     def accuracy(self, teacher: str, v: Variant, seed: int) -> float:
         name = f"{teacher}-{v.key}-s{seed}".replace(":", "_")
-        metrics_path = self.out / "metrics" / f"{name}.json"
-        if metrics_path.exists():  # resumable
-            metrics = json.loads(metrics_path.read_text())
-        else:
+        metrics = find_student(self.out, name)  # resumable
+        if metrics is None:
             metrics = run_student(
                 self.out,
                 name,
@@ -145,10 +143,9 @@ def ensemble_store_for(params: dict[str, Any], teachers: list[str], name: str, o
     return str(path)
 
 
-def teacher_val(params_path: str, teachers: list[str]) -> dict[str, float]:
+def teacher_val(params: dict[str, Any], teachers: list[str]) -> dict[str, float]:
     """Each teacher's own validation top-1 (its `metrics/teachers/<name>.json`): which one is the stronger. A teacher
     without that record (a checkpoint put in place by hand) is left out."""
-    params = load_params(params_path)
     layout = Layout(from_dict(PrepareConfig, section(params, "prepare"), "prepare").name)
     records = {t: layout.teacher_metrics(t) for t in teachers}
     return {t: float(json.loads(p.read_text())["val_accuracy"]) for t, p in records.items() if p.exists()}
@@ -260,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     pairs += [(f"{label} + standardization vs without", std[f"{label} + standardization"], std[label])
               for label in std if not label.endswith("standardization")]  # fmt: skip
     if member_losses:
-        pairs += member_pairs(results["members"], teachers, ["kd", *member_losses], teacher_val(args.params, teachers))
+        pairs += member_pairs(results["members"], teachers, ["kd", *member_losses], teacher_val(params, teachers))
     for label, a, b in pairs:
         mean, half = interval([x - y for x, y in zip(a, b, strict=True)])
         verdict = "better" if mean - half > 0 else "worse" if mean + half < 0 else "no clear difference"

@@ -9,6 +9,7 @@ project's `data/shards` and `data/logits` are read, never written.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,21 @@ def run_student(
         workdir / "confusion" / f"{name}.csv",
         store=store,
     )
-    path = workdir / "metrics" / f"{name}.json"
+    path = metrics_path(workdir, name)
     write_record(metrics, path, Layout.details(path), "student")
     return metrics
+
+
+def metrics_path(workdir: Path, name: str) -> Path:
+    """Where `run_student` writes a student's summary record."""
+    return workdir / "metrics" / f"{name}.json"
+
+
+def find_student(workdir: Path, name: str) -> dict[str, Any] | None:
+    """The summary record of a student `run_student` already trained (accuracy, val_accuracy, agreement, ...), or
+    None: what makes every benchmark driver resumable."""
+    path = metrics_path(workdir, name)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def summarize(values: list[float]) -> str:
