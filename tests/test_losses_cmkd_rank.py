@@ -13,7 +13,9 @@ logits, not of their ranks. Ranks appear only at strengths below the class gaps 
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torchsort
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -79,3 +81,71 @@ def test_cmkd_spearman_part_is_pearson_of_logits_at_strength_one_and_of_ranks_at
     spearman_of_ranks = (1.0 - pearson(hard(s), hard(t), dim=1)).mean()
     torch.testing.assert_close(spearman_part(1e-6), spearman_of_ranks, rtol=0, atol=1e-9)
     assert (spearman_of_ranks - pearson_of_logits).abs() > 1e-3  # the two are different quantities
+
+
+def _inside_ball(theta: torch.Tensor) -> torch.Tensor:
+    """(B,) whether each row's centred ``theta`` lies in the permutahedron's inscribed ball (independent form)."""
+    n = theta.shape[1]
+    return torch.linalg.vector_norm(theta - theta.mean(1, keepdim=True), dim=1) <= (n * (n - 1)) ** 0.5 / 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("C", "strength"), [(10, 1.0), (100, 0.5), (1000, 1.0), (1000, 0.05)])
+def test_closed_form_rows_and_sorted_rows_match_torchsort_values_and_gradients(dtype, C, strength):
+    """A batch mixing z-scored rows (inside the ball at strengths >= 2 / sqrt(C)), raw logits and a confident row
+    (outside): pipeline's soft_rank == torchsort.soft_rank in values and gradients, whichever path each row takes."""
+    g = torch.Generator().manual_seed(C)
+    raw = torch.randn(12, C, generator=g, dtype=torch.float64) * 3.0
+    raw[0, 0] += 50.0  # confident row
+    x = torch.cat([zscore(raw[:6]), raw[6:]]).to(dtype).requires_grad_(True)  # (12, C)
+    inside = _inside_ball(x.detach().double() / strength)
+    ours, ref = soft_rank(x, "l2", strength), torchsort.soft_rank(x, "l2", strength)
+    # float32: both round theta (up to ~500 at C = 1000) to 2^-15 steps and sum in different orders.
+    tol = {"atol": 1e-9, "rtol": 0} if dtype == torch.float64 else {"atol": 2e-4 * (C / 10) ** 0.5, "rtol": 0}
+    torch.testing.assert_close(ours, ref, **tol)
+    up = torch.randn(12, C, generator=g, dtype=torch.float64).to(dtype)
+    (g_ours,) = torch.autograd.grad(ours, x, up)
+    (g_ref,) = torch.autograd.grad(ref, x, up)
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-9 if dtype == torch.float64 else 1e-5, rtol=0)
+    if strength >= 2.0 / C**0.5:
+        assert bool(inside[:6].all())  # z-scored rows take the closed form
+
+
+def test_sort_path_runs_on_exactly_the_rows_outside_the_ball(monkeypatch):
+    """No argsort/isotonic call when every row is inside; only the outside rows reach it otherwise."""
+    from pipeline.losses import functional
+
+    calls: list[torch.Tensor] = []
+    real = functional._SoftRankL2CPU.apply
+
+    def spy(values: torch.Tensor, strength: float) -> torch.Tensor:
+        calls.append(values.detach().clone())
+        return real(values, strength)
+
+    monkeypatch.setattr(functional._SoftRankL2CPU, "apply", spy)
+    g = torch.Generator().manual_seed(0)
+    z = zscore(torch.randn(32, 1000, generator=g))
+    soft_rank(z, "l2", 1.0)
+    assert calls == []
+    x = z.clone()
+    x[[3, 17]] *= 100.0  # two rows far outside
+    out = soft_rank(x, "l2", 1.0)
+    assert len(calls) == 1 and torch.equal(calls[0], x[[3, 17]])
+    torch.testing.assert_close(out[0], z[0] + 500.5, atol=1e-4, rtol=0)  # an inside row: the closed form
+    torch.testing.assert_close(out, torchsort.soft_rank(x, "l2", 1.0), atol=2e-3, rtol=0)
+    calls.clear()
+    soft_rank(z, "l2", 0.01)  # all rows outside: one call on the whole batch
+    assert len(calls) == 1 and calls[0].shape == z.shape
+
+
+def test_closed_form_at_the_ball_boundary_agrees_with_the_projection():
+    """A row exactly on the inscribed ball (a vertex direction scaled to radius sqrt(n (n - 1)) / 2)."""
+    C = 50
+    e = torch.zeros(1, C, dtype=torch.float64)
+    e[0, 7] = 1.0
+    d = e - e.mean()
+    theta = d / torch.linalg.vector_norm(d) * (C * (C - 1)) ** 0.5 / 2  # (1, C) on the sphere
+    for scale in (1.0 - 1e-12, 1.0, 1.0 + 1e-12):
+        torch.testing.assert_close(
+            soft_rank(theta * scale, "l2", 1.0), torchsort.soft_rank(theta * scale, "l2", 1.0), atol=1e-9, rtol=0
+        )

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .base import DistillationLoss, LossConfigError, LossInputs, check_bool, check_choice, check_number
+from .cmkd_fused import cmkd_student_parts, rank_is_affine
 from .functional import entropy, pearson, soft_rank, zscore
 
 __all__ = ["CMKDLoss"]
@@ -57,13 +58,13 @@ class CMKDLoss(DistillationLoss):
     >= 2 / sqrt(C), so the soft rank is then *exactly* affine in the z-scores and the Spearman part equals
     ``1 - pearson(z_s, z_t)``, the Pearson correlation of the logits rather than of their ranks (proof and
     property test: tests/test_losses_cmkd_rank.py). Ranks appear below the gaps between z-scored logits; on
-    validation (benchmarks/ablation_cmkd.py, Fashion-MNIST, 3 seeds) strengths 0.1 and 0.01 (near-hard
-    ranks) gave 88.47 and 87.83 against 88.69 at 1.0, so the default stays.
+    validation (benchmarks/ablation_cmkd.py, Fashion-MNIST, 3 seeds; numbers in BENCHMARKS.md) strengths 0.1
+    and 0.01 (near-hard ranks) score below 1.0, so the default stays. Where the soft rank is affine (z-scored
+    logits, l2, strength >= 2 / sqrt(C)) the student side runs fused (:mod:`.cmkd_fused`, equal to rounding).
     ``w_major=0.7, w_minor=0.3`` could not be confirmed from the paper. Its text is not consistent about
     which entropy side is Spearman-heavy, so that is a parameter. The data cannot choose it here: on the
-    validation split (benchmarks/ablation_cmkd.py, Fashion-MNIST, 3 seeds) ``low_entropy`` gives
-    88.41 ± 0.20 and ``high_entropy`` 88.39 ± 0.15 (one image of 6,000 apart), a tie, so the default stays
-    ``high_entropy`` (a tie never flips a default).
+    validation split (benchmarks/ablation_cmkd.py, 3 seeds, BENCHMARKS.md) ``low_entropy`` and
+    ``high_entropy`` tie within noise, so the default stays ``high_entropy`` (a tie never flips a default).
 
     Parts: ``pearson`` = ``mean_i L_P,i`` and ``spearman`` = ``mean_i L_S,i`` (unweighted; only the
     enabled ones are reported).
@@ -165,8 +166,10 @@ class CMKDLoss(DistillationLoss):
         self, student: Tensor, teacher: Tensor, target: Tensor, inputs: LossInputs
     ) -> tuple[Tensor, dict[str, Tensor]]:
         feats = inputs.features or self.teacher_features(teacher)  # resolved by forward; direct callers may omit
-        z_s = zscore(student) if self.use_zscore else student  # (B, C)
         w_p, w_s = self.part_weights(teacher, feats.get("entropy"))  # (B,), (B,)
+        if self.fused(student.shape[1]):
+            return self._distill_fused(student, feats, w_p, w_s)
+        z_s = zscore(student) if self.use_zscore else student  # (B, C)
         per_sample = student.new_zeros(student.shape[0])  # (B,)
         parts: dict[str, Tensor] = {}
         if self.use_pearson:
@@ -180,6 +183,32 @@ class CMKDLoss(DistillationLoss):
             parts["spearman"] = l_s.mean()
             per_sample = per_sample + w_s * l_s.to(per_sample.dtype)
         return self.scale * per_sample.mean(), parts
+
+    def fused(self, num_classes: int) -> bool:
+        """Whether the student side runs as one fused node (:mod:`.cmkd_fused`): z-scored logits and an l2 soft
+        rank that is exactly affine on them (strength >= 2 / sqrt(C)), i.e. CMKD's default from 4 classes on."""
+        return (
+            self.use_zscore
+            and self.regularization == "l2"
+            and rank_is_affine(num_classes, self.regularization_strength)
+        )
+
+    def _distill_fused(
+        self, student: Tensor, feats: dict[str, Tensor], w_p: Tensor, w_s: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The same loss as the composed path, student side in one node (equal to rounding, tested)."""
+        dtype = student.dtype
+        q_t = feats["q"].to(dtype) if self.use_pearson else None  # (B, C)
+        r_t = feats["rank"].to(dtype) if self.use_spearman else None  # (B, C)
+        l_p, l_s = cmkd_student_parts(
+            student, q_t, r_t, self.T, self.regularization_strength, self.use_pearson, self.use_spearman
+        )  # (B,), (B,)
+        parts: dict[str, Tensor] = {}
+        if self.use_pearson:
+            parts["pearson"] = l_p.mean()
+        if self.use_spearman:
+            parts["spearman"] = l_s.mean()
+        return self.scale * (w_p * l_p + w_s * l_s).mean(), parts
 
     def hparams(self) -> dict[str, object]:
         return {
