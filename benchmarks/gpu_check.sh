@@ -8,7 +8,8 @@
 #   1. teach throughput vs bare teacher inference            (benchmarks/bench_store.py --only teach)
 #   2. cached KD vs CE-only student samples/s, offline vs online speed-up, and the loop-overhead breakdown
 #      per phase next to the in-memory step                  (benchmarks/bench_distill.py)
-#   3. CMKD (torchsort's CUDA kernel on a GPU) vs KD, as % of a student step (benchmarks/bench_losses.py)
+#   3. CMKD vs KD, as % of a student step (benchmarks/bench_losses.py; on a GPU the teacher side's soft
+#      rank runs torchsort's CUDA kernel, the default student side is fused torch ops)
 # CUDA-only parts are skipped with a line that says why. Environment: PYTHON (default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ quick=0
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option '$arg' (known: --quick, --help)" >&2; exit 2 ;;
   esac
 done

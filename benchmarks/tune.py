@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.students import run_student, summarize
+from benchmarks.students import find_student, run_student, summarize
 from pipeline.losses import default_params
 
 TEMPERATURES = (2.0, 4.0, 8.0)
@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.out) / "tune"
 
     def student(name: str, loss: str, params: dict[str, Any] | None, seed: int) -> dict[str, Any]:
-        done = work / "metrics" / f"{name}-s{seed}.json"
-        if done.exists():
-            return json.loads(done.read_text())
+        done = find_student(work, f"{name}-s{seed}")  # resumable
+        if done is not None:
+            return done
         return run_student(work, f"{name}-s{seed}", teacher=args.teacher, loss=loss, loss_params=params, seed=seed)
 
     results: dict[str, Any] = {"teacher": args.teacher, "seeds": args.seeds, "losses": {}}
