@@ -6,6 +6,7 @@ Builds a top-k copy of the teacher's cache (`teach_store` with `teach.topk: k`, 
 checkpoint) and trains one student per loss and seed on each store. Prints a markdown table
 (and writes <out>/topk_accuracy.md) with store bytes and test top-1. With C=10 classes, k=5 keeps half
 the classes; the tail is spread evenly, so rank-based losses (CMKD's Spearman part) see ties there.
+Resumable: a student whose metrics exist under <out>/topk/metrics is read, not retrained.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import dataclasses
 import statistics
 from pathlib import Path
 
-from benchmarks.students import run_student
+from benchmarks.students import find_student, run_student
 from pipeline.cache.teach import teach_store
 from pipeline.config import PrepareConfig, TeachConfig, from_dict, load_params, section
 from pipeline.data.shards import load_manifest
@@ -57,9 +58,9 @@ def main() -> None:
     for loss in args.losses:
         res = {}
         for label, store in (("dense", dense), ("topk", topk)):
-            accs = [
-                100
-                * run_student(
+            runs = [
+                find_student(work, f"{label}-{loss}-s{s}")  # resumable: a finished student is read
+                or run_student(
                     work,
                     f"{label}-{loss}-s{s}",
                     teacher=args.teacher,
@@ -67,9 +68,10 @@ def main() -> None:
                     seed=s,
                     store=str(store),
                     distill_overrides=overrides,
-                )["accuracy"]
+                )
                 for s in args.seeds
             ]
+            accs = [100 * m["accuracy"] for m in runs]
             res[label] = statistics.mean(accs)
         lines.append(f"| {loss} | {res['dense']:.2f} | {res['topk']:.2f} | {res['topk'] - res['dense']:+.2f} |")
         print(lines[-1], flush=True)
