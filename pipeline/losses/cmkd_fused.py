@@ -56,10 +56,11 @@ def cmkd_student_parts(
     return _CMKDStudentParts.apply(student, q_t, r_t, float(T), float(strength), pearson_part, spearman_part)
 
 
-def _pearson_stats(a_c: Tensor, b: Tensor, a_sq_mean: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _pearson_stats(a_c: Tensor, b: Tensor, a_mean_sq: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Pearson pieces for centred ``a_c (B, C)`` and raw ``b (B, C)``: ``(r, D, na, nb, b_c, keep)``.
 
-    ``a_sq_mean (B, 1)``: the squared mean of the raw ``a``, so ``|a|^2 = |a_c|^2 + C mean^2`` without a pass.
+    ``a_mean_sq``: the squared row mean of the raw ``a``, the same for every row here (softmax rows: 1 / C;
+    ranks: (C + 1) / 2), so ``|a|^2 = |a_c|^2 + C mean^2`` without a pass.
     ``keep (B,)`` is False on the rows :func:`functional.pearson` calls numerically constant (value 0, no gradient).
     """
     n = a_c.shape[1]
@@ -71,7 +72,7 @@ def _pearson_stats(a_c: Tensor, b: Tensor, a_sq_mean: Tensor) -> tuple[Tensor, T
     D = na * nb + PEARSON_EPS  # (B,)
     r = (a_c * b_c).sum(1) / D  # (B,)
     # functional.pearson: flat if |a_c| <= FLAT_RTOL |a| (same for b); |a|^2 = |a_c|^2 + C mean(a)^2.
-    a_norm = (na_sq + n * a_sq_mean.squeeze(1)).sqrt()
+    a_norm = (na_sq + n * a_mean_sq).sqrt()
     b_norm = (nb_sq + n * b_mean.squeeze(1).square()).sqrt()
     keep = (na > FLAT_RTOL * a_norm) & (nb > FLAT_RTOL * b_norm)  # (B,)
     return r * keep, D, na, nb, b_c, keep
@@ -99,21 +100,19 @@ class _CMKDStudentParts(torch.autograd.Function):
         rms = (var * (max(n - 1, 1) / n) + s_mean.square()).sqrt()  # (B, 1) |s| / sqrt(C), identity, no pass
         live = std > FLAT_RTOL * rms  # (B, 1) False: numerically constant row -> z = 0, zero gradient
         z = c * (live / d)  # (B, C)
-        zeros = student.new_zeros(student.shape[0])
-        l_p = l_s = zeros
-        saved: list[Tensor] = [c, d, std, var, live, z]
+        l_p = l_s = student.new_zeros(student.shape[0])  # (B,) a part switched off
+        saved: list[Tensor] = [c, d, std, var, live]
         if pearson_part:
             q = (z / T).softmax(dim=1)  # (B, C)
             q_c = q - 1.0 / n  # rows of q sum to 1: mean exactly 1/C up to rounding
-            r, D, na, nb, b_c, keep = _pearson_stats(q_c, q_t, q.new_full((q.shape[0], 1), 1.0 / n * (1.0 / n)))
+            r, D, na, nb, b_c, keep = _pearson_stats(q_c, q_t, 1.0 / n**2)
             l_p = 1.0 - r
             saved += [q, q_c, b_c, r, D, na, nb, keep]
         if spearman_part:
             # soft rank = z / strength - mean + (C + 1) / 2 (affine); Pearson ignores the shift, so a_c is the centred
             # z / strength and only the flat test sees the shift (|rank|^2 = |a_c|^2 + C ((C + 1) / 2)^2).
             a_c = (z - z.mean(1, keepdim=True)) / strength  # (B, C)
-            shift_sq = z.new_full((z.shape[0], 1), ((n + 1) / 2) ** 2)
-            r2, D2, na2, nb2, b2_c, keep2 = _pearson_stats(a_c, r_t, shift_sq)
+            r2, D2, na2, nb2, b2_c, keep2 = _pearson_stats(a_c, r_t, ((n + 1) / 2) ** 2)
             l_s = 1.0 - r2
             saved += [a_c, b2_c, r2, D2, na2, nb2, keep2]
         ctx.save_for_backward(*saved)
@@ -122,10 +121,10 @@ class _CMKDStudentParts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ls):  # type: ignore[override]
-        c, d, std, var, live, z, *rest = ctx.saved_tensors
+        c, d, std, var, live, *rest = ctx.saved_tensors
         pearson_part, spearman_part = ctx.parts
         n = ctx.n
-        g_z = torch.zeros_like(z)  # (B, C)
+        g_z = torch.zeros_like(c)  # (B, C)
         if pearson_part:
             q, q_c, b_c, r, D, na, nb, keep, *rest = rest
             g_q = _pearson_grad(-g_lp * keep, q_c, b_c, r, D, na, nb)  # (B, C), l_P = 1 - r
