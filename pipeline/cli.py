@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import InputError, UserError
-from pipeline.stage import invoked_as, run_command
 
 STAGES = {
     "prepare": "stages.prepare",
@@ -136,6 +135,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from pipeline.kernels import pin_cpu_kernels, wanted
+
+    pin_cpu_kernels(wanted(argv))  # before torch loads (pipeline.stage imports it): byte-identical on any x86-64
+    from pipeline.stage import invoked_as, run_command
+
     if argv and argv[0] in STAGES:
         module = importlib.import_module(STAGES[argv[0]])
         prog = f"kdcache {argv[0]}"

@@ -460,6 +460,15 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class RuntimeConfig:
+    """`runtime`: how every stage runs, for all of them (read by the entry points before torch loads)."""
+
+    # Pin the CPU kernels (ATen, oneDNN, MKL, NumPy, OpenBLAS) to AVX2: byte-identical results on every x86-64
+    # machine with AVX2 (pipeline/kernels.py). false: native kernels (faster on AVX-512; GPUs are never bit-exact).
+    reproducible: bool = True
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     """`report`: aggregate metrics into tables and figures."""
 

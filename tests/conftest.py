@@ -7,13 +7,17 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-import yaml
+from pipeline.kernels import pin_cpu_kernels
 
-from pipeline.data.shards import Manifest, write_dataset
-from pipeline.data.sources import load_split
+pin_cpu_kernels()  # before numpy/torch load: the tests compute with the kernels every stage runs (pipeline/kernels.py)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from pipeline.data.shards import Manifest, write_dataset  # noqa: E402
+from pipeline.data.sources import load_split  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +25,7 @@ torch.set_num_threads(1)  # the CI machine has 2 cores; tests must not fight ove
 
 # params.yaml for a tiny end-to-end run: synthetic 16x16 images, 2 tiny teachers, one epoch.
 TINY_PARAMS: dict = {
+    "runtime": {"reproducible": True},
     "prepare": {
         "name": "tiny",
         "source": "synthetic",
