@@ -1,10 +1,11 @@
 """`kdcache`: the command line.
 
 kdcache inspect data/logits/cnn.zarr            what a logit store holds (out of core, dask)
+kdcache verify data/logits/cnn.zarr             a full integrity scan of a store (exit 0 sound, 2 damaged)
 kdcache compare metrics/a.json metrics/b.json   metrics side by side
 kdcache models ['resnet*']                      the registered architectures
 kdcache import-logits ...                       a store from logits computed elsewhere
-kdcache prepare | train-teacher | teach | ensemble | distill | corrupt | evaluate | report [ARGS]
+kdcache prepare | train-teacher | teach | ensemble | query | distill | corrupt | evaluate | report [ARGS]
                                                 run one pipeline stage by hand (what `dvc repro` runs)
 
 A user error (bad params, a missing or bad input file, a store in use) prints one line
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +28,7 @@ STAGES = {
     "train-teacher": "stages.train_teacher",
     "teach": "stages.teach",
     "ensemble": "stages.ensemble",
+    "query": "stages.query",
     "distill": "stages.distill",
     "corrupt": "stages.corrupt",
     "evaluate": "stages.evaluate",
@@ -33,21 +36,28 @@ STAGES = {
 }
 
 
-def _labels_for(store: Path, split: str, shards: str | None):
-    """Labels of the store's data set, from --shards or the default data/shards/<name>."""
-    import zarr
-
+def _manifest_for(store: Path, shards: str | None):
+    """The manifest of the store's data set, from --shards or the default data/shards/<name> (None: not there)."""
+    from pipeline.cache.store import store_attrs
     from pipeline.data.shards import load_manifest
     from pipeline.layout import Layout, partial_path
 
     target = store if store.exists() else partial_path(store)
     if not target.exists():
-        return None  # inspect_store says what is missing
-    name = dict(zarr.open_group(str(target), mode="r").attrs).get("dataset", {}).get("name")
-    folder = Path(shards) if shards else Layout(str(name)).shards
-    if not (folder / "manifest.json").exists():
+        return None  # the command says what is missing
+    if shards:
+        return load_manifest(shards)  # named by the user: missing is an error
+    name = (store_attrs(target).get("dataset") or {}).get("name")
+    folder = Layout(str(name)).shards
+    return load_manifest(folder) if (folder / "manifest.json").exists() else None
+
+
+def _labels_for(store: Path, split: str, shards: str | None):
+    """Labels of the store's data set, from --shards or the default data/shards/<name>."""
+    manifest = _manifest_for(store, shards)
+    if manifest is None or split not in manifest.splits:
         return None
-    return load_manifest(folder).iter_labels(split)
+    return manifest.iter_labels(split)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -58,6 +68,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     info = inspect_store(store, args.split, labels=labels, chunk_rows=args.chunk_rows)
     print(json.dumps(info, indent=1) if args.json else format_info(info))
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.cache.verify import format_report, verify_store
+
+    store = Path(args.store)
+    manifest = None if args.no_shards else _manifest_for(store, args.shards)
+    report = verify_store(store, manifest, progress=not args.json)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else format_report(report))
+    return 0 if report.ok else 2
 
 
 def flat_numbers(d: dict, prefix: str = "") -> dict[str, int | float]:
@@ -134,6 +154,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`kdcache ARGS`; a reader that closes the pipe early (`kdcache models | head`) ends the command quietly."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Python's advice for a closed stdout: point it at devnull so the interpreter's final flush is quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from pipeline.kernels import pin_cpu_kernels, wanted
 
@@ -161,6 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-rows", type=int, default=None, help="dask block rows (default: store shard rows)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser(
+        "verify",
+        help="scan a logit store whole: checksums, files, values, fingerprints, teacher top-1 (exit 0 sound, 2 not)",
+        description="Read every chunk of every array of a logit store (each checks its CRC32C), check that every "
+        "written shard has its files, that queried rows are finite and unqueried ones empty, that the store matches "
+        "the data set's shards (manifest hash, N, C) and that the teacher is better than chance on labelled splits. "
+        "Lists every problem; exit 0 when there is none, 2 otherwise.",
+    )
+    p.add_argument("store", help="path to <teacher>.zarr (or its .partial)")
+    p.add_argument("--shards", default=None, help="data set folder (default: data/shards/<dataset> when present)")
+    p.add_argument("--no-shards", action="store_true", help="skip the fingerprint and teacher top-1 checks")
+    p.add_argument("--json", action="store_true", help="machine-readable output (every problem)")
+    p.set_defaults(func=cmd_verify)
     p = sub.add_parser("models", help="list the registered architectures (with parameter counts)")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*'")
     p.add_argument("--classes", type=int, default=10)

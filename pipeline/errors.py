@@ -58,5 +58,19 @@ def user_message(exc: BaseException) -> str:
     elif isinstance(exc, KeyError) and len(exc.args) == 1:
         text = str(exc.args[0])  # str(KeyError) would quote the message
     else:
-        text = str(exc)
+        text = _worker_message(str(exc))
     return " ".join(text.split()) or type(exc).__name__
+
+
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def _worker_message(text: str) -> str:
+    """The worker's own message of an error a DataLoader worker raised (torch re-raises it in the main process as
+    `Caught X in DataLoader worker process 0.` + the worker's whole traceback): the traceback's last line, its
+    `module.Type: ` prefix dropped."""
+    if not text.startswith("Caught ") or _WORKER_TRACEBACK not in text:
+        return text
+    last = [line for line in text.split(_WORKER_TRACEBACK, 1)[1].splitlines() if line.strip()][-1]
+    head, sep, message = last.partition(": ")
+    return message if sep and " " not in head else last

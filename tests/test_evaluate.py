@@ -157,7 +157,7 @@ def test_confusion_csv_and_matrix(tmp_path):
     np.testing.assert_array_equal(confusion_matrix(labels, pred, 3), [[1, 0, 0], [0, 0, 1], [0, 1, 1]])
 
 
-def test_split_metrics_keys_and_missing_teacher_rows():
+def test_split_metrics_keys_and_missing_teacher_rows_refused():
     teacher = LOGITS.copy()
     m = split_metrics(LOGITS, LABELS, teacher, topk=(1, 5))
     # the compared numbers on top (pipeline.records.SUMMARY_KEYS), the rest nested
@@ -171,10 +171,9 @@ def test_split_metrics_keys_and_missing_teacher_rows():
     rel = m["test"]["reliability"]
     assert len(rel["count"]) == 15 and t["reliability"]["count"] == rel["count"]
     assert len(rel["edges"]) == 16
-    teacher[0] = np.nan  # a never-queried row: left out of the teacher-side metrics only
-    m2 = split_metrics(LOGITS, LABELS, teacher)
-    assert m2["accuracy"] == m["accuracy"] and sum(m2["teacher"]["reliability"]["count"]) == 5
-    assert m2["teacher"]["n"] == 5
+    teacher[0] = np.nan  # a missing teacher row: never a subset that other students' numbers would not match
+    with pytest.raises(ValueError, match="not finite for 1 of 6 test rows"):
+        split_metrics(LOGITS, LABELS, teacher)
     bare = split_metrics(LOGITS, LABELS, None)
     assert "agreement" not in bare and "teacher" not in bare
 

@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from pipeline.config import ConfigError, DistillConfig, PrepareConfig, TeacherSpec, TrainConfig, from_dict
 from pipeline.data.prepare import stratified_split, validation_counts
 from pipeline.data.shards import iter_shard, load_manifest
+from pipeline.models.sanity import near_chance
 from pipeline.training.schedule import resolve_schedule
-from pipeline.training.teacher import TeacherCheckError, near_chance, teacher_check
+from pipeline.training.teacher import TeacherCheckError, teacher_check
 from tests.conftest import make_project, tiny_params
 
 # ---------------------------------------------------------------------------------------------- schedules

@@ -13,7 +13,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from pipeline.cache.store import PARTIAL_SUFFIX, StoreError, partial_path
+from pipeline.cache.store import PARTIAL_SUFFIX, LogitStore, StoreError, partial_path
 
 ENTROPY_BINS = 20
 
@@ -64,11 +64,26 @@ def inspect_store(
     target = path if path.exists() else partial_path(path)
     if not target.exists():
         raise FileNotFoundError(f"no store at {path} (nor {partial_path(path)})")
-    root = zarr.open_group(str(target), mode="r")
-    attrs = dict(root.attrs)
-    if split not in root:
-        raise StoreError(f"{target} has no split '{split}'; splits: {sorted(k for k, _ in root.groups())}")
-    g = root[split]
+    # The cheap integrity checks (schema, done flags, every written shard's files): a damaged store is an error,
+    # never a summary computed from fill values.
+    store = LogitStore(target, split, partial=True)
+    try:
+        return _summary(target, store, split, labels, chunk_rows, bins)
+    except StoreError:
+        raise
+    except Exception as e:  # a chunk that fails its checksum surfaces inside dask: name the damage, or it is a bug
+        from pipeline.cache.verify import verify_store
+
+        found = verify_store(target, progress=False).problems
+        if found:
+            raise StoreError(f"{found[0]} (`kdcache verify {target}` lists all {len(found)} problem(s))") from e
+        raise
+
+
+def _summary(
+    target: Path, store: LogitStore, split: str, labels: np.ndarray | None, chunk_rows: int | None, bins: int
+) -> dict[str, Any]:
+    attrs, g = store.attrs, store.group
     sa = dict(g.attrs)
     n, v, c = sa["n"], sa["views"], sa["num_classes"]
     done = g["done"][:]
@@ -110,7 +125,13 @@ def inspect_store(
     ent = -(p * da.log(da.clip(p, 1e-12, None))).sum(axis=-1)  # (N,) nats
     ent_q = ent[q0]
     hist, edges = da.histogram(ent_q, bins=ENTROPY_BINS, range=(0.0, float(np.log(c))))
-    mean_ent, hist = da.compute(ent_q.mean(), hist)
+    nonfinite = (q0 & ~da.isfinite(z).all(axis=-1)).sum()
+    mean_ent, hist, nonfinite = da.compute(ent_q.mean(), hist, nonfinite)
+    if nonfinite:
+        raise StoreError(
+            f"{target}: {int(nonfinite)} queried row(s) of {split} hold NaN/Inf logits: the store is damaged "
+            f"(`kdcache verify {target}` lists every problem)"
+        )
     info["entropy_mean"] = float(mean_ent)
     info["entropy_hist"] = {"counts": hist.tolist(), "edges": [round(float(e), 4) for e in edges]}
     if labels is not None:

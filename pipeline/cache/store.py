@@ -23,6 +23,14 @@ store as a whole (`pipeline.lock.exclusive`, taken by teach, the dask driver and
 
 The store holds no wall-clock time: equal inputs give a byte-identical store, so DVC sees an
 unchanged output (run times go to the teach stage's log file, `Layout.run_log`).
+
+Integrity (schema 2): every chunk of every array ends in a CRC32C checksum (zarr's `crc32c` codec after the
+compressor, inside the sharding codec, whose shard index carries its own), and every chunk is written even when
+it holds only fill values (`write_empty_chunks`), so a store shard marked done has all its files. A reader
+therefore never takes damage for values: a missing file of a done shard, a chunk that fails its checksum, a
+queried sample-view that is not finite or an unqueried one that holds numbers are each a `StoreError` naming the
+store, the array, the shard file and its rows (`LogitStore` checks the files when it opens and every block it
+reads; `pipeline.cache.verify` scans a whole store).
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from pipeline.data.shards import Manifest
 from pipeline.errors import UserError
@@ -47,7 +55,8 @@ from pipeline.layout import PARTIAL_SUFFIX, partial_path
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+#: 2: a CRC32C checksum on every chunk and every chunk written (schema 1 stores had neither: re-run teach)
+SCHEMA_VERSION = 2
 FLOAT16_MAX = 65504.0
 COMPRESSORS = ("blosc-zstd", "zstd", "none")
 
@@ -70,15 +79,24 @@ def library_version() -> str:
         return "0+unknown"
 
 
-def _compressors(name: str) -> Any:
+def _compressors(name: str) -> tuple[Any, ...]:
+    """The bytes-to-bytes codecs of every chunk: the compressor, then a CRC32C of the compressed bytes (so a flipped
+    or truncated chunk fails its checksum on read instead of decompressing into other numbers)."""
     if name == "blosc-zstd":
         # Byte shuffle groups the float16 exponent bytes together: ~2x smaller than plain zstd (BENCHMARKS.md).
-        return (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),)
+        return (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())
     if name == "zstd":
-        return (ZstdCodec(level=3),)
+        return (ZstdCodec(level=3), Crc32cCodec())
     if name == "none":
-        return None
+        return (Crc32cCodec(),)
     raise StoreError(f"unknown store compressor '{name}'; available: {list(COMPRESSORS)}")
+
+
+def _write_every_chunk() -> None:
+    """zarr skips chunks equal to the fill value (NaN logits of unqueried rows, False flags); written anyway, every
+    store shard marked done has all its files, so a missing file is damage, never "all fill". Process-wide (a
+    writer's threads write shards concurrently: a per-call `zarr.config.set` block would race); reads ignore it."""
+    zarr.config.set({"array.write_empty_chunks": True})
 
 
 def index_dtype(num_classes: int) -> np.dtype:
@@ -176,6 +194,7 @@ class StoreWriter:
         self.spec = spec
         if spec.dtype not in ("float16", "float32"):
             raise StoreError(f"store dtype must be float16 or float32, got '{spec.dtype}'")
+        _write_every_chunk()
         if self.path.exists():
             if not force:
                 raise StoreError(f"{self.path} already exists; pass --force to overwrite it (or delete it)")
@@ -240,7 +259,9 @@ class StoreWriter:
                 arr("round", (n, v), "int16", -1)
                 arr("order", (n, v), "int32", -1)
             # One chunk per shard flag so concurrent writers never share a file.
-            g.create_array("done", shape=(s.num_shards,), dtype="bool", chunks=(1,), fill_value=False)
+            g.create_array(
+                "done", shape=(s.num_shards,), dtype="bool", chunks=(1,), fill_value=False, compressors=(Crc32cCodec(),)
+            )
             g.attrs.update({"split": name, **_split_attrs(s), "teacher_calls": 0})
         root.attrs.update(
             {
@@ -261,9 +282,22 @@ class StoreWriter:
         os.replace(tmp, self.partial)  # a half-created skeleton is never mistaken for a resumable one
 
     def pending(self, split: str) -> list[int]:
-        """Store shard indices of `split` not yet written completely."""
-        done = self.group[split]["done"][:]
-        return [int(j) for j in np.flatnonzero(~done)]
+        """Store shard indices of `split` not yet written completely (a shard marked done with a file missing is
+        written again: every chunk of a done shard is on disk, so a missing file is damage to repair, not fill)."""
+        g = self.group[split]
+        done = g["done"][:]
+        arrays = [a for name, a in g.arrays() if name != "done"]
+        lost = [
+            int(j) for j in np.flatnonzero(done) if any(not shard_file(self.partial, a, j).is_file() for a in arrays)
+        ]
+        if lost:
+            log.warning(
+                "%s: store shards %s of %s are marked done but miss files: writing them again",
+                self.partial,
+                _first(np.asarray(lost)),
+                split,
+            )
+        return sorted([int(j) for j in np.flatnonzero(~done)] + lost)
 
     def write_shard(
         self,
@@ -490,13 +524,50 @@ def topk_expand(values: np.ndarray, indices: np.ndarray, tail: np.ndarray, num_c
 # reading
 
 
+def store_attrs(path: str | Path) -> dict[str, Any]:
+    """The root attributes of the store at `path` (teacher, data set, schema...), without opening any array."""
+    try:
+        return dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception as e:  # noqa: BLE001 (zarr raises several types for "not a group")
+        raise StoreError(f"{path} is not a Zarr group ({e}); is it a kdcache logit store?") from e
+
+
+def shard_file(root: Path, arr: zarr.Array, j: int) -> Path:
+    """The file of store shard `j` of `arr` in the store at `root` (zarr's chunk key of the shard grid: c/<j>/0/...)."""
+    return Path(root, arr.path, arr.metadata.encode_chunk_key((j,) + (0,) * (arr.ndim - 1)))
+
+
+def finite_rows(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(all finite, any finite) over the last axis of a float block (n, V, C) -> two (n, V) bool arrays.
+
+    float16 is tested on its exponent bits (all ones = Inf/NaN): one integer pass, ~4x faster than np.isfinite
+    on half floats, which numpy converts element by element.
+    """
+    half = block.dtype == np.float16
+    fin = ((block.view(np.uint16) & 0x7C00) != 0x7C00) if half else np.isfinite(block)
+    return fin.all(-1), fin.any(-1)
+
+
+def _first(rows: np.ndarray, k: int = 5) -> str:
+    """The first k of `rows` for a message: '[3, 7, 9] (and 12 more)'."""
+    head = [int(r) for r in rows[:k]]
+    return f"{head}" + (f" (and {len(rows) - k} more)" if len(rows) > k else "")
+
+
 class LogitStore:
     """Read-only view of one split of a complete store, checked against the data set it joins."""
 
     def __init__(
-        self, path: str | Path, split: str = "train", manifest: Manifest | None = None, *, partial: bool = False
+        self,
+        path: str | Path,
+        split: str = "train",
+        manifest: Manifest | None = None,
+        *,
+        partial: bool = False,
+        strict: bool = True,
     ) -> None:
-        """`partial=True` (`StoreWriter.read` only): read a store still being written; never a user's choice."""
+        """`partial=True` (`StoreWriter.read`, `inspect`): read a store still being written; never a user's choice.
+        `strict=False` (`verify` only): open a store whose shards miss files, to list every problem."""
         self.path = Path(path)
         if self.path.name.endswith(PARTIAL_SUFFIX) and not partial:
             raise StoreError(f"{self.path} is a partial store (an unfinished teach run); re-run teach to complete it")
@@ -532,12 +603,128 @@ class LogitStore:
         self.member_names: tuple[str, ...] = tuple(attrs.get("members") or ())
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._member_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._arrays: dict[str, zarr.Array] = {}
+        self.done = self._read_done()  # (S,) bool: store shards written completely
+        if strict:
+            self._check_complete(partial)
         if manifest is not None:
             self.check(manifest)
+
+    def _check_complete(self, partial: bool) -> None:
+        """The cheap part of integrity, on every open: all shards done (a complete store), every done shard's files."""
+        if not partial and not self.done.all():
+            raise StoreError(
+                f"{self.path} is marked complete, but {self.split} store shards {_first(np.flatnonzero(~self.done))} "
+                f"are not marked done: the store is damaged. {self.rewrite_hint}"
+            )
+        missing = self.missing_files()
+        if missing:
+            raise StoreError(
+                f"{self.path}: {len(missing)} file(s) of written store shards are missing, e.g. "
+                f"{self.path / missing[0]}: the store is damaged (a missing file would read as fill values). "
+                f"{self.rewrite_hint}"
+            )
 
     @property
     def teacher(self) -> dict[str, Any]:
         return self.attrs["teacher"]
+
+    @property
+    def rewrite_hint(self) -> str:
+        """How to get an undamaged store: rewrite it with the command that made it."""
+        name = (self.attrs.get("teacher") or {}).get("name") or self.path.name.removesuffix(".zarr")
+        return (
+            f"Rewrite it: `dvc repro -f teach@{name}` (or the ensemble/query/import-logits command that made it); "
+            f"`kdcache verify {self.path}` lists every problem"
+        )
+
+    # -- checked reads: a damaged store is an error naming the file, never values ---------------------------
+
+    def shard_range(self, j: int) -> tuple[int, int]:
+        """Rows [start, stop) of store shard `j`."""
+        return j * self.shard_rows, min((j + 1) * self.shard_rows, self.n)
+
+    def _array(self, name: str) -> zarr.Array:
+        """Array `name` of the split, opened once (each `group[name]` reads its metadata file again)."""
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self.group[name]
+        return arr
+
+    def shard_file(self, name: str, j: int) -> Path:
+        """The file holding store shard `j` of array `name` of this split (zarr's chunk key `c/<j>/0/...`)."""
+        return shard_file(self.path, self._array(name), j)
+
+    def _read_done(self) -> np.ndarray:
+        try:
+            return np.asarray(self._array("done")[:], dtype=bool)
+        except Exception as e:  # noqa: BLE001 (zarr raises ValueError, KeyError, ...: any of them is damage)
+            raise StoreError(
+                f"{self.path}: the done flags of split {self.split} cannot be read ({type(e).__name__}: {e}): the "
+                f"store is damaged. {self.rewrite_hint}"
+            ) from e
+
+    def arrays(self) -> list[str]:
+        """The split's per-row arrays (all but the `done` flags), in a fixed order."""
+        return sorted(name for name, _ in self.group.arrays() if name != "done")
+
+    def missing_files(self, shards: np.ndarray | None = None) -> list[str]:
+        """Files of written (done) store shards that are not on disk, relative to the store (cheap: one stat each)."""
+        js = np.flatnonzero(self.done) if shards is None else shards
+        out = []
+        for name in self.arrays():
+            for j in js:
+                f = self.shard_file(name, int(j))
+                if not f.is_file():
+                    out.append(str(f.relative_to(self.path)))
+        return out
+
+    def read_array(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of array `name`, one store shard at a time, each shard file checked (present if done;
+        every chunk's CRC32C is checked by zarr as it decodes)."""
+        arr = self._array(name)
+        if stop <= start:
+            return arr[start:stop]
+        parts = []
+        for j in range(start // self.shard_rows, (stop - 1) // self.shard_rows + 1):
+            a, b = max(start, j * self.shard_rows), min(stop, (j + 1) * self.shard_rows)
+            if j < len(self.done) and self.done[j] and not self.shard_file(name, j).is_file():
+                raise StoreError(
+                    f"{self.path}: store shard file {self.shard_file(name, j)} (rows [{a}, {b}) of "
+                    f"{self.split}/{name}) is missing: the store is damaged. {self.rewrite_hint}"
+                )
+            try:
+                parts.append(arr[a:b])
+            except Exception as e:  # noqa: BLE001 (a checksum mismatch is a ValueError, a truncated index others)
+                raise StoreError(
+                    f"{self.path}: store shard file {self.shard_file(name, j)} (rows [{a}, {b}) of "
+                    f"{self.split}/{name}) is damaged ({type(e).__name__}: {' '.join(str(e).split())}). "
+                    f"{self.rewrite_hint}"
+                ) from e
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _check_rows(self, name: str, start: int, q: np.ndarray, all_finite: np.ndarray, any_finite: np.ndarray) -> None:
+        """Every queried sample-view of rows [start, start + n) is finite, every unqueried one all NaN.
+
+        q, all_finite, any_finite: (n, V) bool. A queried NaN row is a lost value (a shard that read as fill);
+        an unqueried row with numbers means the `queried` flags and the logits disagree: either way the store is
+        damaged, and reading on would train on (or skip) the wrong rows.
+        """
+        bad_q = q & ~all_finite
+        bad_u = ~q & any_finite
+        if not (bad_q.any() or bad_u.any()):
+            return
+        rows = np.flatnonzero((bad_q | bad_u).any(1)) + start
+        what = (
+            f"{int(bad_q.sum())} queried sample-view(s) hold NaN/Inf"
+            if bad_q.any()
+            else f"{int(bad_u.sum())} sample-view(s) not marked queried hold logits"
+        )
+        files = sorted({str(self.shard_file(name, int(r) // self.shard_rows)) for r in rows[:50]})
+        raise StoreError(
+            f"{self.path}: {what} in {self.split}/{name}, rows {_first(rows)} (shard file {files[0]}"
+            f"{f' and {len(files) - 1} more' if len(files) > 1 else ''}): the store is damaged. {self.rewrite_hint}"
+        )
 
     def check(self, manifest: Manifest) -> None:
         """Refuse to join with shards of another data set (hash, N, C, shard size): name both sides."""
@@ -561,15 +748,15 @@ class LogitStore:
             )
 
     def _dense(self, start: int, stop: int, dtype: npt.DTypeLike | None = np.float32) -> np.ndarray:
+        q = self.read_array("queried", start, stop)  # (n, V) bool
         if self.topk:  # the expansion computes in float32 anyway
-            g = self.group
-            return topk_expand(
-                g["topk_values"][start:stop],
-                g["topk_indices"][start:stop],
-                g["tail_mass"][start:stop],
-                self.num_classes,
-            )
-        block = self.group["logits"][start:stop]  # (n, V, C) stored dtype
+            values = self.read_array("topk_values", start, stop)  # (n, V, k)
+            tail = self.read_array("tail_mass", start, stop)  # (n, V)
+            every, some = finite_rows(values)
+            self._check_rows("topk_values", start, q, every & np.isfinite(tail), some | np.isfinite(tail))
+            return topk_expand(values, self.read_array("topk_indices", start, stop), tail, self.num_classes)
+        block = self.read_array("logits", start, stop)  # (n, V, C) stored dtype
+        self._check_rows("logits", start, q, *finite_rows(block))
         return block if dtype is None else block.astype(dtype, copy=False)
 
     def read_block(self, start: int, stop: int, dtype: npt.DTypeLike | None = np.float32) -> np.ndarray:
@@ -585,16 +772,16 @@ class LogitStore:
 
     def queried(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """(n, V) bool: which sample-views the teacher saw."""
-        return self.group["queried"][start : self.n if stop is None else stop]
+        return self.read_array("queried", start, self.n if stop is None else stop)
 
     def query_order(self) -> np.ndarray | None:
         """(N, V) int32: each call's position in the order the teacher was asked (-1: never); None unless the store
         was written in rounds (active queries), whose order only the store knows."""
-        return self.group["order"][:] if "order" in self.group else None
+        return self.read_array("order", 0, self.n) if "order" in self.group else None
 
     def query_rounds(self) -> np.ndarray | None:
         """(N, V) int16: the round that selected each sample-view (-1: never); None unless written in rounds."""
-        return self.group["round"][:] if "round" in self.group else None
+        return self.read_array("round", 0, self.n) if "round" in self.group else None
 
     def read_rows(self, rows: np.ndarray, cache_shards: int = 4) -> np.ndarray:
         """Random rows (B,) -> (B, V, C) float32, reading whole store shards and indexing in numpy.
@@ -636,7 +823,9 @@ class LogitStore:
             raise StoreError(f"{self.path} holds no member logits (not an ensemble store kept with keep_members)")
         if not 0 <= start <= stop <= self.n:
             raise IndexError(f"rows [{start}, {stop}) outside [0, {self.n}) of {self.path}/{self.split}")
-        block = self.group["members"][start:stop]
+        block = self.read_array("members", start, stop)  # (n, V, M, C)
+        every, some = finite_rows(block.reshape(*block.shape[:2], -1))
+        self._check_rows("members", start, self.read_array("queried", start, stop), every, some)
         return block if dtype is None else block.astype(dtype, copy=False)
 
     def read_member_rows(self, rows: np.ndarray, cache_shards: int = 4) -> np.ndarray:

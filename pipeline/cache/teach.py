@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.cache.budget import BudgetSpec
-from pipeline.cache.store import SplitSpec, StoreSpec, StoreWriter, same_content
+from pipeline.cache.store import LogitStore, SplitSpec, StoreError, StoreSpec, StoreWriter, same_content
 from pipeline.config import TeachConfig
 from pipeline.data.shards import Manifest, read_shard, sample_key, sha256_file
 from pipeline.data.views import ViewRecipe
@@ -316,7 +316,9 @@ class PreviousCalls:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.group = zarr.open_group(str(path), mode="r")
+        root = zarr.open_group(str(path), mode="r")
+        # checked reads: a damaged old store is an error naming its file, never logits copied into the new one
+        self.stores = {name: LogitStore(path, name) for name, _ in root.groups()}
 
     @classmethod
     def find(cls, out: str | Path, spec: StoreSpec) -> PreviousCalls | None:
@@ -344,20 +346,23 @@ class PreviousCalls:
             log.info("existing store %s is not reusable (not a raised budget of the same teacher/data/recipe)", out)
             shutil.rmtree(prev)
             return None
+        try:
+            found = cls(prev)
+        except StoreError as e:
+            log.warning("existing store %s is not reusable: %s", out, e)
+            shutil.rmtree(prev)
+            return None
         log.info("reusing the teacher calls of the existing store %s", out)
-        return cls(prev)
+        return found
 
     def block(self, split: str, start: int, stop: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-        if split not in self.group:
+        store = self.stores.get(split)
+        if store is None or store.topk:  # top-k layout: reuse is exact only for dense stores
             return None, None
-        g = self.group[split]
-        logits = g["logits"][start:stop] if "logits" in g else None
-        if logits is None:  # top-k layout: reuse is exact only for dense stores
-            return None, None
-        return logits.astype(np.float32), g["queried"][start:stop]
+        return store.read_block(start, stop), store.queried(start, stop)
 
     def reused(self, masks: dict[str, np.ndarray]) -> int:
-        return int(sum((self.group[s]["queried"][:] & m).sum() for s, m in masks.items() if s in self.group))
+        return int(sum((self.stores[s].queried() & m).sum() for s, m in masks.items() if s in self.stores))
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

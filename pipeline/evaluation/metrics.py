@@ -16,7 +16,6 @@ against a by-hand computation:
 from __future__ import annotations
 
 import csv
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,6 @@ from pipeline.training.validate import topk_accuracy
 if TYPE_CHECKING:
     from pipeline.data.corruptions import CorruptedSet
 
-log = logging.getLogger(__name__)
 
 ECE_BINS = 15  # Guo et al. 2017 use M = 15 equal-width bins
 
@@ -197,7 +195,7 @@ def split_metrics(
     {edges [M + 1], count, accuracy, confidence [M]}}; with a teacher, `teacher` = the teacher's cached logits
     on the same images: {`n`, `ece`, `pearson`, `spearman` (mean per-sample correlation with the student's
     logits), `reliability`}. The teacher's own top-1 is not here: it is computed once, by `train_teacher`, in
-    the teacher's record. Teacher rows with non-finite logits (never queried) are left out of the teacher side.
+    the teacher's record. Every teacher row must be finite (`teacher_test_logits` refuses a store that lacks rows).
     """
     rel_s = reliability_bins(logits, labels, bins)
     out: dict[str, Any] = {"accuracy": topk_accuracy(logits, labels, 1), "ece": ece_from_bins(rel_s)}
@@ -208,9 +206,9 @@ def split_metrics(
     if teacher_logits is not None:
         t = np.asarray(teacher_logits, dtype=np.float32)
         ok = np.isfinite(t).all(1)
-        if not ok.all():
-            log.warning("no teacher logits for %d of %d test rows: teacher metrics skip them", (~ok).sum(), len(ok))
-        t, s, y = t[ok], logits[ok], labels[ok]
+        if not ok.all():  # the store's reader refuses such rows first: a subset would not compare across students
+            raise ValueError(f"teacher logits are not finite for {int((~ok).sum())} of {len(ok)} test rows")
+        s, y = logits, labels
         out["agreement"] = agreement(s, t)
         rel_t = reliability_bins(t, y, bins)
         out["teacher"] = {

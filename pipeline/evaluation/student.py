@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cache.store import LogitStore
+from pipeline.cache.store import LogitStore, StoreError
 from pipeline.config import ConfigError, EvaluateConfig
 from pipeline.data.corruptions import load_corrupted
 from pipeline.data.shards import Manifest
@@ -49,7 +49,15 @@ def teacher_test_logits(store: Path, manifest: Manifest) -> np.ndarray | None:
     if not store.exists():
         log.warning("no logit store %s: teacher-side metrics (agreement, correlations) skipped", store)
         return None
-    return LogitStore(store, "test", manifest).read_all()[:, 0]
+    test = LogitStore(store, "test", manifest)  # checked: damaged rows are an error naming the shard file
+    queried = test.queried()[:, 0]  # (N,)
+    if not queried.all():
+        raise StoreError(
+            f"{store}: the teacher answered only {int(queried.sum())} of {len(queried)} test images (view 0); "
+            "agreement and correlations on a subset would not compare with other students'. Cache the whole "
+            "test split (teach caches it unbudgeted; `kdcache import-logits` needs every test row)"
+        )
+    return test.read_all()[:, 0]
 
 
 def evaluate_student(

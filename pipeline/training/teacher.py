@@ -28,6 +28,7 @@ from pipeline.layout import Layout
 from pipeline.losses.ce import CELoss
 from pipeline.models.checkpoint import import_model, save_model
 from pipeline.models.registry import build_for, pretrained_source
+from pipeline.models.sanity import near_chance
 from pipeline.records import write_record
 from pipeline.runtime import pick_device, seed_everything, set_threads
 from pipeline.training.dataset import DistillDataset
@@ -42,12 +43,6 @@ STILL_IMPROVING = 0.01
 
 class TeacherCheckError(ValueError):
     """An imported teacher that cannot be meant for this data set (near-chance accuracy)."""
-
-
-def near_chance(top1: float, num_classes: int) -> bool:
-    """top-1 within the lowest fifth of the range between chance (1/C) and perfect."""
-    chance = 1.0 / num_classes
-    return top1 < chance + 0.2 * (1.0 - chance)
 
 
 def still_improving(
