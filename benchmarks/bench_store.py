@@ -9,6 +9,9 @@
 3. Reads (C=100, page cache warm, one core): shard-aligned block reads (target >= 1,000,000 rows/s)
    and random batches of 256 rows (target >= 50,000 rows/s), via `LogitStore.read_rows` vs zarr's own
    fancy indexing.
+4. Integrity cost: the same reads from the same logits stored with and without the per-chunk CRC32C, and with
+   and without the value rule (queried rows finite, unqueried empty), interleaved round by round. Target: the
+   shipped reader (checksums + value rule) at most 5% slower than a reader of neither.
 """
 
 from __future__ import annotations
@@ -121,6 +124,80 @@ def bench_bytes_and_reads(tmp: Path, n: int, c: int, repeats: int) -> None:
     print(f"| random batches of 256 (zarr orthogonal selection) | {256 * 20 / t_fancy:,.0f} | (for comparison) |")
 
 
+def without_checksums(src: Path, dst: Path) -> None:
+    """A copy of store `src` whose arrays drop the CRC32C codec (the bytes a schema-1 store held), same chunks."""
+    from zarr.codecs import Crc32cCodec
+
+    shutil.rmtree(dst, ignore_errors=True)
+    root = zarr.open_group(str(src), mode="r")
+    out = zarr.open_group(str(dst), mode="w")
+    out.attrs.update(dict(root.attrs))
+    for split, g in root.groups():
+        h = out.create_group(split)
+        h.attrs.update(dict(g.attrs))
+        for name, a in g.arrays():
+            comps = tuple(c for c in a.compressors if not isinstance(c, Crc32cCodec))
+            b = h.create_array(
+                name,
+                shape=a.shape,
+                dtype=a.dtype,
+                chunks=a.chunks,
+                shards=a.shards,
+                compressors=comps or None,
+                fill_value=a.fill_value,
+            )
+            b[...] = a[...]
+
+
+def bench_integrity(tmp: Path, n: int, c: int, repeats: int) -> None:
+    """Block and random-batch reads: shipped reader vs no checksums vs no value rule, interleaved rounds."""
+    v, shard_rows = 1, 5000
+    with_crc = tmp / "crc.zarr"
+    write_store(with_crc, fake_logits(n, v, c), shard_rows, "blosc-zstd", 0)
+    no_crc = tmp / "nocrc.zarr"
+    without_checksums(with_crc, no_crc)
+    torch.set_num_threads(1)
+    shards = [(j * shard_rows, min((j + 1) * shard_rows, n)) for j in range((n + shard_rows - 1) // shard_rows)]
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, n, 256) for _ in range(200)]
+    real_check = LogitStore._check_rows
+
+    def skip_rule(*_a: object) -> None:
+        return None
+
+    readers = {  # name -> (store path, value rule on?)
+        "shipped: CRC32C + value rule": (with_crc, True),
+        "CRC32C only": (with_crc, False),
+        "neither (schema-1 reads)": (no_crc, False),
+    }
+    times: dict[str, dict[str, list[float]]] = {k: {"block": [], "random": []} for k in readers}
+    for _ in range(repeats + 1):  # round 0 warms the page cache; each round times every reader once
+        for name, (path, rule) in readers.items():
+            LogitStore._check_rows = real_check if rule else skip_rule  # type: ignore[method-assign]
+            store = LogitStore(path, "train")
+            t0 = time.perf_counter()
+            for s, e in shards:
+                store.read_block(s, e, dtype=None)
+            t1 = time.perf_counter()
+            store = LogitStore(path, "train")
+            for b in batches:
+                store.read_rows(b, cache_shards=len(shards))
+            t2 = time.perf_counter()
+            times[name]["block"].append(t1 - t0)
+            times[name]["random"].append(t2 - t1)
+    LogitStore._check_rows = real_check  # type: ignore[method-assign]
+    base = {k: statistics.median(times["neither (schema-1 reads)"][k][1:]) for k in ("block", "random")}
+    print(f"\n## 4. Integrity cost (N={n}, C={c}, V={v}, float16; {repeats} interleaved rounds, medians)\n")
+    print("| reader | block rows/s | vs neither | random-batch rows/s | vs neither |")
+    print("|---|---:|---:|---:|---:|")
+    for name in readers:
+        tb, tr = (statistics.median(times[name][k][1:]) for k in ("block", "random"))
+        print(
+            f"| {name} | {n / tb:,.0f} | {base['block'] / tb:.3f}x | {256 * len(batches) / tr:,.0f} | "
+            f"{base['random'] / tr:.3f}x |"
+        )
+
+
 def bench_teach(tmp: Path, n: int, repeats: int, threads: int, device: torch.device | None = None) -> None:
     device = device or torch.device("cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -176,12 +253,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the teach benchmark")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="teacher device")
-    ap.add_argument("--only", choices=["store", "teach"], default=None, help="run one part (default: both)")
+    ap.add_argument("--only", choices=["store", "teach", "integrity"], default=None, help="run one part (default: all)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if args.only in (None, "store"):
             bench_bytes_and_reads(tmp, args.n, args.classes, args.repeats)
+        if args.only in (None, "integrity"):
+            bench_integrity(tmp, args.n, args.classes, args.repeats)
         if args.only in (None, "teach"):
             bench_teach(tmp, args.teach_n, args.repeats, args.threads, torch.device(args.device))
 
