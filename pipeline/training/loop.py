@@ -247,7 +247,7 @@ def train(
     run.schedule = schedule
     epochs = math.ceil(schedule.steps / schedule.steps_per_epoch)
     if rank == 0:
-        log.info("%s: %s", desc, schedule)
+        schedule.announce(log, desc)  # a warning when min_steps raised the epochs asked for
     next_it: Iterator[dict[str, Any]] | None = None  # the next epoch's loader, started before this epoch ends
     for epoch in range(start_epoch, epochs):
         if next_it is None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -47,6 +48,28 @@ class Schedule:
     samples_per_epoch: int  # over all ranks
     batch_size: int
     rule: str  # how the length was derived from the config
+    asked_epochs: int | None = None  # the `epochs` of the config when `min_steps` raised them (None: not raised)
+
+    @property
+    def raised(self) -> bool:
+        """`min_steps` made this run longer than the `epochs` its params ask for."""
+        return self.asked_epochs is not None
+
+    def announce(self, logger: logging.Logger, desc: str) -> None:
+        """Log the resolved length: a WARNING when `min_steps` raised the epochs asked for, because the run then
+        trains longer than its params say (`dvc exp run -S distill.train.epochs=1` trained 3 epochs, issue 32);
+        an info line otherwise. The report's header lists such runs too (from the recorded `rule`)."""
+        if not self.raised:
+            logger.info("%s: %s", desc, self)
+            return
+        logger.warning(
+            "%s: %s: min_steps raised the %d epoch(s) asked for; for exactly %d set min_steps: 0 (or steps: N for an "
+            "exact step count)",
+            desc,
+            self,
+            self.asked_epochs,
+            self.asked_epochs,
+        )
 
     @property
     def epochs(self) -> float:
@@ -84,15 +107,16 @@ def resolve_schedule(cfg: TrainConfig, steps_per_epoch: int, samples_per_epoch: 
     2. `epochs: E` (default 3) -> E full epochs, raised to at least `min_steps` steps: a data set too small
        for E epochs to reach the floor trains for more epochs, ceil(min_steps / steps_per_epoch), so the
        model gets a data-size-independent minimum of updates while large data sets keep their epochs.
+       The rule then reads `epochs=E raised to R by min_steps=M` (the report finds raised runs by it:
+       `pipeline.evaluation.study.RAISED_RULE`) and `Schedule.announce` logs it as a warning.
     """
     if steps_per_epoch < 1:
         raise ValueError("an epoch of the training source has no batches (empty split or budget?)")
     if cfg.steps is not None:
         return Schedule(cfg.steps, steps_per_epoch, samples_per_epoch, cfg.batch_size, f"steps={cfg.steps}")
     epochs = cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS
-    rule = f"epochs={epochs}"
     if epochs * steps_per_epoch < cfg.min_steps:
         raised = math.ceil(cfg.min_steps / steps_per_epoch)
         rule = f"epochs={epochs} raised to {raised} by min_steps={cfg.min_steps}"
-        epochs = raised
-    return Schedule(epochs * steps_per_epoch, steps_per_epoch, samples_per_epoch, cfg.batch_size, rule)
+        return Schedule(raised * steps_per_epoch, steps_per_epoch, samples_per_epoch, cfg.batch_size, rule, epochs)
+    return Schedule(epochs * steps_per_epoch, steps_per_epoch, samples_per_epoch, cfg.batch_size, f"epochs={epochs}")
