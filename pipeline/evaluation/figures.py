@@ -19,11 +19,13 @@ is absent raises `NoData(reason)` so the report says what is missing instead of 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.evaluation.stats import MIN_SEEDS
 from pipeline.evaluation.study import ALPHA, FULL, NO_TEACHER_LOSS, Student, Study, loss_order
 
 #: one colour per loss in every figure (registry order); CE, the no-teacher baseline, is grey
@@ -181,7 +183,7 @@ def accuracy_figure(study: Study) -> tuple[Any, str]:
     dx.set_ylabel("top-1 minus CE's (points)")
     dx.grid(axis="y", alpha=0.3)
     if pts:
-        dx.set_title("Paired difference to CE, 95% bootstrap interval (filled: p < 0.05)", fontsize=9)
+        dx.set_title("Paired difference to CE, 95% bootstrap interval (filled: p < 0.05 over seeds)", fontsize=9)
     else:
         why = (
             "no CE students"
@@ -194,11 +196,16 @@ def accuracy_figure(study: Study) -> tuple[Any, str]:
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     n = sorted(study.seed_counts())
     bars = "mean over seeds, 95% t-interval" if max(n) > 1 else "one seed: no interval over seeds"
+    verdicts = (
+        "filled markers are significant at 5% (paired bootstrap over the seeds)"
+        if max(n) >= MIN_SEEDS
+        else "every marker is open: with one seed per loss no difference is called significant (McNemar's test on "
+        "one training run measures that run, not the loss)"
+    )
     caption = (
         f"Left: student top-1 on the test split per teacher and loss ({bars}); black line: the teacher's own "
         "top-1; dotted: chance. Right: each loss's top-1 minus CE's on the same test images (same teacher and "
-        "seeds) with its 95% paired-bootstrap interval; filled markers are significant at 5% "
-        "(McNemar mid-p for one seed, paired bootstrap for several)."
+        f"seeds) with its 95% paired-bootstrap interval; {verdicts}."
     )
     return fig, caption
 
@@ -215,12 +222,39 @@ def _same_order(a: dict[str, float], b: dict[str, float]) -> bool:
     return ra == rb and len(set(a.values())) == len(a) and len(set(b.values())) == len(b)
 
 
+def accuracy_noise(acc: float, n: int) -> float:
+    """Half-width of the 95% normal-approximation interval of an accuracy `acc` (fraction) measured on n images."""
+    return 1.96 * math.sqrt(max(acc * (1.0 - acc), 0.0) / n)
+
+
+def unordered_teachers(acc: dict[str, float], n: int | None) -> list[tuple[str, str, float, float]]:
+    """(weaker, stronger, difference, 95% half-width), in points, for each pair of teachers adjacent in accuracy
+    whose difference is within the noise of two accuracies on n test images (an unpaired two-proportion test at
+    5%): their order, and so any trend drawn through them, is not established. Unknown n: every pair."""
+    ts = sorted(acc, key=acc.get)
+    out = []
+    for lo, hi in zip(ts, ts[1:], strict=False):
+        d = acc[hi] - acc[lo]
+        half = 1.96 * math.sqrt(sum(a / 100 * (1 - a / 100) for a in (acc[lo], acc[hi])) / n) * 100 if n else math.inf
+        if d <= half:
+            out.append((lo, hi, d, half))
+    return out
+
+
 def capacity_figure(study: Study) -> tuple[Any, str]:
-    """Student top-1 per loss against the teacher's own test top-1 (and its size when that ranks them alike)."""
+    """Student top-1 per loss against the teacher's own test top-1 (and its size when that ranks them alike).
+
+    A line joins a loss's points only when the data can carry a trend: the teachers' accuracies differ beyond their
+    test-set noise and every point has an interval over seeds; otherwise the points stand alone, with their
+    intervals (the teacher's accuracy always has one: its test images), and the caption says why."""
     acc = {t: 100 * a for t in study.teacher_names if (a := study.teacher_accuracy(t)) is not None}
     if len(acc) < 2:
         have = "no teacher" if not acc else "only one teacher"
         raise NoData(f"{have} with a recorded accuracy (metrics/teachers/<t>.json): a trend needs two or more")
+    n_test = study.data.splits.get("test")
+    ties = unordered_teachers(acc, n_test)
+    single_seed = max(len(study.cell(t, loss)) for t in acc for loss in study.losses) < 2
+    join = not ties and not single_seed
     params = {t: float(study.teachers[t].params) for t in acc if study.teachers[t].params}
     panels: list[tuple[str, dict[str, float], bool]] = [("teacher's own test top-1 (%)", acc, False)]
     by_size = len(params) == len(acc) and _same_order(acc, params)
@@ -230,18 +264,29 @@ def capacity_figure(study: Study) -> tuple[Any, str]:
     for ax, (xlabel, xs, logx) in zip(axes[0], panels, strict=True):
         ts = sorted(xs, key=xs.get)
         for loss in study.losses:
-            pts = [(xs[t], iv) for t in ts if (iv := study.interval(study.cell(t, loss))) is not None]
+            pts = [(t, iv) for t in ts if (iv := study.interval(study.cell(t, loss))) is not None]
             if not pts:
                 continue
-            px = [p[0] for p in pts]
-            m = [100 * p[1].mean for p in pts]
-            have_err = all(p[1].lo is not None for p in pts)
+            px = [xs[t] for t, _ in pts]
+            m = [100 * iv.mean for _, iv in pts]
+            have_err = all(iv.lo is not None for _, iv in pts)
             err = (
                 np.array([[100 * (iv.mean - iv.lo), 100 * (iv.hi - iv.mean)] for _, iv in pts]).T if have_err else None
             )
-            style = {"linestyle": "--"} if loss == NO_TEACHER_LOSS else {}
+            xerr = (  # the teacher's accuracy is itself a measurement on n_test images
+                [100 * accuracy_noise(acc[t] / 100, n_test) for t, _ in pts] if n_test and not logx else None
+            )
+            style = {"linestyle": "--" if loss == NO_TEACHER_LOSS else "-"} if join else {"linestyle": "none"}
             ax.errorbar(
-                px, m, yerr=err, marker="o", capsize=3, color=loss_color(loss, study.losses), label=loss, **style
+                px,
+                m,
+                yerr=err,
+                xerr=xerr,
+                marker="o",
+                capsize=3,
+                color=loss_color(loss, study.losses),
+                label=loss,
+                **style,
             )
         if logx:
             ax.set_xscale("log")
@@ -255,7 +300,30 @@ def capacity_figure(study: Study) -> tuple[Any, str]:
     _shared_legend(fig, axes, title="loss")
     fig.suptitle("Does a stronger teacher make a better student?", fontsize=10)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    caption = "Student top-1 per loss against the teacher's own test top-1; dashed: CE, which ignores the teacher."
+    caption = "Student top-1 per loss against the teacher's own test top-1"
+    if n_test:
+        caption += f" (horizontal bars: its 95% interval on the {n_test:,} test images)"
+    if join:
+        caption += (
+            "; lines join the teachers in order of strength (their accuracies differ beyond test-set noise), "
+            "vertical bars are 95% t-intervals over seeds; dashed: CE, which ignores the teacher."
+        )
+    else:
+        why = []
+        for lo, hi, d, half in ties:
+            why.append(
+                f"{lo} and {hi} differ by {d:.2f} points, within the ±{half:.2f} that two accuracies on "
+                f"{n_test:,} test images vary by at 95%"
+                if n_test
+                else f"the test size behind {lo} and {hi}'s accuracies is unknown"
+            )
+        if single_seed:
+            why.append("each point is one training run (one seed), with no interval over seeds")
+        caption += (
+            ". The points are not joined, because the data cannot carry a trend: "
+            + "; ".join(why)
+            + " (train several seeds, or teachers further apart, to see one)."
+        )
     if by_size:
         caption += " Right: the same against the teacher's parameter count (larger teachers are also stronger here)."
     elif len(params) == len(acc):

@@ -4,19 +4,22 @@
 predictions), and writes into `reports/`:
 
 - `report.md`: a header saying what it is about (data set, classes, split sizes and image size from the
-  manifest; the commit and the params that differ from it), warnings first (every teacher warning, every
-  loss significantly below CE, students or predictions missing), the teachers, the student top-1 table
-  (mean ± std over seeds; **bold** only for a loss significantly better than every other loss of its row),
-  the paired comparisons of each loss with CE and KD on the same test images (difference, 95% interval,
-  p-value, the test named), details (top-k, agreement, correlations, ECE, mCA), robustness and, with budget
-  runs, the budget table; every figure of `pipeline.evaluation.figures` with its caption, or the reason it
-  is missing;
+  manifest; the commit and the params that differ from it; why one seed makes no verdict; the runs whose
+  `epochs` `min_steps` raised), warnings first (every teacher warning, every loss significantly below CE,
+  students or predictions missing), the teachers, the student top-1 table (mean ± std over seeds; **bold**
+  only for a loss significantly better than every other loss of its row, which takes two or more seeds), the
+  paired comparisons of each loss with CE and KD on the same test images (difference, 95% interval, p-value,
+  the test named; starred only across seeds), details (top-k, agreement, correlations, ECE, mCA), robustness
+  and, with budget runs, the budget table; every figure of `pipeline.evaluation.figures` with its caption, or
+  the reason it is missing;
 - `report.html`: the same, self-contained (figures embedded), so it opens offline;
 - `plots/curves.json`, `plots/budget.json`: the data of the `dvc plots` overlays declared in dvc.yaml
   (`.dvc/plots/*.json` templates: the students of one teacher in one plot, and the budget curve).
 
 Statistics: 95% t-intervals over seeds (`stats.mean_ci`), McNemar's mid-p test with one seed and a paired
 bootstrap over test images with several (`stats.paired_comparison`): see `pipeline.evaluation.stats` for why.
+Only the test over several seeds makes a verdict (a star, bold, a "significantly below CE" warning): with one
+seed per method the report shows the differences and says why none is called significant (`ONE_RUN_NOTE`).
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from typing import Any
 
 from pipeline.evaluation import figures as F
 from pipeline.evaluation.provenance import Provenance, provenance
-from pipeline.evaluation.stats import BOOTSTRAP, MCNEMAR, Interval, Paired
+from pipeline.evaluation.stats import BOOTSTRAP, MCNEMAR, MIN_SEEDS, Interval, Paired
 from pipeline.evaluation.study import (
     ALPHA,
+    CE_MARGIN,
     FULL,
     HINTON_LOSS,
     NO_TEACHER_LOSS,
@@ -44,9 +48,16 @@ from pipeline.evaluation.study import (
 log = logging.getLogger(__name__)
 
 TEST_NOTE = (
-    f"p: two-sided, {MCNEMAR} test on per-image correctness with one seed, {BOOTSTRAP} over test images "
-    "(each image with all its seeds) with several; intervals: 95% paired bootstrap. Unadjusted for the number "
-    "of comparisons."
+    f"p: two-sided, {BOOTSTRAP} over test images (each image with all its seeds) with several seeds, * = p < 0.05; "
+    f"with one seed, {MCNEMAR} test on per-image correctness, never starred (it describes that run, not the "
+    "method); intervals: 95% paired bootstrap. Unadjusted for the number of comparisons."
+)
+
+ONE_RUN_NOTE = (
+    "McNemar's test on one training run per method measures that run (these two networks on these test images), "
+    "not the method: another seed, or the same seed on a CPU with other kernels, trains other networks and can flip "
+    "the verdict. Differences, intervals and p-values are shown as a description of the run; stars and **bold** "
+    f"come only from the paired test over {MIN_SEEDS} or more seeds (`dvc exp run -S 'distill.seeds=[0,1,2]'`)."
 )
 
 
@@ -111,6 +122,8 @@ def _header(study: Study, title: str, prov: Provenance | None) -> list[str]:
         f"{', '.join(study.budgets())}, seeds {', '.join(map(str, seeds))}; {_seeds_note(study)}. "
         "Regenerate with `dvc repro`; compare two students with `kdcache compare metrics/a.json metrics/b.json`.",
         "",
+        *_one_run_note(study),
+        *_raised_note(study),
     ]
     if prov is None:
         return lines
@@ -132,19 +145,64 @@ def _header(study: Study, title: str, prov: Provenance | None) -> list[str]:
     return [*lines, ""]
 
 
+def _one_run_note(study: Study) -> list[str]:
+    """Why no comparison of a one-seed cell is called significant (all cells, or how many)."""
+    single = study.single_seed_cells()
+    if not single:
+        return []
+    if set().union(*(study.seed_counts(b) for b in study.budgets())) == {1}:
+        head = "**One seed per method: no comparison is marked significant.**"
+    else:
+        head = f"**{single} cell(s) with one seed: their comparisons are not marked significant.**"
+    return [f"{head} {ONE_RUN_NOTE}", ""]
+
+
+def _raised_note(study: Study) -> list[str]:
+    """The runs `min_steps` made longer than their `epochs` asked (a `dvc exp run -S ...epochs=1` that trained 3)."""
+    raised = study.raised_schedules()
+    if not raised:
+        return []
+    lines = [
+        "**Schedules raised by `min_steps`**: these runs asked for fewer optimizer steps than `min_steps` on this "
+        "data, so they trained for more epochs than `epochs` says (set `min_steps: 0`, or `steps: N`, for an exact "
+        "length):",
+        "",
+    ]
+    for rule, who in raised.items():
+        more = ", ..." if len(who) > 6 else ""
+        lines.append(f"- `{rule}`: {len(who)} run(s) ({', '.join(who[:6])}{more})")
+    return [*lines, ""]
+
+
+def teacher_warnings(study: Study) -> dict[str, list[str]]:
+    """Every warning about each teacher the report shows: the ones in its record (`train_teacher`'s checks) and the
+    report's own comparison with a CE student (`Study.weak_teachers`). The Warnings section lists them and the
+    Teachers table counts them, so the two never disagree."""
+    out = {t: [f"teacher **{t}**: {w}" for w in te.warnings] for t, te in study.teachers.items()}
+    for t, acc, ce in study.weak_teachers():
+        where = f"validation top-1 {100 * acc:.2f} vs {100 * ce:.2f} for a student trained on labels alone"
+        if ce + CE_MARGIN > 1.0:  # nothing left above the CE student: a longer or stronger teacher cannot help
+            msg = (
+                f"teacher **{t}** cannot beat a CE student on this data: {where}, at the 100% ceiling; no teacher "
+                "has anything left to teach here, so training it longer will not help, and the loss comparisons "
+                "below tell runs apart by a few images at most: compare losses on a harder data set"
+            )
+        else:
+            msg = (
+                f"teacher **{t}** is no better than a CE student: {where}; distilling from it can only teach its "
+                f"mistakes: train it longer (teachers.{t}.steps) or bring a stronger one"
+            )
+        out.setdefault(t, []).append(msg)
+    return out
+
+
 def _warnings(study: Study) -> list[str]:
     items = []
+    by_teacher = teacher_warnings(study)
     for t in study.teacher_names:
         if t not in study.teachers:
             items.append(f"teacher **{t}**: no record in metrics/teachers: its accuracy and warnings are unknown")
-            continue
-        items += [f"teacher **{t}**: {w}" for w in study.teachers[t].warnings]
-    for t, acc, ce in study.weak_teachers():
-        items.append(
-            f"teacher **{t}** is no better than a CE student: validation top-1 {100 * acc:.2f} vs {100 * ce:.2f} for "
-            "a student trained on labels alone; distilling from it can only teach its mistakes: train it longer "
-            f"(teachers.{t}.steps) or bring a stronger one"
-        )
+        items += by_teacher.get(t, [])
     for t, loss, p in study.below_ce():
         items.append(
             f"**{loss}** with teacher {t} is significantly *below* CE: {100 * p.diff:+.2f} points "
@@ -168,6 +226,7 @@ def _warnings(study: Study) -> list[str]:
 
 def _teachers(study: Study) -> list[str]:
     rows = []
+    warnings = teacher_warnings(study)
     for t in study.teacher_names:
         te = study.teachers.get(t)
         if te is None:
@@ -180,14 +239,14 @@ def _teachers(study: Study) -> list[str]:
                 f"{te.params:,}" if te.params else "",
                 f"{100 * te.accuracy:.2f}" if te.accuracy is not None else "",
                 f"{100 * te.val_accuracy:.2f}" if te.val_accuracy is not None else "",
-                str(len(te.warnings)),
+                str(len(warnings.get(t, []))),
             ]
         )
     return [
         "## Teachers",
         "",
         "Each teacher's own top-1 (%), computed once by `train_teacher` (metrics/teachers/<t>.json); every table and",
-        "figure uses this number.",
+        "figure uses this number. Warnings: how many of the report's warnings are about the teacher.",
         "",
         *_table(["teacher", "architecture", "parameters", "test top-1", "val top-1", "warnings"], rows),
         "",
@@ -216,9 +275,9 @@ def _top1_table(study: Study) -> list[str]:
         "",
         f"Student top-1 (%) on the test split, full budget, {spread} ({_seeds_note(study)}); the",
         "teacher's own top-1 in brackets. **Bold**: the row's best loss when it is significantly better than *every*",
-        f"other loss of the row (each paired test at {ALPHA:.0%}, two-sided: {MCNEMAR} with one seed, {BOOTSTRAP}",
-        "with several; requiring all of them is an intersection-union test, so no multiplicity correction). No bold:",
-        "no loss is significantly best.",
+        f"other loss of the row (each paired test at {ALPHA:.0%}, two-sided: the {BOOTSTRAP} over {MIN_SEEDS} or more",
+        "seeds; requiring all of them is an intersection-union test, so no multiplicity correction). No bold: no loss",
+        "is significantly best, or one seed per loss, which makes no verdict (one training run measures that run).",
         "",
         *_table(["teacher", *losses], rows),
         "",
@@ -243,7 +302,8 @@ def _paired_table(study: Study, budget: str = FULL) -> list[str]:
         "## Paired comparisons",
         "",
         f"Each loss against {' and '.join(f'`{r}`' for r in refs)} with the same teacher, budget and seeds, on the",
-        "same test images: top-1 difference in points (loss minus reference) [95% interval], p-value; * = p < 0.05.",
+        "same test images: top-1 difference in points (loss minus reference) [95% interval], p-value; * = p < 0.05",
+        f"over {MIN_SEEDS} or more seeds.",
         f"The 95% CI column is the t-interval over seeds ('—' with one seed). {TEST_NOTE}",
         "",
         *_table(["teacher", "loss", "seeds", "top-1 %", "95% CI", *[f"vs {r}" for r in refs]], rows),

@@ -16,6 +16,13 @@ implementation in `tests/test_stats.py`:
   seed-to-seed variation is what `mean_ci` shows.
 - `paired_comparison`: the one the report calls: the difference in points, its 95% bootstrap interval and
   the p-value of the test that fits the number of seeds (named in the result).
+
+A verdict about *methods* needs more than one training run of each (`Paired.significant`, `MIN_SEEDS`): with one
+seed, McNemar's test asks whether these two trained networks differ on these test images, which they nearly always
+do; another seed, or the same seed on a CPU with other kernels, trains other networks and can flip the sign (issue
+32: cmkd - kd on one seed read -0.32 points, p 0.139, on one machine and -0.77, p < 0.001, on another). So with one
+seed the difference, interval and p are still reported, as a description of that run, but never called
+significant; stars, bold and "significantly below CE" come only from the test over several seeds.
 """
 
 from __future__ import annotations
@@ -188,11 +195,20 @@ class Paired:
     a_only: int  # images A gets right and B wrong (summed over seeds)
     b_only: int  # images B gets right and A wrong
 
+    @property
+    def one_run(self) -> bool:
+        """One training run per method: the test describes those two networks, not the two methods."""
+        return self.seeds < MIN_SEEDS
+
     def significant(self, alpha: float = 0.05) -> bool:
-        return self.p < alpha
+        """A verdict about the methods: p < alpha in the test over `MIN_SEEDS` or more seeds; never from one run
+        per method, however small its p (see the module docstring)."""
+        return not self.one_run and self.p < alpha
 
 
 MCNEMAR, BOOTSTRAP = "McNemar mid-p", "paired bootstrap"
+#: training runs (seeds) per method below which no comparison is called significant
+MIN_SEEDS = 2
 
 
 def paired_comparison(a: np.ndarray, b: np.ndarray, seed: int = 0) -> Paired:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,10 @@ CURVE_KEYS = (("val_acc", "val"), ("test_acc", "test"))
 
 #: a teacher must beat a CE student on validation by this much (top-1) to be worth distilling from
 CE_MARGIN = 0.005
+
+#: a recorded schedule rule (`schedule.rule` in a record) whose epochs `min_steps` raised, as
+#: `pipeline.training.schedule.resolve_schedule` writes it (tests/test_report.py ties the two)
+RAISED_RULE = re.compile(r"epochs=(?P<asked>\d+) raised to (?P<got>\d+) by min_steps=(?P<min_steps>\d+)")
 
 
 class StudyError(ValueError):
@@ -259,6 +264,24 @@ class Study:
     def teacher_accuracy(self, teacher: str) -> float | None:
         t = self.teachers.get(teacher)
         return t.accuracy if t else None
+
+    def single_seed_cells(self) -> int:
+        """How many (teacher, loss, budget) cells hold one seed: their comparisons make no verdict (`MIN_SEEDS`)."""
+        return sum(1 for v in self._cells.values() if len(v) == 1)
+
+    def raised_schedules(self) -> dict[str, list[str]]:
+        """Schedule rule -> who trained longer than asked because `min_steps` raised their `epochs` (students by id,
+        teachers as `teacher <name>`), from the `schedule.rule` their records hold."""
+        out: dict[str, list[str]] = defaultdict(list)
+        for name, t in sorted(self.teachers.items()):
+            rule = get(t.record, "schedule.rule")
+            if isinstance(rule, str) and RAISED_RULE.search(rule):
+                out[rule].append(f"teacher {name}")
+        for s in sorted(self.students, key=lambda s: s.sid):
+            rule = get(s.record, "student.schedule.rule")
+            if isinstance(rule, str) and RAISED_RULE.search(rule):
+                out[rule].append(s.sid)
+        return dict(out)
 
 
 # ---------------------------------------------------------------------------------------------
