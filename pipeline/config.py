@@ -674,3 +674,90 @@ def query_spec(params: dict[str, Any], name: str) -> QuerySpec:
 def load_section(cls: type[T], name: str, params_path: str | Path = DEFAULT_PARAMS) -> T:
     """Read `params.yaml` and return section `name` as dataclass `cls`."""
     return from_dict(cls, section(load_params(params_path), name), name)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole file, checked up front
+
+#: every top-level section of params.yaml: one per stage (stage name == section), plus the shared `teachers` zoo
+#: and the optional `ensembles` and `query` entries. `corrupt` is typed beside its stage's code
+#: (`pipeline.data.corruptions.CorruptConfig`); `pipeline.stage.check_all_params` checks it and the loss params.
+SECTIONS = (
+    "runtime",
+    "prepare",
+    "teachers",
+    "ensembles",
+    "query",
+    "train_teacher",
+    "teach",
+    "distill",
+    "corrupt",
+    "evaluate",
+    "report",
+)
+
+_TYPED: dict[str, type] = {
+    "runtime": RuntimeConfig,
+    "prepare": PrepareConfig,
+    "train_teacher": TrainTeacherConfig,
+    "teach": TeachConfig,
+    "distill": DistillConfig,
+    "evaluate": EvaluateConfig,
+    "report": ReportConfig,
+}
+
+
+def check_params(params: dict[str, Any]) -> None:
+    """Check every section of the params file this module types, and the names sections share, before any work.
+
+    A stage reads only its own section, so without this a typo elsewhere (`distill.train.epoch`) would surface
+    only when its stage ran, after the stages before it (on a fresh clone: twenty minutes of teacher training).
+    No I/O: `check_sections` (each section's types, bounds and choices), then `check_references`.
+    `pipeline.stage.check_all_params` adds the sections typed outside the core (`corrupt`, the loss params).
+    """
+    check_sections(params)
+    check_references(params)
+
+
+def check_sections(params: dict[str, Any]) -> None:
+    """Each section on its own: its name is one of `SECTIONS` (a typo of one would leave its stage without
+    params), and its values as its stage reads them. An absent section is not an error here: the stage that needs
+    it says so."""
+    unknown = sorted(map(str, set(params) - set(SECTIONS)))
+    if unknown:
+        raise ConfigError(f"params: unknown section(s) {unknown}; sections: {list(SECTIONS)}")
+    for name, cls in _TYPED.items():
+        if name in params:
+            from_dict(cls, section(params, name), name)
+    if "teachers" in params:
+        teachers_section(params)
+    ensembles_section(params)  # each checks its members against the zoo
+    query_section(params)
+
+
+def check_references(params: dict[str, Any]) -> None:
+    """The names one section gives another: `distill.teachers` names teachers, ensembles or query entries; every
+    loss of `distill.losses` and every query entry's `loss` has its `distill.loss_params` entry (a missing one would
+    fail those students only when they train)."""
+    if "distill" not in params:
+        return
+    distill = from_dict(DistillConfig, section(params, "distill"), "distill")
+    ensembles, queries = ensembles_section(params), query_section(params)
+    if "teachers" in params:
+        zoo = teachers_section(params)
+        unknown = [t for t in distill.teachers if t not in set(zoo) | set(ensembles) | set(queries)]
+        if unknown:
+            raise ConfigError(
+                f"distill.teachers: {unknown} name no teacher, ensemble or query entry; teachers: {sorted(zoo)}, "
+                f"ensembles: {sorted(ensembles)}, query: {sorted(queries)}",
+                where="distill.teachers",
+            )
+    wanted = [("distill.losses", loss) for loss in distill.losses]
+    wanted += [(f"query.{name}.loss", q.loss) for name, q in queries.items()]
+    for where, loss in wanted:
+        if loss not in distill.loss_params:
+            raise ConfigError(
+                f"{where}: no parameters for loss '{loss}': add distill.loss_params.{loss} to params.yaml "
+                f"(configured: {sorted(distill.loss_params)})",
+                where=where,
+            )

@@ -9,7 +9,9 @@ A stage module is parse, load, call, write::
         cfg = run.section(TeachConfig, "teach")    # typed, unknown keys rejected
         teach_store(run.manifest(), ..., cfg, ...) # one library call
 
-`--params` and `--shards` are common to every stage; `Stage.layout` knows every artifact path.
+`--params` and `--shards` are common to every stage; `Stage.layout` knows every artifact path. `start` checks the
+whole params file (`check_all_params`: every section, every loss's parameters) before the stage does any work, so
+a typo anywhere fails every stage in seconds, not the stage that reads it after hours of the others.
 
     if __name__ == "__main__":
         run_main(main)                             # a user error: one line `<command>: error: ...`, exit 2
@@ -32,7 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from pipeline.config import PrepareConfig, from_dict, load_params, section
+from pipeline.config import (
+    ConfigError,
+    DistillConfig,
+    PrepareConfig,
+    check_references,
+    check_sections,
+    from_dict,
+    load_params,
+    section,
+)
 from pipeline.errors import is_user_error, user_message
 from pipeline.layout import Layout
 from pipeline.runtime import setup_logging
@@ -81,11 +92,35 @@ class Stage:
         return load_manifest(self.shards)
 
 
+def check_all_params(params: dict[str, Any]) -> None:
+    """Every section of the params file, as the stages that read them will: the core's sections
+    (`config.check_sections`), `corrupt` (typed beside its stage's code) and each `distill.loss_params.<loss>` (a
+    loss checks its own keys: `pipeline.losses.build_loss`, which the core may not import; building a loss module
+    is cheap and reads no file), then the names sections share (`config.check_references`). Each section's own
+    values first: a misspelt value is named before what it leaves unresolved elsewhere. Raises ConfigError."""
+    check_sections(params)
+    if "corrupt" in params:
+        from pipeline.data.corruptions import CorruptConfig
+
+        from_dict(CorruptConfig, section(params, "corrupt"), "corrupt")
+    if "distill" in params:
+        from pipeline.losses import LossConfigError, build_loss
+
+        for name, kw in from_dict(DistillConfig, section(params, "distill"), "distill").loss_params.items():
+            try:
+                build_loss(name, **(kw or {}))
+            except LossConfigError as e:  # name the key: the loss only knows its own parameter names
+                raise ConfigError(f"distill.loss_params.{name}: {e}", where=f"distill.loss_params.{name}") from e
+    check_references(params)
+
+
 def start(parser: argparse.ArgumentParser, argv: list[str] | None) -> Stage:
-    """Parse `argv`, set up logging, read params.yaml and the data set's layout."""
+    """Parse `argv`, set up logging, read and check the whole params file (`check_all_params`), and the data set's
+    layout."""
     args = parser.parse_args(argv)
     setup_logging()
     params = load_params(args.params)
+    check_all_params(params)
     # The data set's name places every artifact; a stage that reads no data (report) may run without it.
     name = from_dict(PrepareConfig, section(params, "prepare"), "prepare").name if "prepare" in params else ""
     return Stage(args=args, params=params, layout=Layout(name))

@@ -211,6 +211,7 @@ def test_report_stage(tmp_path, monkeypatch):
     stray["student"].update(teacher="other", student_id="other-kd-full-0")
     write_record(stray, layout.student_metrics("other-kd-full-0"), layout.student_details("other-kd-full-0"), "student")
     distill = {"teachers": list(TEACHERS), "losses": LOSSES, "budgets": ["full"], "seeds": [0]}
+    distill["loss_params"] = {loss: {} for loss in LOSSES}  # every stage checks the whole params file first
     params = {"prepare": {"name": "fake"}, "report": {"title": "staged"}, "distill": distill}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
