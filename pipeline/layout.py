@@ -18,6 +18,8 @@ PARTIAL_SUFFIX = ".partial"
 #: (`last.pt`: optimizer and RNG state) stays a torch file.
 CHECKPOINT_SUFFIX = ".safetensors"
 STUDENT_MODEL = "model" + CHECKPOINT_SUFFIX  # in the student's folder
+#: your teachers' own files (`teachers.<t>.checkpoint`), in the project: the folder DVC tracks for them
+WEIGHTS_DIR = "weights"
 
 
 def partial_path(path: str | Path) -> Path:
@@ -59,6 +61,21 @@ class Layout:
     def teachers(self) -> Path:
         """Teacher checkpoints (DVC-cached, git-ignored)."""
         return self._p("data", "teachers")
+
+    @property
+    def weights(self) -> Path:
+        """Your teachers' own files (the checkpoints `teachers.<t>.checkpoint` names): a folder of the project that
+        the `teachers` stage depends on, so overwriting a file reruns its teacher (`pipeline.inputs`)."""
+        return self._p(WEIGHTS_DIR)
+
+    @property
+    def teacher_inputs_dir(self) -> Path:
+        """One fingerprint per teacher of the files it is built from (the `teachers` stage's output, DVC-cached)."""
+        return self.teachers / "inputs"
+
+    def teacher_inputs(self, teacher: str) -> Path:
+        """What `train_teacher@<teacher>` depends on instead of its checkpoint file (`pipeline.inputs`)."""
+        return self.teacher_inputs_dir / f"{teacher}.json"
 
     @property
     def teacher_metrics_dir(self) -> Path:

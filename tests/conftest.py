@@ -118,6 +118,7 @@ def make_project(root: Path, params: dict | None = None) -> Path:
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     for code in ("pipeline", "stages"):  # dvc.yaml lists code files as deps, relative to the project
         shutil.copytree(ROOT / code, root / code, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    shutil.copytree(ROOT / "weights", root / "weights", dirs_exist_ok=True)  # a dep of the `teachers` stage
     (root / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(), sort_keys=False))
     return root
 

@@ -93,6 +93,10 @@ def test_dvc_outs_are_where_layout_says():
         return {next(iter(o)) if isinstance(o, dict) else o for o in body.get(kind, [])}
 
     assert outs(dvc["prepare"]) == {str(layout.shards)}
+    # your teachers' files: the `teachers` stage depends on their folder, each train_teacher on its fingerprint
+    assert outs(dvc["teachers"]) == {str(layout.teacher_inputs_dir)} and str(layout.weights) in dvc["teachers"]["deps"]
+    assert str(layout.teacher_inputs(t)) in dvc["train_teacher"]["do"]["deps"]
+    assert (ROOT / layout.weights).is_dir()  # in git, so a fresh clone has the dependency
     assert outs(dvc["train_teacher"]) == {str(layout.teacher_checkpoint(t)), str(layout.teacher_details(t))}
     assert outs(dvc["train_teacher"], "metrics") == {str(layout.teacher_metrics(t))}
     assert outs(dvc["teach"]) == {str(layout.store(t))}

@@ -213,8 +213,9 @@ def test_dvc_reruns_only_what_a_change_touches(tmp_path):
     (proj / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     stale = _stale(proj)
     students = {f"{t}@big-{loss}-{b}-0" for t in ("distill", "evaluate") for loss in ("ce", "kd") for b in ("full", 40)}
-    # The report tracks the distill matrix (it reports exactly those students), so it reruns too.
-    assert stale == {"train_teacher@big", "teach@big", "report"} | students, stale
+    # The report tracks the distill matrix (it reports exactly those students), so it reruns too; the `teachers` stage
+    # fingerprints the zoo's files (params `teachers`): it reruns, and only the new teacher's fingerprint is new.
+    assert stale == {"teachers", "train_teacher@big", "teach@big", "report"} | students, stale
     p["teachers"].pop("big")
     p["distill"]["teachers"] = ["small"]
 

@@ -111,7 +111,7 @@ def test_readme_snippets_run_as_written(tmp_path: Path, monkeypatch: pytest.Monk
     net = timm.create_model(arch, pretrained=False, num_classes=10).eval()
     fit_head(net, spec, load_manifest(layout.shards))  # a teacher that knows these images: the teacher check passes
     weights = Path(spec["checkpoint"])
-    weights.parent.mkdir(parents=True)
+    weights.parent.mkdir(parents=True, exist_ok=True)  # the project's weights/ folder (make_project copies it)
     from safetensors.torch import save_file
 
     save_file(net.state_dict(), weights)  # as timm writes model.safetensors
