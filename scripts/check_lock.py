@@ -9,7 +9,7 @@ as absent: that is expected and ignored. What must match `dvc.lock` is everythin
   stage (`dvc repro`) and committing the refreshed dvc.lock;
 - the outputs kept in git (`cache: false`: metrics, curves, predictions, the report): committed files that are
   not the ones dvc.lock records;
-- a stage whose command changed, or one dvc.lock has never seen.
+- a stage whose command changed, or one dvc.lock has never seen (reported as such, not dependency by dependency).
 
 A dependency counts as a pipeline artifact (ignored while absent) when it is, contains or lies inside a
 stage's output. `tests/test_dvc_lock.py` runs this on a clone of HEAD; `.ci/run` runs it on the CI clone.
@@ -35,13 +35,19 @@ def _overlaps(path: str, outs: set[str]) -> bool:
     return False
 
 
-def lock_problems(status: dict[str, list[Any]], outs: set[str], git_outs: set[str]) -> list[str]:
+def lock_problems(
+    status: dict[str, list[Any]], outs: set[str], git_outs: set[str], locked: set[str] | None = None
+) -> list[str]:
     """What `dvc status --json` (`status`) says differs from dvc.lock in what git holds.
 
-    outs: every stage output path; git_outs: the outputs with `cache: false` (kept in git).
+    outs: every stage output path; git_outs: the outputs with `cache: false` (kept in git); locked: the stages
+    dvc.lock records (None: unknown), so a stage it has never seen is one problem, not one per dependency.
     """
     problems = []
     for stage, entries in sorted(status.items()):
+        if locked is not None and stage not in locked and entries not in ([], ["always changed"]):
+            problems.append(f"{stage}: not in dvc.lock (a new stage, never run)")
+            continue
         for entry in entries:
             if isinstance(entry, str):
                 if entry not in IGNORED_STATES:
@@ -62,8 +68,11 @@ def lock_problems(status: dict[str, list[Any]], outs: set[str], git_outs: set[st
 
 def check(project: str | Path = ".") -> list[str]:
     """`lock_problems` of the DVC project at `project` (its `dvc status`, computed by DVC's own API)."""
+    import yaml
     from dvc.repo import Repo
 
+    lock = Path(project) / "dvc.lock"
+    locked = set((yaml.safe_load(lock.read_text()) or {}).get("stages", {})) if lock.is_file() else set()
     here = Path.cwd()
     os.chdir(project)  # DVC names stages and paths relative to the working directory: make them the project's
     try:
@@ -73,7 +82,7 @@ def check(project: str | Path = ".") -> list[str]:
             status = repo.status()
     finally:
         os.chdir(here)
-    return lock_problems(status, outs, git_outs)
+    return lock_problems(status, outs, git_outs, locked)
 
 
 def main(argv: list[str] | None = None) -> int:

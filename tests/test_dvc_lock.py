@@ -48,6 +48,17 @@ def test_absent_data_is_expected_but_code_params_and_git_outputs_are_not():
     ]
 
 
+def test_a_stage_the_lock_never_saw_is_one_problem():
+    status = {
+        "new": [{"changed deps": {"stages/new.py": "modified", "params.yaml": "new"}}, {"changed outs": {"x": "new"}}],
+        "report": [{"changed deps": {"stages/report.py": "modified"}}],
+    }
+    assert check_lock.lock_problems(status, OUTS, GIT_OUTS, locked={"report"}) == [
+        "new: not in dvc.lock (a new stage, never run)",
+        "report: code dependency stages/report.py modified",
+    ]
+
+
 @pytest.mark.skipif(not (ROOT / ".git").exists() or shutil.which("git") is None, reason="not a git checkout")
 def test_committed_lock_matches_committed_code_and_params(tmp_path):
     clone = tmp_path / "clone"
