@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 PARTIAL_SUFFIX = ".partial"
-#: Model checkpoints are safetensors files (`pipeline.models.checkpoint`); the training loop's resume state
-#: (`last.pt`: optimizer and RNG state) stays a torch file.
+#: Model checkpoints are safetensors files (`pipeline.models.checkpoint`), and so is the tensor part of the training
+#: loop's resume state (`pipeline.training.resume`: safetensors + JSON, never pickled).
 CHECKPOINT_SUFFIX = ".safetensors"
 STUDENT_MODEL = "model" + CHECKPOINT_SUFFIX  # in the student's folder
 #: your teachers' own files (`teachers.<t>.checkpoint`), in the project: the folder DVC tracks for them
@@ -32,7 +32,7 @@ class TeacherFiles(NamedTuple):
     checkpoint: Path  # <name>.safetensors: what teach and online distillation load
     metrics: Path  # <name>.json: the summary `dvc metrics show` lists (pipeline.records)
     details: Path  # details/<name>.json: the whole record (accuracy, warnings, training history)
-    run: Path  # <name>.run/: a demo teacher's epoch checkpoints (resume)
+    run: Path  # <name>.run/: a demo teacher's training history (its resume state: `Layout.resume_state`)
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,12 @@ class Layout:
         return self._p("reports")
 
     # -- what varies from run to run (never a DVC output)
+    def resume_state(self, stage: str, item: str) -> Path:
+        """An unfinished training run's resume state: `checkpoints/<stage>/<item>/` (git-ignored, in no DVC output, so a
+        killed `dvc repro` finds it again: DVC deletes a stage's outputs before running it). Removed when the run ends.
+        """
+        return self._p("checkpoints", stage, item)
+
     def run_log(self, stage: str, item: str) -> Path:
         """Wall-clock times and throughput of one stage run: `logs/<stage>/<item>.json` (git-ignored, untracked)."""
         return self._p("logs", stage, f"{item}.json")

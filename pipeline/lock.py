@@ -13,6 +13,12 @@ The lock is re-entrant within a process (teach holds it while the executor it ca
 the file is removed on release. Dask workers never take it: they write disjoint store shards under the
 driver's lock, and check before each shard that the driver still holds it (`holder`): a task orphaned by a
 killed driver stops as soon as a new run has taken the store over.
+
+Readers take turns with the writer: `reading(path)` holds a shared flock on `<output>.readers` while a process
+reads the output (a student run its store, evaluate its store and student, an ensemble its members), and
+`exclusive` also takes that file's lock exclusively. So `teach --force` on a store a distill is reading is refused
+at once (instead of deleting the files under the reader), and a reader refuses a store being rewritten. The
+`.readers` file stays (0 bytes; unlinking a file others may hold open would let two processes lock two inodes).
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ from pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".lock"
+READERS_SUFFIX = ".readers"
 
-_HELD: dict[str, list[int]] = {}  # lock path -> [fd, depth] of the locks this process holds
+_HELD: dict[str, list[int]] = {}  # lock path -> [fd, readers fd, depth] of the writer locks this process holds
+_READING: dict[str, list[int]] = {}  # readers path -> [fd, depth] of the shared locks this process holds
 _GUARD = threading.Lock()
 
 
@@ -48,6 +56,26 @@ def lock_path(path: str | Path) -> Path:
     """The lock file of output `path`: `<path>.lock`, beside it (never inside a DVC-tracked folder)."""
     path = Path(path)
     return path.with_name(path.name + LOCK_SUFFIX)
+
+
+def readers_path(path: str | Path) -> Path:
+    """The readers' lock file of output `path`: `<path>.readers`, beside it."""
+    path = Path(path)
+    return path.with_name(path.name + READERS_SUFFIX)
+
+
+def _lock_readers(path: Path, shared: bool) -> int | None:
+    """flock `<path>.readers` shared (a reader) or exclusive (a writer), without waiting; None when it is taken the
+    other way (a writer while we would read, readers while we would write)."""
+    f = readers_path(path)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _holder() -> dict[str, Any]:
@@ -151,26 +179,69 @@ def exclusive(path: str | Path, what: str | None = None) -> Iterator[Path]:
     with _GUARD:
         held = _HELD.get(key)
         if held is not None:
-            held[1] += 1
+            held[2] += 1
         else:
             fd = _acquire(lock, what or str(path))
             try:
                 _take(lock, fd, what or str(path))
-            except BaseException:
+            except BaseException:  # another host's lock (left as it is) or a failed write of ours
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 raise
-            _HELD[key] = [fd, 1]
+            readers = _lock_readers(Path(path), shared=False)
+            if readers is None:
+                _release(lock, fd)  # ours now: remove it again
+                raise StoreLockedError(
+                    f"{what or path} is in use: another process is reading it (a distill, evaluate or ensemble "
+                    f"run; lock file {readers_path(path)}). Wait for it to finish, then run again"
+                )
+            _HELD[key] = [fd, readers, 1]
     try:
         yield lock
     finally:
         with _GUARD:
             held = _HELD[key]
+            held[2] -= 1
+            if held[2] == 0:
+                del _HELD[key]
+                os.close(held[1])
+                _release(lock, held[0])
+
+
+def _release(lock: Path, fd: int) -> None:
+    """Drop the writer lock `fd` of `lock`: unlink the file first (a waiter that opened this inode sees it is gone)."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+            os.unlink(lock)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, what: str | None = None) -> Iterator[None]:
+    """Hold a shared lock on output `path` while reading it: any number of readers at once, never with its writer.
+
+    A writer (`exclusive`) at work is an error naming it. Re-entrant within a process.
+    """
+    key = os.path.abspath(readers_path(path))
+    with _GUARD:
+        held = _READING.get(key)
+        if held is not None:
+            held[1] += 1
+        else:
+            fd = _lock_readers(Path(path), shared=True)
+            if fd is None:
+                raise StoreLockedError(
+                    f"{what or path} is being written by another process: {_describe(holder(path))}. Wait for it to "
+                    "finish, then run again (readers and the writer of an output take turns)"
+                )
+            _READING[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        with _GUARD:
+            held = _READING[key]
             held[1] -= 1
             if held[1] == 0:
-                del _HELD[key]
-                fd = held[0]
-                with contextlib.suppress(FileNotFoundError):
-                    if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                        os.unlink(lock)  # before unlocking: a waiter that opened this inode sees it is gone
-                os.close(fd)
+                del _READING[key]
+                os.close(held[0])

@@ -70,6 +70,24 @@ def stage_parser(name: str, doc: str | None, *, shards: bool = True) -> argparse
     return ap
 
 
+def add_resume_options(ap: argparse.ArgumentParser) -> None:
+    """`--resume` / `--restart` of a training stage; `args.resume` is True, False or "auto" (neither flag: continue a
+    killed run's resume state when it is this run's, as `dvc repro` needs; `pipeline.training.resume`)."""
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument(
+        "--resume",
+        dest="resume",
+        action="store_const",
+        const=True,
+        default="auto",
+        help="continue the interrupted run; an error if there is none or it was another run (default: continue "
+        "an interrupted run of exactly this run automatically, else start over)",
+    )
+    group.add_argument(
+        "--restart", dest="resume", action="store_const", const=False, help="start over, ignoring any resume state"
+    )
+
+
 @dataclass
 class Stage:
     """A started stage: its arguments, the params file, and the layout of the data set it works on."""

@@ -1,6 +1,6 @@
 """DVC stage `distill@<teacher>-<loss>-<budget>-<seed>`: train a student on shards + cached logits.
 
-    python -m stages.distill --teacher cnn --loss kd [--budget full] [--seed 0] [--resume]
+    python -m stages.distill --teacher cnn --loss kd [--budget full] [--seed 0] [--resume | --restart]
     torchrun --nproc_per_node N -m stages.distill --teacher cnn --loss kd      # DDP (gloo on CPU, nccl on CUDA)
 
 Never builds the teacher (cache mode): its knowledge arrives as logits joined to the shards.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pipeline.config import DistillConfig
 from pipeline.runtime import close_distributed, init_distributed
-from pipeline.stage import run_main, stage_parser, start
+from pipeline.stage import add_resume_options, run_main, stage_parser, start
 from pipeline.training.student import StudentRun, run_student
 
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--store", default=None, help="logit store (default: data/logits/<teacher>.zarr)")
     ap.add_argument("--out-dir", default=None, help="default: data/students/<id>")
     ap.add_argument("--curves", default=None, help="DVC plots file (default: plots/curves/<id>.json)")
-    ap.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+    add_resume_options(ap)
     run = start(ap, argv)
     cfg = run.section(DistillConfig, "distill")
     student = StudentRun(run.args.teacher, run.args.loss, run.args.budget, run.args.seed)

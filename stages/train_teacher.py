@@ -1,6 +1,6 @@
 """DVC stage `train_teacher@<name>`: train a demo teacher, or import your own checkpoint.
 
-    python -m stages.train_teacher --name cnn [--params params.yaml] [--shards data/shards/<ds>] [--resume]
+    python -m stages.train_teacher --name cnn [--params params.yaml] [--shards data/shards/<ds>] [--resume|--restart]
 
 The teacher's recipe is `teachers.<name>` in params.yaml (shared recipe: section `train_teacher`).
 With `teachers.<name>.checkpoint: PATH` nothing is trained: the file (a kdcache checkpoint or a bare
@@ -12,7 +12,7 @@ Its accuracy goes to metrics/teachers/<name>.json (what `dvc metrics show` lists
 from __future__ import annotations
 
 from pipeline.config import TrainTeacherConfig, teacher_spec
-from pipeline.stage import run_main, stage_parser, start
+from pipeline.stage import add_resume_options, run_main, stage_parser, start
 from pipeline.training.teacher import train_teacher
 
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--name", required=True, help="teacher name (a key of `teachers` in params.yaml)")
     ap.add_argument("--out-dir", default=None, help="folder of the teacher's outputs (default: data/teachers)")
     ap.add_argument("--metrics-dir", default=None, help="folder of its metrics (default: metrics/teachers)")
-    ap.add_argument("--resume", action="store_true", help="continue an interrupted training run")
+    add_resume_options(ap)
     run = start(ap, argv)
     spec = teacher_spec(run.params, run.args.name)
     cfg = run.section(TrainTeacherConfig, "train_teacher")
@@ -29,7 +29,15 @@ def main(argv: list[str] | None = None) -> None:
     metrics_dir = run.args.metrics_dir or run.layout.teacher_metrics_dir
     log = run.layout.run_log("train_teacher", run.args.name)
     train_teacher(
-        run.manifest(), run.args.name, spec, cfg, out_dir, metrics_dir=metrics_dir, resume=run.args.resume, run_log=log
+        run.manifest(),
+        run.args.name,
+        spec,
+        cfg,
+        out_dir,
+        metrics_dir=metrics_dir,
+        resume=run.args.resume,
+        state_dir=run.layout.resume_state("train_teacher", run.args.name),
+        run_log=log,
     )
 
 

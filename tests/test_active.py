@@ -256,8 +256,11 @@ def test_a_killed_run_resumes_in_its_round_keeping_the_calls_made(manifest, tmp_
     # 2. then killed while training round 3's student, after its first epoch checkpoint
     real_train = rounds_mod.fit_student.__globals__["train"]
 
+    killed: list[bool] = []
+
     def train_then_die(*args, **kwargs):
-        if kwargs.get("desc", "").endswith("round 3") and not kwargs.get("resume"):
+        if kwargs.get("desc", "").endswith("round 3") and not killed:
+            killed.append(True)
             real_train(*args, **kwargs, stop_after_epoch=0)
             raise KeyboardInterrupt("killed")
         return real_train(*args, **kwargs)
@@ -267,7 +270,7 @@ def test_a_killed_run_resumes_in_its_round_keeping_the_calls_made(manifest, tmp_
     with pytest.raises(KeyboardInterrupt):
         _query(manifest, out, t)
     assert t.calls == 44 - stored  # only round 2's calls still owed (the other splits were done before)
-    assert (rounds_path(out) / "round-3" / "last.pt").is_file()
+    assert (rounds_path(out) / "round-3" / "resume" / "resume.json").is_file()
     # 3. the third run resumes round 3's student from its checkpoint and finishes
     t = RecordingTeacher(manifest)
     done = _query(manifest, out, t)

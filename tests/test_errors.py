@@ -117,7 +117,7 @@ def _bad_gzip(scratch: Path) -> str:
     return str(root)
 
 
-IMPORT = ["import-logits", "--shards", "data/shards/tiny", "--name", "api"]
+IMPORT = ["import-logits", "--shards", "data/shards/tiny", "--name", "api", "--without-test"]
 FM = {"source": "fashion_mnist", "options": {}}
 
 CASES = [
@@ -193,7 +193,7 @@ CASES = [
          "does not match shards"),
     Case("resume-nothing", "`distill --resume` with nothing to resume",
          lambda p, s: ["distill", "--teacher", "small", "--loss", "kd", "--resume", "--out-dir", str(s / "st")],
-         "--resume: no checkpoint"),
+         "--resume: no resume state"),
     Case("evaluate-no-model", "evaluate a student that was never trained",
          lambda p, s: ["evaluate", "--student", "small-kd-full-0"], "checkpoint not found"),
     Case("inspect-no-store", "`kdcache inspect` of a missing store",
@@ -225,6 +225,15 @@ CASES = [
          lambda p, s: [*IMPORT, "--logits", "train.npy"], "--logits expects SPLIT=FILE"),
     Case("import-no-file", "import-logits of a file that does not exist",
          lambda p, s: [*IMPORT, "--logits", f"train={s / 'none.npy'}"], "logits file"),
+    Case("import-no-test", "import-logits of train without test",
+         lambda p, s: [*IMPORT[:-1], "--logits", f"train={_npy(s, 't.npy', _logits())}"],
+         "no logits for the test split (given: ['train'])"),
+    Case("import-near-chance", "import-logits of a teacher at chance (constant logits)",
+         lambda p, s: [*IMPORT, "--logits", f"train={_npy(s, 'z.npy', np.zeros((256, 4), np.float32))}"],
+         "near chance (25.0% for 4 classes): its logits do not match this data set"),
+    Case("parquet-truncated", "import-logits of a truncated Parquet file",
+         lambda p, s: [*IMPORT, "--logits", f"train={_write(s / 't.parquet', 'PAR1 half a file')}"],
+         "not a readable Parquet file"),
 ]  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""Fault injection: a full disk mid-shard, a killed writer's stray temp file, a SIGKILLed distill then --resume.
+"""Fault injection: a full disk mid-shard, a killed writer's stray temp file, a SIGKILLed distill rerun as DVC would,
+no orphaned worker process after a SIGKILL.
 
 (SIGKILL of teach: tests/test_store.py; of the dask driver and of a dask worker: tests/test_teach_dask.py;
 two writers on one store: tests/test_lock.py.)
@@ -9,13 +10,16 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from zarr.storage import LocalStore
 
 from pipeline.cache.store import LogitStore, StoreWriter, partial_path
@@ -131,31 +135,83 @@ run_main(main, argv)
 """
 
 
-def test_sigkill_of_distill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+def _distill_project(tmp_path: Path, monkeypatch, **train) -> tuple[Path, list[str]]:
+    """cwd = a tiny project with shards, a fixed teacher and its store; returns (project, distill argv)."""
     p = tiny_params()
-    p["distill"]["train"]["epochs"] = 3
+    p["distill"]["train"].update({"epochs": 3, **train})
     proj = make_project(tmp_path / "proj", p)
     monkeypatch.chdir(proj)
     prepare.main([])
     save_model("data/teachers/small.safetensors", linear_teacher(load_manifest("data/shards/tiny")), "cnn_tiny")
     teach.main(["--name", "small"])
+    return proj, ["--teacher", "small", "--loss", "kd"]
+
+
+def test_sigkill_of_distill_mid_epoch_then_a_plain_rerun_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """What `dvc repro` does after a kill: the same command again, no flag. It continues from the epoch state
+    (kept outside the student folder, which DVC deletes) and ends byte-identical to an uninterrupted run."""
+    proj, argv = _distill_project(tmp_path, monkeypatch)
     sid = "small-kd-full-0"
-    distill.main(["--teacher", "small", "--loss", "kd", "--out-dir", "ref", "--curves", "ref.json"])  # uninterrupted
+    distill.main([*argv, "--out-dir", "ref", "--curves", "ref.json"])  # uninterrupted
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_LOG": "WARNING"}
-    argv = ["--teacher", "small", "--loss", "kd"]
     proc = subprocess.Popen([sys.executable, "-c", PAUSED_DISTILL, "12", *argv], env=env)  # 8 steps an epoch
     _, status = os.waitpid(proc.pid, os.WUNTRACED)
     assert os.WIFSTOPPED(status), status
     os.kill(proc.pid, signal.SIGKILL)  # mid epoch 2
     proc.wait(timeout=60)
-    student = Path(f"data/students/{sid}")
-    assert not (student / "model.pt").exists() and not Path(f"plots/curves/{sid}.json").exists()  # not done
-    assert [r["epoch"] for r in json.loads((student / "history.json").read_text())] == [1]  # epoch 1 checkpointed
+    student, state = Path(f"data/students/{sid}"), Path(f"checkpoints/distill/{sid}")
+    assert not (student / "model.safetensors").exists() and not Path(f"plots/curves/{sid}.json").exists()
+    assert json.loads((state / "resume.json").read_text())["epoch"] == 0  # epoch 1's state, outside the outputs
+    shutil.rmtree(student)  # as DVC does with a stage's outputs before it runs the stage again
 
-    distill.main([*argv, "--resume"])
-    assert_same_files(student / "model.pt", Path("ref/model.pt"))
-    assert_same_files(student / "last.pt", Path("ref/last.pt"))
+    distill.main(argv)  # no --resume: the stages continue their own killed run by default
+    assert (student / "model.safetensors").is_file()
+    assert_same_files(student, Path("ref"))  # model.safetensors and history.json, byte for byte
     assert Path(f"plots/curves/{sid}.json").read_bytes() == Path("ref.json").read_bytes()
+    assert not state.exists()  # finished: its resume state is gone
     timings = json.loads(Path(f"logs/distill/{sid}.json").read_text())  # run times: beside, not inside, outputs
     assert [t["epoch"] for t in timings] == [1, 2, 3]
+
+
+def _alive(procs: list) -> list:
+    import psutil
+
+    return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("stage", ["distill", "teach"])
+def test_sigkill_of_a_stage_leaves_no_worker_process_alive(tmp_path, monkeypatch, stage):
+    """distill with a loader worker (forkserver, resource tracker, worker) and teach on a dask LocalCluster: SIGKILL
+    the stage's process, and 10 s later none of the processes it started is alive."""
+    import psutil
+
+    proj, argv = _distill_project(tmp_path, monkeypatch, workers=1, epochs=50)
+    cmd = [sys.executable, "-m", "stages.distill", *argv]
+    if stage == "teach":
+        p = yaml.safe_load(Path("params.yaml").read_text())
+        p["teach"].update({"cluster": "local", "workers": 2})
+        p["prepare"]["options"]["n"] = 2048  # enough shards to still be caching when the kill comes
+        Path("params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+        prepare.main([])
+        cmd = [sys.executable, "-m", "stages.teach", "--name", "small", "--force"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "KDCACHE_LOG": "WARNING"}
+    proc = subprocess.Popen(cmd, env=env, cwd=proj)
+    main = psutil.Process(proc.pid)
+    want = 3 if stage == "distill" else 2  # tracker + forkserver + loader worker | the two dask worker processes
+    deadline = time.monotonic() + 120
+    while len(main.children(recursive=True)) < want:
+        assert proc.poll() is None, f"{stage} ended before its workers started"
+        assert time.monotonic() < deadline, "the workers never started"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    children = main.children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _alive(children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [(p.pid, " ".join(p.cmdline())[:120]) for p in _alive(children)]
+    for p in _alive(children):
+        p.kill()
+    assert not left, f"processes of the killed {stage} still alive 10 s later: {left}"

@@ -68,11 +68,19 @@ def test_cli_help_lists_commands(capsys):
         assert cmd in text
 
 
+def accurate(m, split: str, seed: int = 0) -> np.ndarray:
+    """(N, C) logits of a teacher that is right ~90% of the time (label logit +3 over N(0, 1) noise)."""
+    labels = m.iter_labels(split)
+    z = np.random.default_rng(seed).normal(size=(len(labels), m.num_classes)).astype(np.float32)
+    z[np.arange(len(labels)), labels] += 3.0
+    return z
+
+
 def test_import_npy_npz_parquet_round_trip(tiny_manifest, tmp_path):
     m = tiny_manifest
     rng = np.random.default_rng(0)
-    train = rng.normal(size=(256, 4)).astype(np.float32)
-    test = rng.normal(size=(96, 4)).astype(np.float32)
+    train = accurate(m, "train")
+    test = accurate(m, "test", seed=1)
     train[7] = np.nan  # a sample the (budget-limited) API teacher never answered
     np.save(tmp_path / "train.npy", train)
     perm = rng.permutation(96)
@@ -88,30 +96,58 @@ def test_import_npy_npz_parquet_round_trip(tiny_manifest, tmp_path):
     pq.write_table(
         pa.table({"key": keys, "logits": [r.tolist() for r in np.nan_to_num(train)]}), tmp_path / "t.parquet"
     )
-    out2 = import_logits({"train": tmp_path / "t.parquet"}, m, tmp_path / "b.zarr", "api2")
+    out2 = import_logits({"train": tmp_path / "t.parquet"}, m, tmp_path / "b.zarr", "api2", without_test=True)
     assert LogitStore(out2, "train", m).n == 256
+
+
+def test_import_checks_the_teacher_like_an_imported_checkpoint(tiny_manifest, tmp_path):
+    """Reversed class order: refused naming the causes and the permutation that fits; accepted when asked.
+    Train without test: refused unless asked."""
+    m = tiny_manifest
+    np.save(tmp_path / "train.npy", accurate(m, "train")[:, ::-1])  # the class order reversed
+    np.save(tmp_path / "test.npy", accurate(m, "test", seed=1)[:, ::-1])
+    files = {"train": tmp_path / "train.npy", "test": tmp_path / "test.npy"}
+    with pytest.raises(StoreError) as err:
+        import_logits(files, m, tmp_path / "r.zarr", "rev")
+    msg = str(err.value)
+    assert "near chance (25.0% for 4 classes)" in msg and "another class order" in msg and "train.npy" in msg
+    assert "relabelling the teacher's classes as [3, 2, 1, 0]" in msg and "--accept-low-accuracy" in msg
+    assert not (tmp_path / "r.zarr").exists()
+    import_logits(files, m, tmp_path / "r.zarr", "rev", accept_low_accuracy=True)
+    assert LogitStore(tmp_path / "r.zarr", "test", m).n == 96
+    with pytest.raises(StoreError, match="no logits for the test split.*--without-test"):
+        import_logits({"train": files["train"]}, m, tmp_path / "t.zarr", "t", accept_low_accuracy=True)
+
+
+def test_a_truncated_parquet_file_is_one_clear_error(tiny_manifest, tmp_path):
+    keys = [f"{i:08d}" for i in range(256)]
+    pq.write_table(pa.table({"key": keys, "logits": accurate(tiny_manifest, "train").tolist()}), tmp_path / "t.parquet")
+    raw = (tmp_path / "t.parquet").read_bytes()
+    (tmp_path / "t.parquet").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(StoreError, match=r"t.parquet: not a readable Parquet file"):
+        import_logits({"train": tmp_path / "t.parquet"}, tiny_manifest, tmp_path / "p.zarr", "p", without_test=True)
 
 
 def test_import_rejects_bad_input_clearly(tiny_manifest, tmp_path):
     m = tiny_manifest
     np.save(tmp_path / "short.npy", np.zeros((255, 4), np.float32))
     with pytest.raises(StoreError, match="255 rows.*N=256"):
-        import_logits({"train": tmp_path / "short.npy"}, m, tmp_path / "x.zarr", "x")
+        import_logits({"train": tmp_path / "short.npy"}, m, tmp_path / "x.zarr", "x", without_test=True)
     np.save(tmp_path / "wide.npy", np.zeros((256, 5), np.float32))
     with pytest.raises(StoreError, match=r"shape \(256, 1, 5\)|expected"):
-        import_logits({"train": tmp_path / "wide.npy"}, m, tmp_path / "x.zarr", "x")
+        import_logits({"train": tmp_path / "wide.npy"}, m, tmp_path / "x.zarr", "x", without_test=True)
     np.save(tmp_path / "ints.npy", np.zeros((256, 4), np.int64))
     with pytest.raises(StoreError, match="not floating point"):
-        import_logits({"train": tmp_path / "ints.npy"}, m, tmp_path / "x.zarr", "x")
+        import_logits({"train": tmp_path / "ints.npy"}, m, tmp_path / "x.zarr", "x", without_test=True)
     bad = np.zeros((256, 4), np.float32)
     bad[3, 2] = np.inf
     np.save(tmp_path / "inf.npy", bad)
     with pytest.raises(StoreError, match="00000003"):
-        import_logits({"train": tmp_path / "inf.npy"}, m, tmp_path / "x.zarr", "x")
+        import_logits({"train": tmp_path / "inf.npy"}, m, tmp_path / "x.zarr", "x", without_test=True)
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(StoreError, match="unsupported"):
-        import_logits({"train": tmp_path / "x.csv"}, m, tmp_path / "x.zarr", "x")
-    np.save(tmp_path / "ok.npy", np.zeros((256, 4), np.float32))
-    import_logits({"train": tmp_path / "ok.npy"}, m, tmp_path / "y.zarr", "y")
+        import_logits({"train": tmp_path / "x.csv"}, m, tmp_path / "x.zarr", "x", without_test=True)
+    np.save(tmp_path / "ok.npy", accurate(m, "train"))
+    import_logits({"train": tmp_path / "ok.npy"}, m, tmp_path / "y.zarr", "y", without_test=True)
     with pytest.raises(StoreError, match="--force"):
-        import_logits({"train": tmp_path / "ok.npy"}, m, tmp_path / "y.zarr", "y")
+        import_logits({"train": tmp_path / "ok.npy"}, m, tmp_path / "y.zarr", "y", without_test=True)

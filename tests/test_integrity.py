@@ -223,3 +223,121 @@ def test_a_damaged_store_read_in_a_loader_worker_is_the_workers_message(proj, ca
     f.write_bytes(bytes(raw))
     line = _distill(capsys)
     assert "DataLoader worker" not in line and "Traceback" not in line and str(f) in line and len(line) < 600
+
+
+# ---------------------------------------------------------------------------------------------
+# the training guard
+
+
+def _set_lr(lr: float) -> None:
+    import yaml
+
+    p = yaml.safe_load(Path("params.yaml").read_text())
+    p["distill"]["train"]["optim"] = {**(p["distill"]["train"].get("optim") or {}), "lr": lr}
+    Path("params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def test_a_non_finite_loss_stops_the_run_naming_epoch_step_and_samples(proj, capsys):
+    _set_lr(1e30)  # diverges within a few steps
+    line = _distill(capsys)
+    assert "the loss is not finite at epoch 1, step " in line and "the batch's samples ['000" in line
+    assert "no model is written" in line
+    assert not Path(f"checkpoints/distill/{SID}/resume.json").exists()  # nothing of the epoch saved
+
+
+def test_the_guard_without_a_per_step_sync_stops_at_the_epochs_end_naming_the_same_step(proj, monkeypatch):
+    """On CUDA or under DDP the loss's finiteness stays on the device and is read once per epoch; it names the same
+    first bad step and batch as the per-step check does."""
+    from pipeline.training import loop
+    from stages import distill
+
+    _set_lr(1e30)
+    with pytest.raises(loop.NonFiniteLossError) as now:
+        distill.main(["--teacher", "small", "--loss", "kd"])
+    monkeypatch.setattr(loop._Run, "guard_each_step", property(lambda self: False))
+    with pytest.raises(loop.NonFiniteLossError) as later:
+        distill.main(["--teacher", "small", "--loss", "kd"])
+    assert str(later.value) == str(now.value)
+    assert not Path(f"data/students/{SID}/model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# one writer per output, readers protected
+
+HOLD = """
+import sys
+from pipeline.lock import exclusive, reading
+with (exclusive if sys.argv[1] == "write" else reading)(sys.argv[2]):
+    print("held", flush=True)
+    sys.stdin.read()  # hold until the test closes our stdin
+"""
+
+
+def _hold(mode: str, path: Path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, mode, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+    assert proc.stdout.readline() == b"held\n"
+    return proc
+
+
+def _release(proc) -> None:
+    proc.stdin.close()
+    proc.wait(timeout=60)
+
+
+def test_two_distills_of_one_student_folder_one_is_refused(proj, capsys):
+    holder = _hold("write", Path(f"data/students/{SID}"))
+    try:
+        line = _one_line_error(capsys, kdcache(["distill", "--teacher", "small", "--loss", "kd"]), "kdcache distill")
+        assert f"student folder data/students/{SID} is being written by another process: pid {holder.pid}" in line
+    finally:
+        _release(holder)
+    assert kdcache(["distill", "--teacher", "small", "--loss", "kd"]) == 0  # free again
+
+
+def test_teach_force_on_a_store_being_read_is_refused_and_the_store_kept(proj, capsys):
+    from tests.conftest import file_digests
+
+    before = file_digests(STORE)
+    reader = _hold("read", STORE)  # what a running distill or evaluate holds
+    try:
+        line = _one_line_error(capsys, kdcache(["teach", "--name", "small", "--force"]), "kdcache teach")
+        assert "is in use: another process is reading it" in line and f"{STORE}.readers" in line
+    finally:
+        _release(reader)
+    assert file_digests(STORE) == before  # not a byte touched
+    writer = _hold("write", STORE)  # and a reader never starts on a store being rewritten
+    try:
+        line = _distill(capsys)
+        assert line.startswith(f"kdcache distill: error: logit store {STORE} is being written by another process")
+    finally:
+        _release(writer)
+
+
+def test_a_full_disk_while_saving_the_epoch_state_is_one_line(proj, capsys, monkeypatch):
+    """ENOSPC from the file system (here: at fsync, where delayed allocation reports it) while distill writes its
+    resume state: one line, exit 2, no model; the next run starts clean."""
+    import errno
+    import os
+
+    from pipeline.models import checkpoint
+
+    real = os.fsync
+
+    def full(fd: int) -> None:
+        if "resume" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    line = _distill(capsys)
+    assert line == "kdcache distill: error: No space left on device"
+    monkeypatch.setattr(checkpoint.os, "fsync", real)
+    assert not [p for p in Path("checkpoints").rglob("*.tmp")]  # no half-written file left behind
+    assert kdcache(["distill", "--teacher", "small", "--loss", "kd"]) == 0

@@ -215,7 +215,7 @@ def test_the_epoch_best_on_validation_is_kept(tiny_manifest, tmp_path, monkeypat
     assert [r["val_acc"] for r in result.history] == [0.5, 0.9, 0.7]
     for k, v in model.state_dict().items():
         assert torch.equal(v, snapshots[1][k]), k
-    # interrupted after epoch 2 and resumed: the kept checkpoint travels in last.pt
+    # interrupted after epoch 2 and resumed: the kept checkpoint travels in the resume state
     scores[:] = [0.5, 0.9]
     run(tmp_path / "b", stop_after_epoch=1)
     scores[:] = [0.7]
@@ -251,6 +251,13 @@ class _M:  # the manifest fields the check reads
     classes = tuple(str(i) for i in range(10))
     mean = (0.13,)
     std = (0.31,)
+
+
+def test_a_wrong_imported_teacher_is_a_user_error():
+    """One line and exit 2 at the command line, like every other problem the user fixes."""
+    from pipeline.errors import is_user_error
+
+    assert is_user_error(TeacherCheckError("teacher t reaches 11.5% validation top-1 ..., near chance"))
 
 
 def test_near_chance():

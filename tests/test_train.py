@@ -15,7 +15,8 @@ from pipeline.layout import Layout
 from pipeline.losses import build_loss
 from pipeline.models import build_for, save_model, to_input
 from pipeline.training.dataset import DistillDataset
-from pipeline.training.loop import CHECKPOINT, train
+from pipeline.training.loop import train
+from pipeline.training.resume import STATE_JSON, load_state
 from pipeline.training.transport import make_loader
 from tests.conftest import cached_tiny, linear_teacher, make_project, tiny_params
 
@@ -93,33 +94,68 @@ def test_curves_have_loss_parts_accuracy_and_lr(data, tmp_path):
     assert hist[0]["lr"] > hist[1]["lr"] >= 0  # cosine decays to 0 at the end
     # steps: 5 shards of 64/64/64/64/44 at batch 32 -> 2+2+2+2+2 batches
     assert hist[0]["steps"] == 10
-    state = torch.load(tmp_path / "kd" / CHECKPOINT, weights_only=False)
-    assert state["arch"] == "cnn_tiny" or state["arch"].startswith("PlainCNN#")
-    assert state["epoch"] == 1 and state["world_size"] == 1
+    state = load_state(tmp_path / "kd" / "resume")  # safetensors + JSON: nothing unpickled
+    assert state["fingerprint"]["arch"] == "cnn_tiny" or state["fingerprint"]["arch"].startswith("PlainCNN#")
+    assert state["epoch"] == 1 and state["world_size"] == 1 and state["history"] == hist
+    assert sorted(p.name for p in (tmp_path / "kd" / "resume").iterdir()) == ["resume-00001.safetensors", STATE_JSON]
 
 
 def test_resume_without_checkpoint_is_a_clear_error(data, tmp_path):
     out = tmp_path / "nothing"
-    with pytest.raises(FileNotFoundError, match=r"--resume: no checkpoint .*last.pt.*run without --resume"):
+    with pytest.raises(FileNotFoundError, match=r"--resume: no resume state in .*nothing/resume.*run without --resume"):
         run(data, out, "kd", 0, resume=True)
     assert not out.exists()  # nothing written
 
 
-def test_checkpoint_of_another_architecture_is_refused_naming_both(data, tmp_path):
+def _state_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_state_of_another_run_is_refused_naming_the_keys_or_set_aside(data, tmp_path):
+    """--resume with another architecture, loss, or learning rate: refused naming what differs, nothing overwritten;
+    automatic resume (the stages' default) starts over instead."""
     out = tmp_path / "s"
     run(data, out, "kd", 0, arch="cnn_tiny", stop_after_epoch=0)
-    before = (out / CHECKPOINT).read_bytes()
-    with pytest.raises(ValueError, match=r"architecture 'cnn_tiny', but this run trains 'cnn_small'"):
+    before = _state_bytes(out / "resume")
+    with pytest.raises(ValueError, match=r"belongs to another run: it differs in \['arch'\]"):
         run(data, out, "kd", 0, arch="cnn_small", resume=True)
-    # Without explicit names the fingerprint labels still tell the two apart (and name both).
-    out2 = tmp_path / "s2"
-    m = data[0]
-    model = student(m, "cnn_tiny")
-    train_set = DistillDataset(m, "train", data[1], seed=0, shuffle_buffer=40)
-    train(model, build_loss("ce"), train_set, cfg(epochs=1), out2)
-    with pytest.raises(ValueError, match=r"architecture 'PlainCNN#\w+', but this run trains 'PlainCNN#\w+'"):
-        train(student(m, "cnn_small"), build_loss("ce"), train_set, cfg(epochs=1), out2, resume=True)
-    assert (out / CHECKPOINT).read_bytes() == before  # nothing overwritten
+    m, store, _ = data
+    train_set = DistillDataset(m, "train", store, seed=0, shuffle_buffer=40)
+    fast = cfg()
+    fast = TrainConfig(**{**fast.__dict__, "optim": OptimConfig(lr=0.5, warmup_epochs=0.5, grad_clip=5.0)})
+    loss = {"loss": "ce"}
+    with pytest.raises(ValueError, match=r"differs in \['loss', 'loss_fn', 'train.optim.lr'\]"):
+        train(student(m), build_loss("ce"), train_set, fast, out, resume=True, arch="cnn_tiny", fingerprint=loss)
+    assert _state_bytes(out / "resume") == before  # nothing overwritten
+    # automatic: another run's state is set aside (a warning), the run starts over and ends like a fresh one
+    _, hist = run(data, tmp_path / "fresh", "ce", 0, arch="cnn_tiny")
+    _, auto = run(data, out, "ce", 0, arch="cnn_tiny", resume="auto")
+    assert [r["epoch"] for r in auto] == [1, 2] and auto == hist
+
+
+def test_a_crafted_or_altered_state_is_refused_without_running_anything(data, tmp_path):
+    """The state is data (JSON + safetensors): a pickle planted where it lives is just an unreadable file, and an
+    altered tensor file fails its recorded sha256."""
+    import pickle
+
+    out = tmp_path / "s"
+    run(data, out, "kd", 0, stop_after_epoch=0)
+    folder = out / "resume"
+    tensors = next(folder.glob("*.safetensors"))
+    raw = bytearray(tensors.read_bytes())
+    raw[-1] ^= 1
+    tensors.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="does not match its sha256"):
+        run(data, out, "kd", 0, resume=True)
+
+    class Boom:
+        def __reduce__(self):
+            return (Path(tmp_path / "pwned").touch, ())
+
+    (folder / STATE_JSON).write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(ValueError, match="not readable JSON"):
+        run(data, out, "kd", 0, resume=True)
+    assert not (tmp_path / "pwned").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,20 +202,13 @@ def test_distill_stage_online_mode_and_resume_errors(tmp_path, monkeypatch):
     Path("data/teachers").mkdir(parents=True)
     save_model(Layout("tiny").teacher_checkpoint("small"), linear_teacher(m).cpu(), "cnn_tiny")
     teach.main(["--name", "small"])
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no resume state"):
         distill.main(["--teacher", "small", "--loss", "kd", "--resume"])
     assert not Layout("tiny").student_model("small-kd-full-0").exists()
     distill.main(["--teacher", "small", "--loss", "kd"])
     curves = json.loads(Path("plots/curves/small-kd-full-0.json").read_text())
     assert np.isfinite(curves[-1]["train_loss"]) and "val_acc" in curves[-1]
-    state = torch.load("data/students/small-kd-full-0/last.pt", weights_only=False)
-    assert state["arch"] == "cnn_tiny"
-    # The same student folder with another student architecture: refused, naming both.
-    p = tiny_params()
-    p["distill"]["student"] = "cnn_small"
-    make_project(tmp_path, p)
-    with pytest.raises(ValueError, match=r"'cnn_tiny', but this run trains 'cnn_small'"):
-        distill.main(["--teacher", "small", "--loss", "kd", "--resume"])
+    assert not Layout("tiny").resume_state("distill", "small-kd-full-0").exists()  # finished: nothing to resume
 
 
 @pytest.mark.parametrize(

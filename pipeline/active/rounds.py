@@ -56,7 +56,6 @@ from pipeline.models.checkpoint import load_model
 from pipeline.models.predict import classifier_layer, predict_arrays, predict_features
 from pipeline.models.registry import build_for
 from pipeline.runtime import pick_device, set_threads, utc_now, write_run_log
-from pipeline.training.loop import CHECKPOINT
 from pipeline.training.pool import QueriedPool
 from pipeline.training.student import fit_student, student_loss
 
@@ -398,7 +397,7 @@ class _Job:
             work,
             seed=self.spec.seed,
             device=self.device,
-            resume=(work / CHECKPOINT).is_file(),
+            resume="auto",  # a killed round continues from its epoch state (`train`'s fingerprint: only this round's)
             desc=f"{self.name} round {r}",
         )
         return model, result

@@ -19,6 +19,7 @@ Size: the combined logits cost one member store; `members` M more (`(1 + M)` x a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ import numpy as np
 from pipeline.cache.store import LogitStore, SplitSpec, StoreError, StoreSpec, StoreWriter
 from pipeline.config import EnsembleSpec
 from pipeline.data.shards import Manifest
+from pipeline.lock import exclusive, reading
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +187,26 @@ def ensemble_store(
 
     `store_of(teacher)` is where a teacher's store lives (`Layout.store`). Reads each member's shard block
     (one contiguous read per store shard), combines, writes the shard; resumes a partial run shard by shard.
+    Holds the output's writer lock and its members' reader locks (`pipeline.lock`).
     """
     members = list(spec.members)
     if name in members:
         raise StoreError(f"ensemble '{name}' names itself as a member")
+    with contextlib.ExitStack() as held:
+        held.enter_context(exclusive(store_of(name), f"logit store {store_of(name)}"))
+        for m in members:
+            held.enter_context(reading(store_of(m), f"logit store {store_of(m)} (member of ensemble {name})"))
+        return _write_ensemble(manifest, name, spec, store_of, members, force)
+
+
+def _write_ensemble(
+    manifest: Manifest,
+    name: str,
+    spec: EnsembleSpec,
+    store_of: Callable[[str], Path],
+    members: list[str],
+    force: bool,
+) -> Path:
     per_split: dict[str, dict[str, LogitStore]] = {}
     splits: dict[str, SplitSpec] = {}
     for split in manifest.splits:

@@ -11,6 +11,12 @@ the sample key. A split with no queried row at all is an error unless `--allow-e
 Pickled `.npy`/`.npz` files are refused (loading them could run code). The result has the same schema
 and attributes as a store written by `teach`, so every downstream stage treats it the same; the
 teacher's identity is the files' sha256. The import holds the store's writer lock.
+
+Imported logits are checked like imported checkpoints (`pipeline.models.sanity`): the teacher's top-1 against the
+labels of every split imported; near chance (a class order or an input normalisation that is not the data set's)
+is an error naming the likely causes, and the class permutation that would agree far better when there is one;
+`--accept-low-accuracy` imports it anyway. The test split is required (students are evaluated against it) unless
+`--without-test` says it is meant.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pipeline.data.views import ViewRecipe
 from pipeline.errors import UserError
 from pipeline.layout import Layout
 from pipeline.lock import exclusive
+from pipeline.models.sanity import confusion, near_chance, permutation_hint
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +62,10 @@ def read_logits_file(
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 (pyarrow's ArrowInvalid/OSError for a truncated or foreign file)
+            raise StoreError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())})") from e
         missing = [c for c in (key_column, logits_column) if c not in table.column_names]
         if missing:
             raise StoreError(
@@ -146,11 +156,19 @@ def import_logits(
     key_column: str = "key",
     logits_column: str = "logits",
     allow_empty: bool = False,
+    without_test: bool = False,
+    accept_low_accuracy: bool = False,
 ) -> Path:
     """Build the store at `out` from logits files (one per split); see the module doc for formats and rules.
 
     `allow_empty`: accept a split in which no sample-view was queried (all NaN); otherwise an error.
+    `without_test`: accept files without the test split. `accept_low_accuracy`: import a teacher near chance.
     """
+    if "test" not in files and "test" in manifest.splits and not without_test:
+        raise StoreError(
+            f"no logits for the test split (given: {sorted(files)}): students are evaluated against the teacher on "
+            "it. Add --logits test=FILE, or pass --without-test if the store is meant without it"
+        )
     with exclusive(out, f"logit store {out}"):
         arrays = {}
         for split, path in files.items():
@@ -161,6 +179,7 @@ def import_logits(
                     f"{path}: every row of split '{split}' is NaN, i.e. the teacher answered none of its samples; "
                     "pass --allow-empty if that is meant"
                 )
+        check_teacher(arrays, manifest, files, accept_low_accuracy)
         recipes = {}
         for split, arr in arrays.items():
             v = arr.shape[1]
@@ -197,6 +216,37 @@ def import_logits(
         return writer.finalize({"imported_from": {s: str(p) for s, p in files.items()}})
 
 
+def check_teacher(
+    arrays: dict[str, np.ndarray], manifest: Manifest, files: dict[str, Path], accept: bool = False
+) -> dict[str, float]:
+    """The teacher's top-1 (view 0 of its queried rows) on each imported split; near chance is an error unless
+    `accept`. Returns {split: top-1}."""
+    top1 = {}
+    for split, arr in arrays.items():
+        rows = ~np.isnan(arr[:, 0]).all(-1)  # (N,) view 0 queried
+        if not rows.any():
+            continue
+        labels = manifest.iter_labels(split)[rows]
+        pred = arr[rows, 0].argmax(-1)
+        top1[split] = acc = float((pred == labels).mean())
+        log.info("imported teacher: top-1 %.2f%% on %d labelled %s rows", 100 * acc, len(labels), split)
+        c = manifest.num_classes
+        if not near_chance(acc, c):
+            continue
+        msg = (
+            f"{files[split]}: the imported teacher reaches {acc:.1%} top-1 on the {len(labels)} labelled {split} "
+            f"rows, near chance ({1 / c:.1%} for {c} classes): its logits do not match this data set. Likely causes: "
+            f"(1) another class order: column i must be class {list(manifest.classes)[:10]}[i]"
+            f"{' ...' if c > 10 else ''} of {manifest.root}; (2) rows in another order than the manifest's "
+            f"(give sample keys); (3) another input normalisation for the teacher"
+            f"{permutation_hint(confusion(pred, labels, c), acc)}. Pass --accept-low-accuracy to import it anyway"
+        )
+        if not accept:
+            raise StoreError(msg)
+        log.warning(msg)
+    return top1
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "import-logits",
@@ -222,6 +272,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--logits-column", default="logits")
     p.add_argument("--force", action="store_true", help="overwrite an existing store")
     p.add_argument("--allow-empty", action="store_true", help="accept a split whose rows are all NaN (nothing queried)")
+    p.add_argument("--without-test", action="store_true", help="accept logits without the test split")
+    p.add_argument(
+        "--accept-low-accuracy", action="store_true", help="import a teacher whose top-1 is near chance anyway"
+    )
     p.set_defaults(func=_cmd)
 
 
@@ -252,6 +306,8 @@ def _cmd(args: argparse.Namespace) -> int:
         key_column=args.key_column,
         logits_column=args.logits_column,
         allow_empty=args.allow_empty,
+        without_test=args.without_test,
+        accept_low_accuracy=args.accept_low_accuracy,
     )
     print(f"wrote {out}")
     return 0

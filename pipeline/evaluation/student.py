@@ -20,6 +20,7 @@ from pipeline.config import ConfigError, EvaluateConfig
 from pipeline.data.corruptions import load_corrupted
 from pipeline.data.shards import Manifest
 from pipeline.evaluation.metrics import robustness_metrics, split_metrics, write_confusion_csv
+from pipeline.lock import reading
 from pipeline.models.checkpoint import load_model
 from pipeline.records import summary_of
 from pipeline.runtime import pick_device
@@ -77,8 +78,25 @@ def evaluate_student(
     number without a sign). Writes the confusion CSV (per-image predictions: DVC's confusion plot and the
     report's paired tests); returns the record (`student_record`), which `pipeline.records.write_record` writes.
     """
-    model, meta = load_model(model_path, data=manifest)
+    model_path = Path(model_path)
+    with reading(model_path.parent, f"student folder {model_path.parent}"):
+        model, meta = load_model(model_path, data=manifest)
     store = Path(store or meta.get("store") or f"data/logits/{meta['teacher']}.zarr")
+    with reading(store, f"logit store {store}"):  # a `teach --force` of it waits for this evaluation
+        return _evaluate(manifest, model, meta, model_path, store, corrupt_dir, cfg, confusion, device)
+
+
+def _evaluate(
+    manifest: Manifest,
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    model_path: Path,
+    store: Path,
+    corrupt_dir: str | Path,
+    cfg: EvaluateConfig,
+    confusion: str | Path,
+    device: torch.device | None,
+) -> dict[str, Any]:
     if store.exists() and meta.get("store_teacher") and LogitStore(store).teacher != meta["store_teacher"]:
         raise ConfigError(
             f"student {model_path} was trained on the logits of teacher {meta['store_teacher']}, but {store} holds "

@@ -26,7 +26,6 @@ from .checkpoint import (
     load_state_dict_checkpoint,
     save_checkpoint,
     save_model,
-    torch_save_atomic,
 )
 from .predict import predict_arrays, to_input
 from .registry import (
@@ -70,5 +69,4 @@ __all__ = [
     "save_checkpoint",
     "save_model",
     "to_input",
-    "torch_save_atomic",
 ]

@@ -1,7 +1,7 @@
 """Checkpoints: one atomic writer for the project, kdcache's checkpoint format, and users' own weights.
 
 - :func:`atomic_write` is how every checkpoint-like file is written (model checkpoints here, the training
-  loop's ``last.pt``): to a temporary file in the same folder, fsync-ed, then ``os.replace``-d into place,
+  loop's resume state): to a temporary file in the same folder, fsync-ed, then ``os.replace``-d into place,
   so a crash never leaves a truncated file that a later DVC stage (or ``--resume``) would take for a
   finished one.
 - :func:`save_checkpoint` / :func:`load_checkpoint`: a safetensors file (Hugging Face's format: a JSON header
@@ -90,11 +90,6 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
-
-
-def torch_save_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save(obj, path)`` through :func:`atomic_write` (the training loop's resume state, ``last.pt``)."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -2,12 +2,16 @@
 
 SGD (momentum, optional Nesterov) with weight decay, linear warm-up then cosine / step / constant
 learning-rate schedule evaluated per step (`pipeline.training.schedule`), optional gradient clipping,
-bf16 autocast on CUDA and channels_last memory format everywhere. Every epoch ends with a checkpoint
-(`last.pt`: model, optimizer, epoch, history, architecture, per-rank RNG and loss state) written
-atomically, so `resume=True` continues an interrupted run to the same weights as an uninterrupted
-one with the same seed (the data stream is a pure function of `(seed, epoch)`). The history (and so
-`history.json`, `last.pt` and the curves) holds no wall-clock value: equal inputs give byte-identical
-files; each epoch's seconds, samples/s and loader wait go to the run log (`run_log`) instead.
+bf16 autocast on CUDA and channels_last memory format everywhere. Every epoch ends with a resume state
+(`pipeline.training.resume`: model, optimizer, epoch, history, per-rank RNG and loss state, in safetensors +
+JSON, never pickled) written atomically into the run's state folder, with the run's fingerprint, so a resumed
+run continues an interrupted one to the same weights as an uninterrupted one with the same seed (the data
+stream is a pure function of `(seed, epoch)`), and a state of another run is never continued. The history (and
+so `history.json` and the curves) holds no wall-clock value: equal inputs give byte-identical files; each
+epoch's seconds, samples/s and loader wait go to the run log (`run_log`) instead.
+
+A non-finite loss stops the run (`NonFiniteLossError`, naming the epoch, the step and the batch's sample keys)
+before anything of that epoch is saved: a NaN never trains on silently into a written model.
 
 Teacher logits come from the batch (`"logits"`, cached) or from a live `teacher` module (online
 mode, for comparison); the student never sees a teacher object in cache mode.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -44,7 +49,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -53,9 +58,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.config import TrainConfig
-from pipeline.models.checkpoint import CheckpointError, atomic_write, torch_save_atomic
+from pipeline.data.shards import sample_key
+from pipeline.errors import UserError
+from pipeline.models.checkpoint import CheckpointError, atomic_write
 from pipeline.models.predict import to_input
 from pipeline.runtime import rank_world, write_run_log
+from pipeline.training import resume as resume_state
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.phases import NO_TIMER, PhaseTimer
 from pipeline.training.pool import ComparisonTracker
@@ -66,9 +74,14 @@ from pipeline.training.validate import predict_split, topk_accuracy
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "last.pt"
-
 LossFn = Callable[..., dict[str, torch.Tensor]]
+
+#: TrainConfig keys that say how a run executes, not what it computes: a resumed run may change them
+_HOW_IT_RUNS = ("threads", "worker_start")
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or Inf: the run stops before saving anything of that epoch (no model is written)."""
 
 
 def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -110,6 +123,14 @@ class _Run:
     idle_x: torch.Tensor | None = None  # (1, C, H, W): the input of a zero-weight step
     schedule: Schedule | None = None  # resolved once the loader's plan is known
     timer: PhaseTimer = NO_TIMER  # per-phase step times (benchmarks); a no-op otherwise
+    state_dir: Path | None = None  # where the per-epoch resume state goes (outside every DVC output)
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # the run a resume state must belong to
+
+    @property
+    def guard_each_step(self) -> bool:
+        """Read the loss's finiteness every step: free on the CPU of one process; on CUDA or under DDP the flag stays
+        on the device and is read once per epoch (no per-step sync; all ranks decide together)."""
+        return self.world == 1 and self.device.type != "cuda"
 
 
 @dataclass
@@ -163,6 +184,8 @@ class _EpochTotals:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # loss part -> sum over samples
     waited: float = 0.0  # seconds blocked on the loader: ~0 when the data path keeps up
     seconds: float = 0.0
+    first_bad: torch.Tensor | None = None  # () long: the first step whose loss was not finite (-1: none)
+    indices: list[Any] = field(default_factory=list)  # each step's sample indices (host): named if its loss is bad
 
 
 def train(
@@ -174,7 +197,9 @@ def train(
     *,
     val_set: DistillDataset | None = None,
     device: torch.device | None = None,
-    resume: bool = False,
+    resume: bool | Literal["auto"] = False,
+    state_dir: str | Path | None = None,
+    fingerprint: dict[str, Any] | None = None,
     teacher: nn.Module | None = None,
     desc: str = "train",
     stop_after_epoch: int | None = None,
@@ -189,8 +214,12 @@ def train(
     val_set: the held-out split scored after every `cfg.eval_every` epochs (`cfg.select: best_val` keeps
     the best epoch's weights; without a val_set the last epoch's are kept).
     `stop_after_epoch` ends the run early after that (0-based) epoch (used to test resume).
-    `arch` names the architecture in the checkpoint (default: `arch_label(model)`); resuming a
-    checkpoint of another architecture is an error. `on_batch(epoch, batch)` sees every real batch
+    Resume state: written every epoch to `state_dir` (default `out_dir/resume`) with the run's fingerprint
+    (`arch`, the training config, the data, the library's code, plus the caller's `fingerprint` keys: loss,
+    store...). `resume=True` continues from it and refuses a missing state or another run's (naming the keys
+    that differ); `"auto"` continues a matching state and otherwise starts over (with a warning for another
+    run's); False starts over. `arch` names the architecture (default: `arch_label(model)`).
+    `on_batch(epoch, batch)` sees every real batch
     (tests use it to check which samples each rank trained on). `run_log`: a JSON file (outside every
     DVC output) for each epoch's timings (`seconds`, `samples_per_s`, `data_wait_s`), written by rank 0.
     `phases`: a `PhaseTimer` that collects where each step's time goes (benchmarks; it syncs CUDA per phase).
@@ -211,10 +240,12 @@ def train(
     selection = _Selection(enabled=cfg.select == "best_val" and val_set is not None)
     if cfg.select == "best_val" and val_set is None:
         log.warning("%s: no validation split to select a checkpoint on: keeping the last epoch's weights", desc)
+    state_dir = Path(state_dir) if state_dir is not None else out_dir / "resume"
+    run_fp = _fingerprint(cfg, arch, loss_fn, train_set, fingerprint)
+    history, start_epoch = [], 0
     if resume:
-        history, start_epoch = _restore(out_dir / CHECKPOINT, model, opt, loss_fn, arch, device, rank, world, selection)
-    else:
-        history, start_epoch = [], 0
+        history, start_epoch = _restore(state_dir, run_fp, model, opt, loss_fn, device, rank, world, selection, resume)
+    if start_epoch == 0:
         torch.manual_seed(cfg.seed)
     timings = _earlier_timings(run_log, start_epoch)
     if rank == 0:
@@ -240,6 +271,8 @@ def train(
         comparisons=ComparisonTracker(loss_fn),
         idle_x=torch.zeros(1, c, h, w, device=device).contiguous(memory_format=torch.channels_last),
         timer=phases or NO_TIMER,
+        state_dir=state_dir,
+        fingerprint=run_fp,
     )
     loader = make_loader(train_set, cfg.batch_size, cfg.workers, start=cfg.worker_start)
     first = train_set.plan(cfg.batch_size, loader.num_workers, epoch=0)
@@ -279,7 +312,7 @@ def train(
             log.info("%s epoch %d/%d: %s", desc, epoch + 1, epochs, shown)
             timings.append(timing)
             write_run_log(run_log, timings)
-        _save(run, out_dir, epoch, history, arch, selection)
+        _save(run, out_dir, epoch, history, selection)
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             break
     if selection.state is not None:
@@ -295,46 +328,71 @@ def train(
 # the steps
 
 
+def _fingerprint(
+    cfg: TrainConfig, arch: str, loss_fn: LossFn, train_set: BatchSource, extra: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What a resume state must match to be continued: the run's recipe, loss, data and code (as JSON data). Not the
+    world size: a run may resume on another number of ranks (with a warning: its RNG streams restart)."""
+    recipe = dataclasses.asdict(cfg)
+    for key in _HOW_IT_RUNS:
+        recipe.pop(key, None)
+    fp = {
+        "arch": arch,
+        "train": recipe,
+        "loss_fn": repr(loss_fn) if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__qualname__", "?"),
+        "data": train_set.manifest.sha256,
+        "code": resume_state.code_fingerprint(),
+        **(extra or {}),
+    }
+    return json.loads(json.dumps(fp, sort_keys=True, default=str))
+
+
 def _restore(
-    path: Path,
+    folder: Path,
+    run_fp: dict[str, Any],
     model: nn.Module,
     opt: torch.optim.Optimizer,
     loss_fn: LossFn,
-    arch: str,
     device: torch.device,
     rank: int,
     world: int,
     selection: _Selection,
+    resume: bool | str,
 ) -> tuple[list[dict[str, float]], int]:
-    """Load `path` (before anything is written): weights, optimizer, this rank's RNG and loss state, selection.
+    """Load the resume state in `folder` (before anything is written): weights, optimizer, this rank's RNG and loss
+    state, selection. Returns (history so far, first epoch to run); ([], 0) to start over.
 
-    Returns (history so far, first epoch to run). Refuses a checkpoint of another architecture, naming both.
+    `resume=True` (an explicit `--resume`): a missing state, an unreadable one or another run's is an error naming
+    the keys that differ. `"auto"` (the stages' default, so a killed `dvc repro` continues): a matching state is
+    continued, anything else starts over (another run's with a warning naming what differs).
     """
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint {path} to resume from (run without --resume)")
+    strict = resume is True
     try:
-        # our own file (written by `_save`), not a user's: it holds RNG states and optimizer objects
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # a truncated or foreign file: torch raises many types
-        raise CheckpointError(
-            f"--resume: cannot read {path} ({type(e).__name__}: {e}); delete it and run without --resume"
-        ) from e
-    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "history", "ranks"} <= set(state):
-        raise CheckpointError(f"--resume: {path} is not a training checkpoint of kdcache; run without --resume")
-    found = state.get("arch")
-    if found is not None and found != arch:
-        raise CheckpointError(
-            f"--resume: checkpoint {path} is of architecture '{found}', but this run trains '{arch}'; "
-            "use another output folder or drop --resume"
-        )
+        found = resume_state.read_fingerprint(folder)
+    except CheckpointError as e:
+        if strict:
+            raise CheckpointError(f"--resume: {e}") from e
+        log.warning("%s; starting over", e)
+        return [], 0
+    if found is None:
+        if strict:
+            raise FileNotFoundError(f"--resume: no resume state in {folder} to continue (run without --resume)")
+        return [], 0
+    differ = resume_state.differing_keys(found, run_fp)
+    if differ:
+        if strict:
+            raise CheckpointError(
+                f"--resume: the state in {folder} belongs to another run: it differs in {differ}; "
+                "drop --resume to start over"
+            )
+        log.warning("%s holds the resume state of another run (it differs in %s): starting over", folder, differ)
+        return [], 0
+    state = resume_state.load_state(folder, device)
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError as e:  # old checkpoint without `arch`, or a label that hides a shape change
+    except RuntimeError as e:  # a label that hides a shape change
         first = str(e).strip().splitlines()[0]
-        raise CheckpointError(
-            f"--resume: checkpoint {path} (architecture '{found or 'unrecorded'}') does not fit "
-            f"the model '{arch}': {first}"
-        ) from e
+        raise CheckpointError(f"resume state {folder} does not fit the model '{run_fp.get('arch')}': {first}") from e
     opt.load_state_dict(state["optimizer"])
     ranks = state["ranks"]
     if len(ranks) != world:
@@ -344,9 +402,9 @@ def _restore(
     mine = ranks[rank] if len(ranks) == world else ranks[0]
     if isinstance(loss_fn, nn.Module):
         loss_fn.load_state_dict(mine["loss"])  # e.g. CKD's group sampler (its generator is module state)
-    torch.set_rng_state(mine["torch_rng"])
+    torch.set_rng_state(mine["torch_rng"].to("cpu"))
     selection.load(mine.get("selection"))
-    log.info("resumed %s at epoch %d", path, state["epoch"] + 1)
+    log.info("resumed %s at epoch %d", folder, state["epoch"] + 1)
     return state["history"], state["epoch"] + 1
 
 
@@ -367,7 +425,10 @@ def _train_epoch(
     it = prefetch_to_device(it, run.device)
     my_batches = plan.batches[run.rank]
     total_epochs = run.schedule.epochs if run.schedule else float(cfg.epochs or 1)
-    totals = _EpochTotals(correct=torch.zeros((), dtype=torch.long, device=run.device))
+    totals = _EpochTotals(
+        correct=torch.zeros((), dtype=torch.long, device=run.device),
+        first_bad=torch.full((), -1, dtype=torch.long, device=run.device),
+    )
     run.ddp_model.train()
     t0 = time.perf_counter()
     desc = f"{run.desc} epoch {epoch + 1}/{math.ceil(total_epochs)}"
@@ -392,6 +453,7 @@ def _train_epoch(
                 on_batch(epoch, batch)
             parts, s, y = _batch_loss(run, batch, e)
             loss = parts["loss"]
+            _guard(run, totals, loss, epoch, step, batch)
             if run.world > 1:
                 loss = loss * (run.world / plan.active(step))  # DDP averages over all ranks; idle ones add 0
             b = len(y)
@@ -412,6 +474,33 @@ def _train_epoch(
         raise RuntimeError(f"{run.desc}: the loader yielded more than the {my_batches} batches the epoch plan said")
     totals.seconds = time.perf_counter() - t0
     return totals
+
+
+def _guard(run: _Run, totals: _EpochTotals, loss: torch.Tensor, epoch: int, step: int, batch: dict[str, Any]) -> None:
+    """Stop at a non-finite loss: at once where reading it is free, else at the epoch's end (`_epoch_row`), in both
+    cases before anything of the epoch is saved."""
+    bad = ~torch.isfinite(loss.detach())
+    if run.guard_each_step:
+        if bool(bad):
+            raise _non_finite(run, epoch, step, batch["index"])
+        return
+    totals.indices.append((step, batch["index"]))  # host indices: named if this step turns out to be the bad one
+    totals.first_bad = torch.where(bad & (totals.first_bad < 0), step, totals.first_bad)
+
+
+def _non_finite(run: _Run, epoch: int, step: int, index: Any, rank: int | None = None) -> NonFiniteLossError:
+    """The error of a non-finite loss at (epoch, step), naming the batch's sample keys (or the rank that had it)."""
+    if index is not None:
+        idx = np.asarray(index).ravel()
+        keys = [sample_key(int(i)) for i in idx[:8]]
+        batch = f"the batch's samples {keys}{f' (first 8 of {len(idx)})' if len(idx) > 8 else ''}"
+    else:
+        batch = f"a batch of rank {rank}"
+    return NonFiniteLossError(
+        f"{run.desc}: the loss is not finite at epoch {epoch + 1}, step {step + 1}, on {batch}. Nothing of this "
+        "epoch is saved and no model is written. Check the cached logits (`kdcache verify STORE`), the learning rate "
+        "(optim.lr) and the loss parameters"
+    )
 
 
 def _idle_loss(run: _Run) -> torch.Tensor:
@@ -486,13 +575,19 @@ def _earlier_timings(run_log: str | Path | None, start_epoch: int) -> list[dict[
 def _epoch_row(run: _Run, totals: _EpochTotals, epoch: int, steps: int) -> tuple[dict[str, float], dict[str, float]]:
     """The epoch's history row (per-sample means of every loss part over all ranks, accuracy, lr, steps) and its
     timing row (seconds, samples/s, loader wait: what varies between identical runs, kept out of the history)."""
-    mine = (totals.seen, int(totals.correct), {k: float(v) for k, v in totals.sums.items()})  # one host sync
-    seen_all, correct_all, sums_all = 0, 0, {}
-    for n, ok, sm in _gather(mine, run.world):
+    sums = {k: float(v) for k, v in totals.sums.items()}
+    mine = (totals.seen, int(totals.correct), sums, int(totals.first_bad))  # one host sync
+    seen_all, correct_all, sums_all, bad = 0, 0, {}, []
+    for n, ok, sm, first_bad in _gather(mine, run.world):
         seen_all += n
         correct_all += ok
+        bad.append(first_bad)
         for k, v in sm.items():
             sums_all[k] = sums_all.get(k, 0.0) + v
+    if max(bad) >= 0:  # every rank decides alike, before any of them saves
+        r = next(i for i, b in enumerate(bad) if b >= 0)
+        index = dict(totals.indices).get(bad[r]) if r == run.rank else None
+        raise _non_finite(run, epoch, bad[r], index, rank=r)
     cfg = run.cfg
     total = run.schedule.epochs if run.schedule else float(cfg.epochs or 1)
     row: dict[str, float] = {"epoch": epoch + 1, "lr": lr_at(cfg.optim, min(epoch + 1, total), total)}
@@ -521,10 +616,9 @@ def _held_out_accuracy(model: nn.Module, dataset: DistillDataset, batch_size: in
     return topk_accuracy(logits, labels, 1)
 
 
-def _save(
-    run: _Run, out_dir: Path, epoch: int, history: list[dict[str, float]], arch: str, selection: _Selection
-) -> None:
-    """The epoch checkpoint (`last.pt`, atomic) and `history.json`; rank 0 writes, every rank's RNG is kept."""
+def _save(run: _Run, out_dir: Path, epoch: int, history: list[dict[str, float]], selection: _Selection) -> None:
+    """The epoch's resume state (`pipeline.training.resume`, in the run's state folder) and `history.json`; rank 0
+    writes, every rank's RNG is kept."""
     loss_state = run.loss_fn.state_dict() if isinstance(run.loss_fn, nn.Module) else {}
     mine = {"torch_rng": torch.get_rng_state(), "loss": loss_state, "selection": selection.to_state()}
     ranks = _gather(mine, run.world)
@@ -533,15 +627,12 @@ def _save(
     state = {
         "model": run.model.state_dict(),
         "optimizer": run.opt.state_dict(),
-        "epoch": epoch,
-        # Through JSON: pickle's bytes depend on which strings are shared objects (a resumed run's history
-        # comes from torch.load); rebuilt in one go, equal histories pickle to equal bytes.
         "history": json.loads(json.dumps(history)),
-        "arch": arch,
         "world_size": run.world,
         "ranks": ranks,
     }
-    torch_save_atomic(state, out_dir / CHECKPOINT)
+    assert run.state_dir is not None
+    resume_state.save_state(run.state_dir, state, run.fingerprint, epoch)
     atomic_write(out_dir / "history.json", lambda f: f.write((json.dumps(history, indent=1) + "\n").encode()))
 
 

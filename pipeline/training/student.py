@@ -10,12 +10,14 @@ order, and its checkpoint, metadata and training curves are written where `Layou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,10 +27,12 @@ from pipeline.cache.store import LogitStore
 from pipeline.config import ConfigError, DistillConfig, student_id
 from pipeline.data.shards import Manifest
 from pipeline.layout import STUDENT_MODEL, Layout
+from pipeline.lock import exclusive, reading
 from pipeline.losses import LossConfigError, build_loss
 from pipeline.models.checkpoint import atomic_write, load_model, save_model
 from pipeline.models.registry import build_for
 from pipeline.runtime import pick_device, rank_world, seed_everything, set_threads
+from pipeline.training import resume as resume_state
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.loop import train
 from pipeline.training.pool import QueriedPool
@@ -167,14 +171,17 @@ def fit_student(
     *,
     seed: int,
     device: torch.device,
-    resume: bool = False,
+    resume: bool | Literal["auto"] = False,
+    state_dir: str | Path | None = None,
+    fingerprint: dict[str, Any] | None = None,
     teacher: torch.nn.Module | None = None,
     desc: str = "student",
     run_log: str | Path | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """A fresh `distill.student` (seeded) trained on `train_set` with `distill.train` and `seed`, the checkpoint kept
     by validation on the `val` split; returns (model, `TrainResult`). What every student run trains through: the
-    distill stage's and an active query round's."""
+    distill stage's and an active query round's. `resume`, `state_dir`, `fingerprint`: as `train`'s (the student
+    recipe's own keys are added here)."""
     tcfg = dataclasses.replace(cfg.train, seed=seed)
     val_set = held_out(manifest, "val")  # checkpoint selection; the test split is for final reporting only
     seed_everything(seed)
@@ -188,12 +195,29 @@ def fit_student(
         val_set=val_set,
         device=device,
         resume=resume,
+        state_dir=state_dir,
+        fingerprint={"student_preprocess": cfg.student_preprocess, **(fingerprint or {})},
         teacher=teacher,
         desc=desc,
         arch=cfg.student,
         run_log=run_log,
     )
     return model, result
+
+
+def run_fingerprint(cfg: DistillConfig, run: StudentRun, store: LogitStore) -> dict[str, Any]:
+    """What makes a distill run this run, besides the training recipe `train` adds: the loss and its parameters, the
+    budget, how teacher logits reach it, and the store's content (its identity, not its path)."""
+    identity = json.dumps(store.attrs.get("identity"), sort_keys=True).encode()
+    return {
+        "loss": run.loss,
+        "loss_params": cfg.loss_params.get(run.loss),
+        "budget": str(run.budget),
+        "teacher_source": cfg.teacher_source,
+        "unqueried": cfg.unqueried,
+        "pool_epoch_samples": cfg.pool_epoch_samples,
+        "store": hashlib.sha256(identity).hexdigest(),
+    }
 
 
 def selection_record(store: LogitStore, allowed: np.ndarray) -> dict[str, Any] | None:
@@ -229,19 +253,41 @@ def run_student(
     store: str | Path | None = None,
     out_dir: str | Path | None = None,
     curves: str | Path | None = None,
-    resume: bool = False,
+    resume: bool | Literal["auto"] = "auto",
     device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Train one student; rank 0 writes `model.safetensors` (with its metadata) and the curves. Returns the metadata.
 
     store / out_dir / curves override the layout's paths (experiments that train on another store).
-    Under torchrun every rank calls this; the process group must already be initialised.
+    `resume`: "auto" continues this run's resume state if a killed run left one (`Layout.resume_state`, outside
+    DVC's outputs), True insists on it (`--resume`), False starts over (`--restart`).
+    One writer per student folder (`pipeline.lock.exclusive`, rank 0) and the store held for reading (`reading`: a
+    `teach --force` on it is refused meanwhile). Under torchrun every rank calls this; the process group must
+    already be initialised.
     """
     rank, _ = rank_world()
+    out = Path(out_dir or layout.student(run.sid))
+    store_path = Path(store or layout.store(run.teacher))
+    owner = exclusive(out, f"student folder {out}") if rank == 0 else contextlib.nullcontext()
+    with owner, reading(store_path, f"logit store {store_path}"):
+        return _run_student(manifest, cfg, run, layout, store_path, out, curves, resume, device, rank)
+
+
+def _run_student(
+    manifest: Manifest,
+    cfg: DistillConfig,
+    run: StudentRun,
+    layout: Layout,
+    store_path: Path,
+    out: Path,
+    curves: str | Path | None,
+    resume: bool | Literal["auto"],
+    device: torch.device | None,
+    rank: int,
+) -> dict[str, Any]:
     loss_fn = student_loss(cfg, run.loss)
     if cfg.teacher_source not in ("cache", "online"):
         raise ConfigError(f"distill.teacher_source must be 'cache' or 'online', got '{cfg.teacher_source}'")
-    store_path = Path(store or layout.store(run.teacher))
     train_store = LogitStore(store_path, "train", manifest)
     labels = None if run.is_full else manifest.iter_labels("train")
     allowed = budget_mask(train_store, labels, run.budget)
@@ -257,7 +303,8 @@ def run_student(
     teacher = None
     if cfg.teacher_source == "online":
         teacher, _ = load_model(layout.teacher_checkpoint(run.teacher), data=manifest)
-    out = Path(out_dir or layout.student(run.sid))
+    # A killed run's state survives DVC's deletion of the outputs; an experiment's own out_dir keeps it inside.
+    state_dir = layout.resume_state("distill", run.sid) if out == layout.student(run.sid) else out / "resume"
     model, result = fit_student(
         manifest,
         cfg,
@@ -267,6 +314,8 @@ def run_student(
         seed=run.seed,
         device=device or pick_device(),
         resume=resume,
+        state_dir=state_dir,
+        fingerprint=run_fingerprint(cfg, run, train_store),
         teacher=teacher,
         desc=run.sid,
         run_log=layout.run_log("distill", run.sid) if rank == 0 else None,
@@ -292,5 +341,6 @@ def run_student(
     save_model(out / STUDENT_MODEL, model.cpu(), cfg.student, extra=meta)
     curves_path = Path(curves or layout.curves(run.sid))
     atomic_write(curves_path, lambda f: f.write((json.dumps(result.history, indent=1) + "\n").encode()))
+    resume_state.discard(state_dir)  # finished: nothing to resume
     log.info("student %s done: kept epoch %d, validation top-1 %s", run.sid, result.selected_epoch, result.val_acc)
     return meta

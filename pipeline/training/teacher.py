@@ -17,20 +17,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from pipeline.config import ConfigError, TeacherSpec, TrainTeacherConfig
 from pipeline.data.shards import Manifest
 from pipeline.data.views import ViewRecipe
-from pipeline.layout import Layout
+from pipeline.errors import InputError
+from pipeline.layout import Layout, TeacherFiles
+from pipeline.lock import exclusive
 from pipeline.losses.ce import CELoss
 from pipeline.models.checkpoint import import_model, save_model
 from pipeline.models.registry import build_for, pretrained_source
 from pipeline.models.sanity import near_chance
 from pipeline.records import write_record
 from pipeline.runtime import pick_device, seed_everything, set_threads
+from pipeline.training import resume as resume_state
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.loop import train
 from pipeline.training.validate import held_out, predict_split, topk_accuracy
@@ -41,8 +44,8 @@ log = logging.getLogger(__name__)
 STILL_IMPROVING = 0.01
 
 
-class TeacherCheckError(ValueError):
-    """An imported teacher that cannot be meant for this data set (near-chance accuracy)."""
+class TeacherCheckError(InputError):
+    """An imported teacher that cannot be meant for this data set (near-chance accuracy): a user error (one line)."""
 
 
 def still_improving(
@@ -141,19 +144,38 @@ def train_teacher(
     out_dir: str | Path,
     *,
     metrics_dir: str | Path | None = None,
-    resume: bool = False,
+    resume: bool | Literal["auto"] = "auto",
+    state_dir: str | Path | None = None,
     device: torch.device | None = None,
     run_log: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train (or import) teacher `name`; write `<out_dir>/<name>.safetensors` and its metrics record; return them.
 
-    `out_dir` is `Layout.teachers` in the pipeline; a demo teacher's epoch checkpoints go to `<name>.run/`.
+    `out_dir` is `Layout.teachers` in the pipeline; a demo teacher's history goes to `<name>.run/`, its resume state
+    to `state_dir` (`Layout.resume_state("train_teacher", name)` in the pipeline: outside DVC's outputs, so a killed
+    `dvc repro` continues it; default `<name>.run/resume`), removed once the teacher is written. `resume`: as
+    `run_student`'s. One writer per teacher (`pipeline.lock.exclusive` on its checkpoint).
     `run_log`: where the training's per-epoch timings go (the metrics file holds none, so it is reproducible).
     The record (`pipeline.records`: summary `<metrics_dir>/<name>.json`, details `<metrics_dir>/details/<name>.json`;
     `metrics_dir` defaults to `out_dir`) uses the students' key names: `accuracy` is test top-1.
     """
     check_pretrained(name, spec, out_dir)
     files = Layout.teacher_files(out_dir, name, metrics_dir)
+    with exclusive(files.checkpoint, f"teacher {name} ({files.checkpoint})"):
+        return _train_teacher(manifest, name, spec, cfg, files, resume, state_dir, device, run_log)
+
+
+def _train_teacher(
+    manifest: Manifest,
+    name: str,
+    spec: TeacherSpec,
+    cfg: TrainTeacherConfig,
+    files: TeacherFiles,
+    resume: bool | Literal["auto"],
+    state_dir: str | Path | None,
+    device: torch.device | None,
+    run_log: str | Path | None,
+) -> dict[str, Any]:
     device = device or pick_device()
     set_threads(cfg.train.threads)
     val_set = held_out(manifest, "val")
@@ -186,6 +208,8 @@ def train_teacher(
             val_set=val_set,
             device=device,
             resume=resume,
+            state_dir=state_dir,
+            fingerprint={"teacher": name, "preprocess": spec.preprocess, "recipe": "fresh views, CE"},
             desc=f"teacher {name}",
             run_log=run_log,
         )
@@ -211,5 +235,6 @@ def train_teacher(
     metrics.update({k: v for k, v in summary.items() if k != "val_accuracy"})  # schedule, selected epoch
     save_model(files.checkpoint, model.cpu(), spec.arch, extra={"name": name, "accuracy": metrics["accuracy"]})
     write_record({**metrics, "history": history}, files.metrics, files.details, "teacher")
+    resume_state.discard(state_dir if state_dir is not None else files.run / "resume")  # finished: nothing to resume
     log.info("teacher %s (%s): test top-1 %.4f -> %s", name, spec.arch, metrics["accuracy"], files.checkpoint)
     return metrics
