@@ -47,13 +47,13 @@ BASE = _set(BASE, "query", copy.deepcopy(QUERY))
 # (what is wrong, the params, what the one-line error must say): one case per section, plus the cross-references
 CASES = [
     ("runtime", _typo(BASE, "runtime.reproducible"), r"runtime: unknown key\(s\) \['reproduciblex'\]"),
-    ("teachers", _set(BASE, "teachers.small.epochs", 0), r"teachers.small.epochs: expected null or a positive integer, got 0"),
+    ("teachers", _set(BASE, "teachers.small.epochs", 0), r"teachers.small.epochs: expected null or a positive integer"),
     ("ensembles", _set(BASE, "ensembles.both.members", ["small", "nope"]), r"ensembles.both: member\(s\) \['nope'\]"),
     ("query", _typo(BASE, "query.q.per_round"), r"query.q: unknown key\(s\) \['per_roundx'\]"),
     ("train_teacher", _typo(BASE, "train_teacher.train.seed"), r"train_teacher.train: unknown key\(s\) \['seedx'\]"),
     ("teach", _set(BASE, "teach.dtype", "float8"), r"teach.dtype: expected one of \['float16', 'float32'\]"),
     ("distill", _typo(BASE, "distill.train.epochs"), r"distill.train: unknown key\(s\) \['epochsx'\]"),
-    ("loss params", _typo(BASE, "distill.loss_params.kd.T"), r"distill.loss_params.kd: unknown parameter\(s\) \['Tx'\]"),
+    ("loss params", _typo(BASE, "distill.loss_params.kd.T"), r"distill.loss_params.kd: unknown parameter\(s\) \['Tx"),
     ("loss values", _set(BASE, "distill.loss_params.dkd.T", -1.0), r"distill.loss_params.dkd: T must be > 0"),
     ("corrupt", _set(BASE, "corrupt.severities", [1, 9]), r"corrupt.severities\[1\]"),
     ("evaluate", _typo(BASE, "evaluate.topk"), r"evaluate: unknown key\(s\) \['topkx'\]"),
