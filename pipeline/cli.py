@@ -5,7 +5,7 @@ kdcache verify data/logits/cnn.zarr             a full integrity scan of a store
 kdcache compare metrics/a.json metrics/b.json   metrics side by side
 kdcache models ['resnet*']                      the registered architectures
 kdcache import-logits ...                       a store from logits computed elsewhere
-kdcache prepare | train-teacher | teach | ensemble | query | distill | corrupt | evaluate | report [ARGS]
+kdcache prepare | teachers | train-teacher | teach | ensemble | query | distill | corrupt | evaluate | report [ARGS]
                                                 run one pipeline stage by hand (what `dvc repro` runs)
 
 A user error (bad params, a missing or bad input file, a store in use) prints one line
@@ -25,6 +25,7 @@ from pipeline.errors import InputError, UserError
 
 STAGES = {
     "prepare": "stages.prepare",
+    "teachers": "stages.teachers",
     "train-teacher": "stages.train_teacher",
     "teach": "stages.teach",
     "ensemble": "stages.ensemble",

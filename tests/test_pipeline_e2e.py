@@ -363,7 +363,8 @@ def test_stage_deps_cover_the_code_each_stage_imports():
 
 
 def test_teach_params_are_what_shapes_the_store():
-    """teach's DVC params: every TeachConfig field except how it runs (threads, cluster, workers)."""
+    """teach's DVC params: every TeachConfig field except how it runs (threads, cluster, workers), and `runtime` (the
+    CPU kernel pin decides the logits' last bits on another CPU, like every stage's)."""
     import dataclasses
 
     from pipeline.config import TeachConfig
@@ -374,5 +375,5 @@ def test_teach_params_are_what_shapes_the_store():
         "teach.threads",
         "teach.cluster",
         "teach.workers",
-    }
+    } | {"runtime"}
     assert set(params) == want
