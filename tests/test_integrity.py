@@ -134,10 +134,16 @@ def test_rows_of_a_store_rewritten_behind_the_writer_are_caught_by_the_value_rul
     q = g["queried"][:]
     q[200, 0] = False
     g["queried"][:] = q
+    # A full store's reader takes every row as queried (its recorded calls = N x V) and reads no flags: the row has
+    # its logits, so nothing wrong is read; `verify` reads the flags and names the disagreement.
+    LogitStore(STORE, "train").read_all()
+    report = verify_store(STORE, load_manifest("data/shards/tiny"), progress=False)
+    assert not report.ok and any("not marked queried hold logits" in p and "rows [200]" in p for p in report.problems)
+    assert any("463 sample-views are marked queried, the store records 464" in p for p in report.problems)
+    # A budget store's reader does read the flags, and refuses the disagreement itself.
+    g.attrs["teacher_calls"] = 463
     with pytest.raises(StoreError, match=r"1 sample-view\(s\) not marked queried hold logits .* rows \[200\]"):
         LogitStore(STORE, "train").read_all()
-    report = verify_store(STORE, load_manifest("data/shards/tiny"), progress=False)
-    assert not report.ok and any("rows [200]" in p for p in report.problems)
 
 
 def test_a_complete_store_with_a_lost_done_flag_is_damaged(proj):

@@ -30,7 +30,7 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
-from pipeline.cache.store import SCHEMA_VERSION, LogitStore, StoreError, finite_rows
+from pipeline.cache.store import SCHEMA_VERSION, LogitStore, StoreError, finite_rows, topk_expand
 from pipeline.data.shards import Manifest
 from pipeline.layout import PARTIAL_SUFFIX
 from pipeline.models.sanity import confusion, near_chance, permutation_hint
@@ -163,12 +163,18 @@ def _verify_split(
             missing_here = any(not store.shard_file(name, int(j)).is_file() for name in store.arrays())
             if missing_here:
                 continue
-        try:
-            q = store.queried(a, b)  # (n, V)
+        try:  # shard by shard (not the reader's cached flags): one damaged file is one problem, not one per shard
+            q = store.read_array("queried", a, b)  # (n, V)
             calls += int(q.sum())
-            block = store.read_block(a, b, dtype=None)  # checksums + the queried/finite rule
+            if store.topk:
+                values, tail = store.read_array("topk_values", a, b), store.read_array("tail_mass", a, b)
+                store.check_values("topk_values", a, values, tail, q=q)
+                block = topk_expand(values, store.read_array("topk_indices", a, b), tail, store.num_classes)
+            else:
+                block = store.read_array("logits", a, b)  # every chunk's checksum
+                store.check_values("logits", a, block, q=q)  # queried rows finite, unqueried empty
             if store.member_names:
-                store.read_members(a, b, dtype=None)
+                store.check_values("members", a, store.read_array("members", a, b), q=q)
             for name in ("round", "order"):
                 if name in store.arrays():
                     store.read_array(name, a, b)  # their checksums (no value rule)
