@@ -126,12 +126,6 @@ class _Run:
     state_dir: Path | None = None  # where the per-epoch resume state goes (outside every DVC output)
     fingerprint: dict[str, Any] = field(default_factory=dict)  # the run a resume state must belong to
 
-    @property
-    def guard_each_step(self) -> bool:
-        """Read the loss's finiteness every step: free on the CPU of one process; on CUDA or under DDP the flag stays
-        on the device and is read once per epoch (no per-step sync; all ranks decide together)."""
-        return self.world == 1 and self.device.type != "cuda"
-
 
 @dataclass
 class TrainResult:
@@ -453,7 +447,7 @@ def _train_epoch(
                 on_batch(epoch, batch)
             parts, s, y = _batch_loss(run, batch, e)
             loss = parts["loss"]
-            _guard(run, totals, loss, epoch, step, batch)
+            _guard(totals, loss, step, batch)
             if run.world > 1:
                 loss = loss * (run.world / plan.active(step))  # DDP averages over all ranks; idle ones add 0
             b = len(y)
@@ -476,15 +470,12 @@ def _train_epoch(
     return totals
 
 
-def _guard(run: _Run, totals: _EpochTotals, loss: torch.Tensor, epoch: int, step: int, batch: dict[str, Any]) -> None:
-    """Stop at a non-finite loss: at once where reading it is free, else at the epoch's end (`_epoch_row`), in both
-    cases before anything of the epoch is saved."""
-    bad = ~torch.isfinite(loss.detach())
-    if run.guard_each_step:
-        if bool(bad):
-            raise _non_finite(run, epoch, step, batch["index"])
-        return
+def _guard(totals: _EpochTotals, loss: torch.Tensor, step: int, batch: dict[str, Any]) -> None:
+    """Remember the first step whose loss is not finite, on the device: the flag is read once, at the epoch's end
+    (`_epoch_row`, where every rank decides together), before anything of the epoch is saved. No per-step host sync
+    (on CUDA one would stall the pipeline); the price is that a diverged run finishes its epoch before it stops."""
     totals.indices.append((step, batch["index"]))  # host indices: named if this step turns out to be the bad one
+    bad = ~torch.isfinite(loss.detach())
     totals.first_bad = torch.where(bad & (totals.first_bad < 0), step, totals.first_bad)
 
 
