@@ -180,6 +180,7 @@ def _alive(procs: list) -> list:
     return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["distill", "teach"])
 def test_sigkill_of_a_stage_leaves_no_worker_process_alive(tmp_path, monkeypatch, stage):
     """distill with a loader worker (forkserver, resource tracker, worker) and teach on a dask LocalCluster: SIGKILL

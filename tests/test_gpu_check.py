@@ -20,6 +20,7 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           timeout=timeout)  # fmt: skip
 
 
+@pytest.mark.slow  # runs every benchmark of the device check once (~75 s on 2 cores)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_gpu_check_quick_runs_on_cpu_prints_every_ratio_and_skips_the_cuda_parts():
     r = _run("--quick")
