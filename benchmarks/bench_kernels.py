@@ -63,8 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=60)
     args = ap.parse_args(argv)
-    print("| workload | native ms/step | pinned ms/step | pinned / native | ISA (native / pinned) |")
-    print("|---|---:|---:|---:|---|")
+    print(
+        "| workload | native ms/step | pinned ms/step | pinned / native [IQR] | every round's ratio "
+        "| ISA (native / pinned) |"
+    )
+    print("|---|---:|---:|---:|---|---|")
     for name, arch, threads in WORKLOADS:
         runs: dict[bool, list[dict]] = {True: [], False: []}
         for k in range(args.rounds):
@@ -72,8 +75,13 @@ def main(argv: list[str] | None = None) -> None:
                 runs[pinned].append(measure(arch, threads, args.steps, pinned))
         native = statistics.median(r["ms"] for r in runs[False])
         pin = statistics.median(r["ms"] for r in runs[True])
+        # Each round's pinned / native (run back to back, so a drift in machine load hits both): their median and
+        # interquartile range say more on a noisy machine than the ratio of the two medians.
+        ratios = [p["ms"] / n["ms"] for p, n in zip(runs[True], runs[False], strict=True)]
+        q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
         isa = f"{runs[False][0]['isa']} / {runs[True][0]['isa']}"
-        print(f"| {name} | {native:.2f} | {pin:.2f} | {pin / native:.3f}x | {isa} |", flush=True)
+        every = ", ".join(f"{r:.2f}" for r in ratios)
+        print(f"| {name} | {native:.2f} | {pin:.2f} | {med:.3f}x [{q1:.3f}, {q3:.3f}] | {every} | {isa} |", flush=True)
 
 
 if __name__ == "__main__":

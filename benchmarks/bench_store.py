@@ -47,7 +47,9 @@ def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def write_store(path: Path, logits: np.ndarray, shard_rows: int, compressor: str, topk: int) -> float:
+def write_store(
+    path: Path, logits: np.ndarray, shard_rows: int, compressor: str, topk: int, chunk_rows: int = 1000
+) -> float:
     n, v, c = logits.shape
     spec = StoreSpec(
         teacher={"name": "bench", "arch": "none", "weights_sha256": "0"},
@@ -55,7 +57,7 @@ def write_store(path: Path, logits: np.ndarray, shard_rows: int, compressor: str
         splits={"train": SplitSpec(n, c, v, shard_rows, ViewRecipe(v).to_dict())},
         compressor=compressor,
         topk=topk,
-        chunk_rows=min(1000, shard_rows),
+        chunk_rows=min(chunk_rows, shard_rows),
     )
     shutil.rmtree(path, ignore_errors=True)
     t0 = time.perf_counter()
@@ -156,6 +158,8 @@ def bench_integrity(tmp: Path, n: int, c: int, repeats: int) -> None:
     write_store(with_crc, fake_logits(n, v, c), shard_rows, "blosc-zstd", 0)
     no_crc = tmp / "nocrc.zarr"
     without_checksums(with_crc, no_crc)
+    one_chunk = tmp / "onechunk.zarr"  # the same logits, one inner chunk per store shard
+    write_store(one_chunk, fake_logits(n, v, c), shard_rows, "blosc-zstd", 0, chunk_rows=shard_rows)
     torch.set_num_threads(1)
     shards = [(j * shard_rows, min((j + 1) * shard_rows, n)) for j in range((n + shard_rows - 1) // shard_rows)]
     rng = np.random.default_rng(0)
@@ -169,6 +173,7 @@ def bench_integrity(tmp: Path, n: int, c: int, repeats: int) -> None:
         "shipped: CRC32C + value rule": (with_crc, True),
         "CRC32C only": (with_crc, False),
         "neither (schema-1 reads)": (no_crc, False),
+        "shipped, one chunk per shard (chunk_rows = shard size)": (one_chunk, True),
     }
     times: dict[str, dict[str, list[float]]] = {k: {"block": [], "random": []} for k in readers}
     names = list(readers)
@@ -188,16 +193,19 @@ def bench_integrity(tmp: Path, n: int, c: int, repeats: int) -> None:
             times[name]["block"].append(t1 - t0)
             times[name]["random"].append(t2 - t1)
     LogitStore.check_values = real_check  # type: ignore[method-assign]
-    base = {k: statistics.median(times["neither (schema-1 reads)"][k][1:]) for k in ("block", "random")}
-    print(f"\n## 4. Integrity cost (N={n}, C={c}, V={v}, float16; {repeats} interleaved rounds, medians)\n")
-    print("| reader | block rows/s | vs neither | random-batch rows/s | vs neither |")
+    ref = "neither (schema-1 reads)"
+    print(f"\n## 4. Integrity cost (N={n}, C={c}, V={v}, float16; {repeats} interleaved rounds)\n")
+    print("Speed vs `neither`: the median over rounds of each round's ratio (both read in that round, so drifts in")
+    print("machine load cancel), with the interquartile range of those ratios.\n")
+    print("| reader | block rows/s | vs neither [IQR] | random-batch rows/s | vs neither [IQR] |")
     print("|---|---:|---:|---:|---:|")
     for name in readers:
-        tb, tr = (statistics.median(times[name][k][1:]) for k in ("block", "random"))
-        print(
-            f"| {name} | {n / tb:,.0f} | {base['block'] / tb:.3f}x | {256 * len(batches) / tr:,.0f} | "
-            f"{base['random'] / tr:.3f}x |"
-        )
+        cells = []
+        for k, rows in (("block", n), ("random", 256 * len(batches))):
+            ratios = [b / a for a, b in zip(times[name][k][1:], times[ref][k][1:], strict=True)]
+            q1, med, q3 = statistics.quantiles(ratios, n=4)
+            cells.append(f"{rows / statistics.median(times[name][k][1:]):,.0f} | {med:.3f}x [{q1:.3f}, {q3:.3f}]")
+        print(f"| {name} | {cells[0]} | {cells[1]} |")
 
 
 def bench_teach(tmp: Path, n: int, repeats: int, threads: int, device: torch.device | None = None) -> None:
