@@ -19,9 +19,11 @@ from PIL import Image
 datasets = pytest.importorskip("datasets")
 import pyarrow as pa  # noqa: E402
 
+from pipeline.config import ConfigError  # noqa: E402
 from pipeline.data.hf import open_hf_split  # noqa: E402
 from pipeline.data.shards import write_split  # noqa: E402
 from pipeline.data.sources import load_split  # noqa: E402
+from pipeline.errors import InputError  # noqa: E402
 
 CLASSES = ["ant", "cat", "dog"]
 
@@ -93,13 +95,13 @@ def test_split_names_columns_and_class_names(tmp_path: Path) -> None:
     dd = datasets.DatasetDict({"train": ds, "validation": ds.select([0, 1, 2])})  # labels 0..2 / 0..2
     dd.save_to_disk(str(tmp_path / "dd"))
     # No ClassLabel: classes are 0..max label of any split; no "label" column: name it.
-    with pytest.raises(ValueError, match=r"no label column among \{'img': 'Image', 'y': 'Value', 'note': 'Value'\}"):
+    with pytest.raises(InputError, match=r"no label column among \{'img': 'Image', 'y': 'Value', 'note': 'Value'\}"):
         load_split("hf", tmp_path / "dd", "train")
     test = load_split("hf", tmp_path / "dd", "test", label_column="y")  # test falls back to validation
     assert test.classes == ["0", "1", "2"] and list(test.labels) == [0, 2, 1] and test.images.shape == (3, 4, 4, 1)
     mapped = load_split("hf", tmp_path / "dd", "test", label_column="y", split_names={"test": "train"})
     assert len(mapped) == 6
-    with pytest.raises(ValueError, match=r"no split 'tset' .* splits: \['train', 'validation'\].*split_names"):
+    with pytest.raises(InputError, match=r"no split 'tset' .* splits: \['train', 'validation'\].*split_names"):
         load_split("hf", tmp_path / "dd", "test", label_column="y", split_names={"test": "tset"})
 
 
@@ -116,34 +118,34 @@ def test_bad_columns_and_labels_name_the_column_and_the_fix(tmp_path: Path) -> N
         return path
 
     strings = save("strings", {"label": ["a", "b", "a", "b"]}, {"label": datasets.Value("string")})
-    with pytest.raises(ValueError, match=r"label column 'label' holds string values .*class_encode_column\('label'\)"):
+    with pytest.raises(InputError, match=r"label column 'label' holds string values .*class_encode_column\('label'\)"):
         load_split("hf", strings, "train")
     floats = save("floats", {"label": [0.0, 1.0, 0.0, 1.0]}, {"label": datasets.Value("float32")})
-    with pytest.raises(ValueError, match=r"label column 'label' holds float values"):
+    with pytest.raises(InputError, match=r"label column 'label' holds float values"):
         load_split("hf", floats, "train")
     unlabelled = save("unlabelled", {"label": [0, -1, 1, -1]}, {"label": datasets.Value("int64")})
-    with pytest.raises(ValueError, match=r"label -1 at row 1 .*unlabelled rows.*split_names"):
+    with pytest.raises(InputError, match=r"label -1 at row 1 .*unlabelled rows.*split_names"):
         load_split("hf", unlabelled, "train")
     two = save(
         "two",
         {"fine": [0, 1, 2, 3], "coarse": [0, 0, 1, 1]},
         {"fine": datasets.ClassLabel(num_classes=4), "coarse": datasets.ClassLabel(num_classes=2)},
     )
-    with pytest.raises(ValueError, match=r"2 candidate label columns \['fine', 'coarse'\].*label_column: fine"):
+    with pytest.raises(InputError, match=r"2 candidate label columns \['fine', 'coarse'\].*label_column: fine"):
         load_split("hf", two, "train")
     coarse = load_split("hf", two, "train", label_column="coarse")
     assert coarse.classes == ["0", "1"] and list(coarse.labels) == [0, 0, 1, 1]  # ClassLabel(num_classes=2) names
     with pytest.raises(
-        ValueError, match=r"no column 'picture' \(option image_column\); columns: .*image_column: image"
+        InputError, match=r"no column 'picture' \(option image_column\); columns: .*image_column: image"
     ):
         load_split("hf", two, "train", image_column="picture", label_column="fine")
-    with pytest.raises(ValueError, match=r"column 'fine' \(ClassLabel\) does not hold images"):
+    with pytest.raises(InputError, match=r"column 'fine' \(ClassLabel\) does not hold images"):
         load_split("hf", two, "train", image_column="fine", label_column="coarse")
     with pytest.raises(FileNotFoundError, match=r"neither a `save_to_disk` folder .* nor a folder of .parquet"):
         load_split("hf", _empty(tmp_path), "train")
     with pytest.raises(FileNotFoundError, match="no such folder or file"):
         load_split("hf", tmp_path / "absent", "train")
-    with pytest.raises(ValueError, match=r"window_mb=0 is invalid"):
+    with pytest.raises(ConfigError, match=r"window_mb=0 is invalid"):
         load_split("hf", two, "train", label_column="fine", window_mb=0)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['label'\].*'label_column'"):
         load_split("hf", two, "train", label="fine")
@@ -162,7 +164,7 @@ def test_gray_and_colour_rows_need_a_mode(tmp_path: Path) -> None:
     datasets.Dataset.from_dict({"image": images, "label": [0, 0, 0]}, features=features).save_to_disk(
         str(tmp_path / "d")
     )
-    with pytest.raises(ValueError, match=r"row 2 of column 'image' is colour but row 0 is grayscale.*mode: RGB"):
+    with pytest.raises(InputError, match=r"row 2 of column 'image' is colour but row 0 is grayscale.*mode: RGB"):
         load_split("hf", tmp_path / "d", "train")
     rgb = load_split("hf", tmp_path / "d", "train", mode="RGB", resize=8)
     assert rgb.images.shape == (3, 8, 8, 3)

@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.config import ConfigError
+from pipeline.errors import InputError
+
 # `pipeline.data.sources` registers this module's readers (SOURCES["hf"], STREAMED["hf"]), so it imports this module;
 # the helpers taken from it in return are imported where they are used, which keeps the two free of an import cycle.
 if TYPE_CHECKING:
@@ -87,7 +90,7 @@ def _parquet_rows(files: Sequence[Path], location: str, split: str) -> _Rows:
     schema = handles[0].schema_arrow
     for f, h in zip(files, handles, strict=True):
         if not h.schema_arrow.equals(schema, check_metadata=False):
-            raise ValueError(f"{f}: its columns {h.schema_arrow.names} differ from {files[0]}'s {schema.names}")
+            raise InputError(f"{f}: its columns {h.schema_arrow.names} differ from {files[0]}'s {schema.names}")
     cache: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def take(rows: np.ndarray, columns: Sequence[str]) -> Any:
@@ -143,7 +146,7 @@ def _open_rows(root: Path) -> dict[str, Callable[[], _Rows]]:
         name = str(loaded.split) if loaded.split is not None else "train"
         return {name: lambda: _arrow_rows(loaded, str(root), name)}
     if root.is_file() and root.suffix != _PARQUET:
-        raise ValueError(f"{root}: not a Parquet file; set prepare.root to a `save_to_disk` folder or to Parquet files")
+        raise InputError(f"{root}: not a Parquet file; set prepare.root to a `save_to_disk` folder or to Parquet files")
     splits = _parquet_splits(root)
     if not splits:
         raise FileNotFoundError(
@@ -160,7 +163,7 @@ def _resolve_split(available: Sequence[str], split: str, split_names: dict[str, 
     """The dataset's split that serves kdcache's ``split``: ``split_names`` first, then the same name, then for
     ``test`` the dataset's ``validation`` split (as ImageFolders fall back to ``val/``)."""
     if split_names is not None and not isinstance(split_names, dict):
-        raise ValueError(
+        raise ConfigError(
             f"option split_names={split_names!r} is invalid; expected a mapping such as {{test: validation}}"
         )
     wanted = (split_names or {}).get(split, split)
@@ -176,7 +179,7 @@ def _resolve_split(available: Sequence[str], split: str, split_names: dict[str, 
         else f"Save the dataset with a {split} split (DatasetDict({{..., {split!r}: ...}}).save_to_disk(root)), or "
         "leave it out of prepare.splits"
     )
-    raise ValueError(
+    raise InputError(
         f"{root}: no split {wanted!r} for kdcache's {split!r} split; the dataset's splits: {sorted(available)}. {fix}"
     )
 
@@ -192,7 +195,7 @@ def _pick_column(features: Any, rows: _Rows, kind: str, wanted: str | None, auto
     columns = {c: _feature_type(features, c) for c in features}
     if wanted is not None:
         if wanted not in features:
-            raise ValueError(
+            raise InputError(
                 f"{rows.location}: no column {wanted!r} (option {option}); columns: {columns}. "
                 + _fix(option, next((c for c in features if auto(features[c])), example))
             )
@@ -202,7 +205,7 @@ def _pick_column(features: Any, rows: _Rows, kind: str, wanted: str | None, auto
         hits = ["label"]
     if len(hits) != 1:
         found = f"{len(hits)} candidate {kind} columns {hits}" if hits else f"no {kind} column"
-        raise ValueError(f"{rows.location}: {found} among {columns}; " + _fix(option, hits[0] if hits else example))
+        raise InputError(f"{rows.location}: {found} among {columns}; " + _fix(option, hits[0] if hits else example))
     return hits[0]
 
 
@@ -226,16 +229,16 @@ def _labels(rows: _Rows, column: str) -> np.ndarray:
     if not pa.types.is_integer(arr.type):
         kind = _feature_type(rows.features, column)
         encode = f"ds = ds.class_encode_column({column!r}); ds.save_to_disk(...)"
-        raise ValueError(
+        raise InputError(
             f"{rows.location}: label column {column!r} holds {arr.type} values ({kind}), not integer class ids. "
             f"Encode it once ({encode}) or " + _fix("label_column", "<an integer or ClassLabel column>")
         )
     if arr.null_count:
-        raise ValueError(f"{rows.location}: label column {column!r} has {arr.null_count} missing (null) labels")
+        raise InputError(f"{rows.location}: label column {column!r} has {arr.null_count} missing (null) labels")
     labels = arr.to_numpy(zero_copy_only=False).astype(np.int64)
     if labels.size and labels.min() < 0:
         first = int(np.flatnonzero(labels < 0)[0])
-        raise ValueError(
+        raise InputError(
             f"{rows.location}: label column {column!r} has label {int(labels[first])} at row {first} (Hugging Face "
             "marks unlabelled rows with -1): kdcache needs labelled rows; map this split to a labelled one with "
             "prepare.options.split_names"
@@ -298,7 +301,7 @@ class HFStream:
             data, path = bytes(value), None
         else:
             kind = _feature_type(self.rows.features, self.image_column)
-            raise ValueError(
+            raise InputError(
                 f"{self.location}: column {self.image_column!r} ({kind}) does not hold images (row {row} is a "
                 f"{type(value).__name__}); " + _fix("image_column", "<the column of Image feature>")
             )
@@ -310,7 +313,7 @@ class HFStream:
         try:
             return _decode(entry, self.mode, self.resize)
         except Exception as e:  # Pillow raises many types
-            raise ValueError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
+            raise InputError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
         order = self.order if self.order is not None else np.arange(len(self))
@@ -327,7 +330,7 @@ class HFStream:
                         first = (row, arr.ndim)
                     elif arr.ndim != first[1]:
                         kinds = {2: "grayscale", 3: "colour"}
-                        raise ValueError(
+                        raise InputError(
                             f"{self.location}: row {row} of column {self.image_column!r} is {kinds[arr.ndim]} but row "
                             f"{first[0]} is {kinds[first[1]]}; " + _fix("mode", "RGB")
                         )
@@ -364,9 +367,9 @@ def open_hf_split(
 
     _check_choice("mode", mode, ("RGB", "L", None))
     if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
-        raise ValueError(f"option resize={resize!r} is invalid; expected a positive int or None")
+        raise ConfigError(f"option resize={resize!r} is invalid; expected a positive int or None")
     if isinstance(window_mb, bool) or not isinstance(window_mb, (int, float)) or window_mb <= 0:
-        raise ValueError(f"option window_mb={window_mb!r} is invalid; expected a positive number of megabytes")
+        raise ConfigError(f"option window_mb={window_mb!r} is invalid; expected a positive number of megabytes")
     openers = _open_rows(Path(root))
     rows = openers[_resolve_split(list(openers), split, split_names, Path(root))]()
     features = rows.features
@@ -379,7 +382,7 @@ def open_hf_split(
         top = max(int(lab.max()) for lab in (_labels(open_(), label) for open_ in openers.values()) if lab.size)
         classes = [str(k) for k in range(top + 1)]
     if labels.size and labels.max() >= len(classes):
-        raise ValueError(
+        raise InputError(
             f"{rows.location}: label column {label!r} has label {int(labels.max())} but its ClassLabel names "
             f"{len(classes)} classes"
         )
@@ -395,6 +398,6 @@ def load_hf_split(root: Path, split: str, **options: Any) -> SplitData:
     stream = open_hf_split(root, split, **options)
     pairs = list(stream)
     if not pairs:
-        raise ValueError(f"{stream.location}: the split has no rows")
+        raise InputError(f"{stream.location}: the split has no rows")
     images = np.stack([img for img, _ in pairs])
     return SplitData(images, np.asarray([y for _, y in pairs], dtype=np.int64), stream.classes, [stream.location])

@@ -16,6 +16,7 @@ import numpy as np
 from pipeline.config import ConfigError, PrepareConfig
 from pipeline.data.shards import Manifest, Samples, write_dataset
 from pipeline.data.sources import STREAMED, SplitData, StreamedSplit, check_options, load_split
+from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,10 @@ def prepare(cfg: PrepareConfig, out: str | Path) -> Manifest:
     for split in cfg.splits:
         data = open_split(cfg, split)
         if classes is not None and list(data.classes) != list(classes):
-            raise ValueError(f"split {split} has classes {data.classes}, other splits have {classes}")
+            raise InputError(
+                f"split {split} has classes {data.classes}, other splits have {classes}: every split needs the "
+                "same classes (an ImageFolder: the same class folders)"
+            )
         classes = list(data.classes)
         opened[split] = data
     assert classes is not None
