@@ -316,7 +316,7 @@ class OptimConfig:
     milestones: tuple[PosInt, ...] = ()  # for `step`: epochs where lr *= gamma
     gamma: PosFloat = 0.1
     warmup_epochs: NonNegFloat = 0.0
-    label_smoothing: Fraction = 0.0
+    label_smoothing: Fraction = 0.0  # teacher training only; a student's loss smooths its own CE (loss_params)
     grad_clip: PosFloat | None = None
 
 
@@ -449,6 +449,12 @@ class DistillConfig:
             repeated = sorted({v for v in values if values.count(v) > 1})
             if repeated:
                 raise ConfigError(f"{key}: {repeated} listed twice; each {key[:-1]} once (a matrix axis)")
+        if self.train.optim.label_smoothing:  # one home: the loss owns its CE term (the same for every loss)
+            raise ConfigError(
+                f"train.optim.label_smoothing: {self.train.optim.label_smoothing} here would smooth only the CE "
+                "students; label smoothing belongs to the loss: set distill.loss_params.<loss>.label_smoothing "
+                "(every loss takes it) and leave this at 0"
+            )
 
 
 @dataclass(frozen=True)

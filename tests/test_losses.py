@@ -575,7 +575,7 @@ def test_unknown_loss_name_lists_available():
 def test_unknown_parameter_lists_valid_ones(exc):
     with pytest.raises(exc) as err:
         build_loss("kd", T=4, temprature=2)
-    assert "temprature" in str(err.value) and "['T', 'a', 'b', 'standardize']" in str(err.value)
+    assert "temprature" in str(err.value) and "['T', 'a', 'b', 'label_smoothing', 'standardize']" in str(err.value)
     with pytest.raises(exc, match="ce_weight"):
         build_loss("ckd", sed=1)
 
@@ -597,7 +597,7 @@ def test_invalid_values_and_combinations():
     for name, params in bad:
         with pytest.raises((TypeError, ValueError)):
             build_loss(name, **params)
-    with pytest.raises(LossConfigError, match=r"valid parameters: \['cmkd', 'dkd', 'weights'\]"):
+    with pytest.raises(LossConfigError, match=r"valid parameters: \['cmkd', 'dkd', 'label_smoothing', 'weights'\]"):
         build_loss("dkd+cmkd", dist={})
     with pytest.raises(ValueError, match="'ce' cannot be a component"):
         build_loss("ce+kd")

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import OPTIONAL_INPUTS, DistillationLoss, LossConfigError, LossInputs
+from .base import OPTIONAL_INPUTS, DistillationLoss, LossConfigError, LossInputs, check_label_smoothing
 from .ce import CELoss
 from .ckd import CKDLoss
 from .cmkd import CMKDLoss
@@ -58,7 +58,7 @@ LOSSES: dict[str, type[nn.Module]] = {
 def default_params(name: str) -> dict[str, Any]:
     """The constructor parameters of a single loss with their defaults (for config docs/templates)."""
     cls = _loss_class(name)
-    return {key: p.default for key, p in _parameters(cls).items()}
+    return {**{key: p.default for key, p in _parameters(cls).items()}, SMOOTHING: 0.0}
 
 
 def build_loss(name: str, **params: Any) -> nn.Module:
@@ -67,7 +67,8 @@ def build_loss(name: str, **params: Any) -> nn.Module:
     ``name`` is one of :data:`LOSSES` or several joined by ``+`` (e.g. ``"dkd+cmkd"``). For a
     combination, ``params`` maps each component name to its own parameter dict (omitted: defaults)
     plus an optional ``weights`` dict ``{component: w, "ce": w_ce}`` (each default 1.0); see
-    :class:`CombinedLoss` for the semantics (CE counted once, with weight ``weights["ce"]``).
+    :class:`CombinedLoss` for the semantics (CE counted once, with weight ``weights["ce"]``). Every loss, and a
+    combination at its top level, also takes ``label_smoothing`` (its CE term's epsilon, default 0).
 
     Raises:
         LossConfigError (a ValueError): unknown loss name (the message lists the available ones).
@@ -79,8 +80,20 @@ def build_loss(name: str, **params: Any) -> nn.Module:
     if "+" in name:
         return _build_combined(name, params)
     cls = _loss_class(name.strip())
-    _check_keys(f"loss '{name}'", params, list(_parameters(cls)))
-    return cls(**params)
+    own = {k: v for k, v in params.items() if k != SMOOTHING}
+    _check_keys(f"loss '{name}'", own, [*_parameters(cls), SMOOTHING])
+    return _smoothed(cls(**own), params)
+
+
+#: The key every loss takes besides its own parameters: its CE term's label smoothing (DistillationLoss).
+SMOOTHING = "label_smoothing"
+
+
+def _smoothed(loss: DistillationLoss, params: Mapping[str, Any]) -> DistillationLoss:
+    """``loss`` with its CE term's ``label_smoothing`` from ``params`` (default 0: plain CE)."""
+    if SMOOTHING in params:
+        loss.label_smoothing = check_label_smoothing(params[SMOOTHING])
+    return loss
 
 
 def _loss_class(name: str) -> type[nn.Module]:
@@ -111,7 +124,7 @@ def _build_combined(name: str, params: Mapping[str, Any]) -> CombinedLoss:
             f"loss {name!r}: 'ce' cannot be a component, every combination already has one CE term "
             "(set its weight with weights={'ce': w})"
         )
-    _check_keys(f"loss '{name}'", params, [*names, "weights"])
+    _check_keys(f"loss '{name}'", params, [*names, "weights", SMOOTHING])
     weights = params.get("weights") or {}
     if not isinstance(weights, Mapping):
         raise LossConfigError(f"weights of loss {name!r} must be a mapping, got {weights!r}")
@@ -121,5 +134,10 @@ def _build_combined(name: str, params: Mapping[str, Any]) -> CombinedLoss:
         sub = params.get(part) or {}
         if not isinstance(sub, Mapping):
             raise LossConfigError(f"parameters of component {part!r} must be a mapping, got {sub!r}")
+        if SMOOTHING in sub:  # the combination's one CE term is the only one computed
+            raise LossConfigError(
+                f"loss {name!r}: {SMOOTHING} belongs to the combination (its one CE term), not to component {part!r}"
+            )
         components[part] = build_loss(part, **sub)
-    return CombinedLoss(components, {k: v for k, v in weights.items() if k != "ce"}, weights.get("ce", 1.0))
+    combined = CombinedLoss(components, {k: v for k, v in weights.items() if k != "ce"}, weights.get("ce", 1.0))
+    return _smoothed(combined, params)

@@ -53,6 +53,14 @@ def check_number(name: str, value: object, *, positive: bool = False, nonnegativ
     return value
 
 
+def check_label_smoothing(value: object) -> float:
+    """Validate ``label_smoothing`` (the CE term's epsilon, Szegedy et al. 2016): a number in [0, 1)."""
+    value = check_number("label_smoothing", value, nonnegative=True)
+    if value >= 1:
+        raise LossConfigError(f"label_smoothing must be < 1, got {value!r}")
+    return value
+
+
 def check_int(name: str, value: object, *, minimum: int) -> int:
     """Validate an integer hyperparameter ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -115,6 +123,10 @@ class DistillationLoss(nn.Module):
     Dtype policy: inputs are promoted to at least float32 before any math (float16/bfloat16 logits
     are common when the teacher cache is stored in half precision); float64 stays float64.
     The teacher logits (and member logits) are always detached: the teacher is a fixed target.
+
+    Every loss's CE term takes ``label_smoothing`` (set by ``build_loss(name, label_smoothing=eps)``, the key
+    every ``distill.loss_params.<loss>`` accepts; default 0): a comparison with smoothing on smooths every
+    loss's CE alike, and the smoothing is the loss's, recorded with its parameters.
     """
 
     #: registry name, set by subclasses
@@ -126,6 +138,7 @@ class DistillationLoss(nn.Module):
         super().__init__()
         # ce_param: the subclass's own name for the CE weight (kd calls it ``a``), for error messages
         self.ce_weight = check_number(ce_param, ce_weight, nonnegative=True)
+        self.label_smoothing = 0.0  # the CE term's epsilon (see the class docstring)
 
     def distill(
         self, student: Tensor, teacher: Tensor, target: Tensor, inputs: LossInputs
@@ -170,10 +183,11 @@ class DistillationLoss(nn.Module):
         student, teacher, target = prepare_inputs(student_logits, teacher_logits, target)
         inputs = gather_inputs(self, teacher, epoch, groups=groups, teacher_features=teacher_features, members=members)
         total, parts = self.distill(student, teacher, target, inputs)
-        return assemble(student, target, self.ce_weight, total, parts)
+        return assemble(student, target, self.ce_weight, total, parts, self.label_smoothing)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+        smoothing = {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}  # shown when set
+        return ", ".join(f"{k}={v!r}" for k, v in {**self.hparams(), **smoothing}.items())
 
     def hparams(self) -> dict[str, object]:
         """The constructor parameters, for logging."""
@@ -253,10 +267,19 @@ def prepare_inputs(student_logits: Tensor, teacher_logits: Tensor, target: Tenso
 
 
 def assemble(
-    student: Tensor, target: Tensor, ce_weight: float, distill_total: Tensor, parts: dict[str, Tensor]
+    student: Tensor,
+    target: Tensor,
+    ce_weight: float,
+    distill_total: Tensor,
+    parts: dict[str, Tensor],
+    label_smoothing: float = 0.0,
 ) -> dict[str, Tensor]:
-    """``{"loss": ce_weight * CE + distill_total, "ce": CE, **parts}`` with detached parts."""
-    ce = F.cross_entropy(student, target)  # scalar, batch mean
+    """``{"loss": ce_weight * CE + distill_total, "ce": CE, **parts}`` with detached parts.
+
+    CE with label smoothing epsilon (Szegedy et al. 2016, "Rethinking the Inception architecture"):
+    ``CE = -mean_i [(1 - eps) log p_i[y_i] + eps / C * sum_c log p_i[c]]``; eps = 0 is plain CE, bit for bit.
+    """
+    ce = F.cross_entropy(student, target, label_smoothing=label_smoothing)  # scalar, batch mean
     out = {"loss": ce_weight * ce + distill_total, "ce": ce.detach()}
     for key, value in parts.items():
         out[key] = value.detach()

@@ -67,4 +67,5 @@ class CombinedLoss(DistillationLoss):
         return total, parts
 
     def extra_repr(self) -> str:
-        return f"weights={self.weights}, ce_weight={self.ce_weight}"
+        smoothing = f", label_smoothing={self.label_smoothing!r}" if self.label_smoothing else ""
+        return f"weights={self.weights}, ce_weight={self.ce_weight}{smoothing}"

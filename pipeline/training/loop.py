@@ -666,6 +666,8 @@ def compute_loss(
     picked by indexing with integer index tensors made on the host (`s[m]`), which never waits for the device
     either (a boolean-mask index would: its output size is only known on the device).
     Every loss takes the same keyword inputs (`pipeline.losses.base.DistillationLoss.forward`).
+    label_smoothing: the CE's epsilon where no loss owns one (teacher training: `train_teacher.train.optim`); a
+    distillation loss smooths its own CE term, and the rows without teacher logits like it.
     """
     s = s.float()
     if t is None:
@@ -675,7 +677,9 @@ def compute_loss(
     if has is None or has.all():
         return loss_fn(s, t, y, epoch=epoch, groups=groups, teacher_features=features, members=members)
     rest = torch.from_numpy(np.flatnonzero(~has)).to(s.device, non_blocking=True)  # (B - n_t,) row indices
-    ce_rest = nn.functional.cross_entropy(s[rest], y[rest], label_smoothing=label_smoothing)
+    # Rows without teacher logits get the loss's own CE term, smoothed as the loss smooths its CE.
+    smoothing = getattr(loss_fn, "label_smoothing", label_smoothing)
+    ce_rest = nn.functional.cross_entropy(s[rest], y[rest], label_smoothing=smoothing)
     n_t = int(has.sum())
     if n_t == 0:
         return {"loss": ce_rest, "ce_unqueried": ce_rest}
