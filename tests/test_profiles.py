@@ -97,6 +97,7 @@ def test_every_value_that_shapes_results_is_spelled_out_in_params_yaml():
     ):
         gaps += missing(TrainConfig, train, where, exempt)
         # milestones: only read by `schedule: step`, which cannot be used without setting them
-        optim_exempt = {"milestones", "lr"} if where.startswith("train_") else {"milestones"}
+        # label_smoothing in distill: refused unless 0 (a student's loss owns its CE's smoothing: loss_params)
+        optim_exempt = {"milestones", "lr"} if where.startswith("train_") else {"milestones", "label_smoothing"}
         gaps += missing(OptimConfig, train["optim"], f"{where}.optim", optim_exempt)
     assert not gaps, gaps
