@@ -291,7 +291,7 @@ class PrepareConfig:
     """`prepare`: read a source data set and write WebDataset shards + manifest."""
 
     name: Name = "fashion_mnist"  # data set name: shards go to data/shards/<name>
-    source: Name = "fashion_mnist"  # reader in pipeline.data.sources.SOURCES
+    source: Name = "fashion_mnist"  # a key of pipeline.data.sources.SOURCES (one module per source)
     root: str | None = "/usr/share/datasets/fashion-mnist"
     options: dict[str, Any] = field(default_factory=dict)
     shard_size: PosInt = 5000  # samples per tar shard == rows per logit-store shard

@@ -20,9 +20,9 @@ datasets = pytest.importorskip("datasets")
 import pyarrow as pa  # noqa: E402
 
 from pipeline.config import ConfigError  # noqa: E402
-from pipeline.data.hf import open_hf_split  # noqa: E402
 from pipeline.data.shards import write_split  # noqa: E402
-from pipeline.data.sources import load_split  # noqa: E402
+from pipeline.data.sources import OptionError, load_split  # noqa: E402
+from pipeline.data.sources.hf import open_hf_split  # noqa: E402
 from pipeline.errors import InputError  # noqa: E402
 
 CLASSES = ["ant", "cat", "dog"]
@@ -147,6 +147,9 @@ def test_bad_columns_and_labels_name_the_column_and_the_fix(tmp_path: Path) -> N
         load_split("hf", tmp_path / "absent", "train")
     with pytest.raises(ConfigError, match=r"window_mb=0 is invalid"):
         load_split("hf", two, "train", label_column="fine", window_mb=0)
+    for bad in ({"split_names": ["test"]}, {"mode": "CMYK"}, {"resize": 0}, {"window_mb": -1}):  # all OptionErrors
+        with pytest.raises(OptionError, match=r"option \w+=.* is invalid"):
+            load_split("hf", two, "train", label_column="fine", **bad)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['label'\].*'label_column'"):
         load_split("hf", two, "train", label="fine")
 

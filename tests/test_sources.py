@@ -359,7 +359,7 @@ def test_imagefolder_corrupt_error_and_skip(tmp_path: Path, caplog: pytest.LogCa
     truncated.write_bytes(buf.getvalue()[:60])
     with pytest.raises(ValueError, match=r"cannot decode image .*broken\.png.*on_corrupt='skip'"):
         load_split("imagefolder", root, "test")
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.sources"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.sources.imagefolder"):
         data = load_split("imagefolder", root, "test", on_corrupt="skip")
     assert data.skipped == 2 and len(data) == 7
     assert not any("broken" in f or "trunc" in f for f in data.source_files)

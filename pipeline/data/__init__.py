@@ -8,7 +8,7 @@ the `prepare` stage's library side.
 May import: `pipeline.config`, `pipeline.runtime`, `pipeline.layout`. Nothing of cache, losses,
 models, training or evaluation.
 
-Add a source: a reader in `sources.py` registered in `SOURCES` (options checked by its signature).
+Add a source: a module in `sources/` with a reader registered in `SOURCES` (options checked by its signature).
 """
 
 from pipeline._lazy import lazy_exports

@@ -26,17 +26,12 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from pipeline.config import ConfigError
+from pipeline.data.sources.base import Entry, OptionError, SplitData, check_choice, check_resize, decode_entry
 from pipeline.errors import InputError
-
-# `pipeline.data.sources` registers this module's readers (SOURCES["hf"], STREAMED["hf"]), so it imports this module;
-# the helpers taken from it in return are imported where they are used, which keeps the two free of an import cycle.
-if TYPE_CHECKING:
-    from pipeline.data.sources import SplitData
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +158,7 @@ def _resolve_split(available: Sequence[str], split: str, split_names: dict[str, 
     """The dataset's split that serves kdcache's ``split``: ``split_names`` first, then the same name, then for
     ``test`` the dataset's ``validation`` split (as ImageFolders fall back to ``val/``)."""
     if split_names is not None and not isinstance(split_names, dict):
-        raise ConfigError(
+        raise OptionError(
             f"option split_names={split_names!r} is invalid; expected a mapping such as {{test: validation}}"
         )
     wanted = (split_names or {}).get(split, split)
@@ -250,8 +245,9 @@ def _labels(rows: _Rows, column: str) -> np.ndarray:
 class HFStream:
     """One split of a Hugging Face dataset as a stream of decoded ``(image (H, W, C) uint8, label)`` pairs.
 
-    The streamed counterpart of :class:`pipeline.data.sources.SplitStream` (same ``permute``/``__iter__``/``len``
-    contract, so ``prepare`` shards both alike): rows are fetched a window at a time, in ``order``.
+    The streamed counterpart of :class:`~pipeline.data.sources.imagefolder.SplitStream` (same
+    ``permute``/``__iter__``/``len`` contract, so ``prepare`` shards both alike): rows are fetched a window at a
+    time, in ``order``.
     """
 
     classes: list[str]
@@ -307,11 +303,10 @@ class HFStream:
             )
         if data is None and (not path or not Path(path).is_file()):
             raise FileNotFoundError(f"{name}: the image has no bytes and its path {path!r} does not exist")
-        from pipeline.data.sources import _decode, _Entry  # ImageFolder's decoder: same mode / resize semantics
-
-        entry = _Entry(int(self.labels[row]), name, ("", ""), path=None if data else Path(path), data=data)
+        # ImageFolder's decoder: same mode / resize semantics
+        entry = Entry(int(self.labels[row]), name, ("", ""), path=None if data else Path(path), data=data)
         try:
-            return _decode(entry, self.mode, self.resize)
+            return decode_entry(entry, self.mode, self.resize)
         except Exception as e:  # Pillow raises many types
             raise InputError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
 
@@ -363,13 +358,10 @@ def open_hf_split(
             decoded copies), and for a shuffled Parquet split the read cost (every window reads the row groups
             holding its rows). Any value gives the same shards.
     """
-    from pipeline.data.sources import _check_choice
-
-    _check_choice("mode", mode, ("RGB", "L", None))
-    if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
-        raise ConfigError(f"option resize={resize!r} is invalid; expected a positive int or None")
+    check_choice("mode", mode, ("RGB", "L", None))
+    check_resize(resize)
     if isinstance(window_mb, bool) or not isinstance(window_mb, (int, float)) or window_mb <= 0:
-        raise ConfigError(f"option window_mb={window_mb!r} is invalid; expected a positive number of megabytes")
+        raise OptionError(f"option window_mb={window_mb!r} is invalid; expected a positive number of megabytes")
     openers = _open_rows(Path(root))
     rows = openers[_resolve_split(list(openers), split, split_names, Path(root))]()
     features = rows.features
@@ -393,8 +385,6 @@ def open_hf_split(
 
 def load_hf_split(root: Path, split: str, **options: Any) -> SplitData:
     """:func:`open_hf_split`, decoded into memory (tests, small data sets; ``prepare`` streams instead)."""
-    from pipeline.data.sources import SplitData
-
     stream = open_hf_split(root, split, **options)
     pairs = list(stream)
     if not pairs:
