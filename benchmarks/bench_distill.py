@@ -60,7 +60,7 @@ from pipeline.cache.teach import build_spec, run_teach  # noqa: E402
 from pipeline.config import EnsembleSpec, OptimConfig, TrainConfig  # noqa: E402
 from pipeline.data.shards import Manifest, iter_shard, load_manifest, sha256_file, write_dataset  # noqa: E402
 from pipeline.data.sources import load_split  # noqa: E402
-from pipeline.data.views import ViewRecipe  # noqa: E402
+from pipeline.data.views import PadCropFlip, ViewRecipe  # noqa: E402
 from pipeline.layout import Layout  # noqa: E402
 from pipeline.losses import build_loss  # noqa: E402
 from pipeline.models import build_for, load_model, to_input  # noqa: E402
@@ -100,7 +100,7 @@ def mmacs(arch_or_model: str | nn.Module, m: Manifest) -> float:
 
 
 def _teach(m: Manifest, teacher: nn.Module, arch: str, out: Path) -> Path:
-    recipes = {"train": ViewRecipe(2, 0, 2, True)}
+    recipes = {"train": PadCropFlip(2, 0, 2, True)}
     spec = build_spec(m, {"name": arch, "arch": arch, "weights_sha256": "random-init"}, recipes)
     run_teach(m, teacher, out, spec, recipes, batch_size=500)
     return out

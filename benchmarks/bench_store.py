@@ -31,7 +31,7 @@ from pipeline.cache.store import LogitStore, SplitSpec, StoreSpec, StoreWriter
 from pipeline.cache.teach import build_spec, load_shard, run_teach
 from pipeline.data.shards import write_dataset
 from pipeline.data.sources import load_split
-from pipeline.data.views import ViewRecipe
+from pipeline.data.views import PadCropFlip
 from pipeline.models import build_for, predict_arrays
 
 
@@ -54,7 +54,7 @@ def write_store(
     spec = StoreSpec(
         teacher={"name": "bench", "arch": "none", "weights_sha256": "0"},
         dataset={"name": "bench", "manifest_sha256": "0"},
-        splits={"train": SplitSpec(n, c, v, shard_rows, ViewRecipe(v).to_dict())},
+        splits={"train": SplitSpec(n, c, v, shard_rows, PadCropFlip(v).to_dict())},
         compressor=compressor,
         topk=topk,
         chunk_rows=min(chunk_rows, shard_rows),
@@ -215,7 +215,7 @@ def bench_teach(tmp: Path, n: int, repeats: int, threads: int, device: torch.dev
     d = load_split("synthetic", None, "train", n=n, size=28, channels=1, num_classes=10, seed=0)
     m = write_dataset(tmp / "shards", "bench", {"train": (d.images, d.labels)}, d.classes, shard_size=5000)
     model = build_for("cnn_small", m).eval().to(device, memory_format=torch.channels_last)
-    recipes = {"train": ViewRecipe(2, 0, 2, True)}
+    recipes = {"train": PadCropFlip(2, 0, 2, True)}
     spec = build_spec(m, {"name": "b", "arch": "cnn_small", "weights_sha256": "0"}, recipes)
     batches = [load_shard(m, "train", j) for j in range(len(m.split("train").shards))]
     views = []

@@ -38,7 +38,7 @@ from pipeline.cache.teach import build_spec, run_teach
 from pipeline.cache.teach_dask import cached_teacher, local_cluster, run_teach_dask
 from pipeline.data.shards import Manifest, load_manifest, sha256_file, write_dataset
 from pipeline.data.sources import load_split
-from pipeline.data.views import ViewRecipe
+from pipeline.data.views import PadCropFlip
 from pipeline.models import build_for, load_model, save_model
 from pipeline.runtime import setup_logging
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = tmp / "teacher.safetensors"
         save_model(ckpt, build_for(args.arch, m).eval(), args.arch)
         sha = sha256_file(ckpt)
-        recipes = {"train": ViewRecipe(args.views, 0, 2, True)}
+        recipes = {"train": PadCropFlip(args.views, 0, 2, True)}
         spec = build_spec(m, {"name": "bench", "arch": args.arch, "weights_sha256": sha}, recipes)
         views = m.split("train").n * args.views
 

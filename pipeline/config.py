@@ -298,6 +298,9 @@ class PrepareConfig:
     splits: Annotated[tuple[Name, ...], NONEMPTY] = ("train", "test")
     limit: PosInt | None = None  # keep the first n samples of each split (quick runs)
     shuffle_seed: NonNegInt | None = 0  # permute the train split once before sharding (None: keep source order)
+    # keep: shards hold a JPEG/PNG file's own bytes (ImageFolder; decoded at load time); png: decode and store
+    # every image as a lossless PNG. Sources of arrays (IDX, CIFAR pickles, synthetic, hf) always store PNGs.
+    encode: Literal["keep", "png"] = "keep"
     # Validation split carved out of train (seeded, class-stratified): a fraction in (0, 1) or a count of
     # images; 0 or None = no validation split (checkpoints are then the last epoch's).
     val: Fraction | NonNegInt | None = 0.1
@@ -391,19 +394,57 @@ class TeacherSpec:
         return dataclasses.replace(shared, batch_size=self.batch_size, optim=optim, **length)
 
 
+_RRC_KEYS = ("size", "scale", "ratio", "crop_pct")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """`teach.augment` / `train_teacher.augment`: the view recipe (`pipeline.data.views.RECIPES`).
+
+    `pad_crop_flip` (default; 32 px data): views 1..V-1 crop the zero-padded image (`pad`) and flip; view 0 is the
+    plain image. `rrc_flip` (natural images of any size): RandomResizedCrop to `size` with `scale`/`ratio` +
+    flip; view 0 (and the test split) is resize floor(size / crop_pct) + centre crop `size`. A key of the other
+    recipe is an error, so a setting never goes silently unused.
+    """
+
+    recipe: Literal["pad_crop_flip", "rrc_flip"] = "pad_crop_flip"
+    pad: NonNegInt | None = None  # pad_crop_flip: zero padding before the crop (default 4)
+    flip: bool = True
+    size: PosInt | None = None  # rrc_flip: output size (required)
+    scale: tuple[PosFloat, PosFloat] | None = None  # rrc_flip: crop area fraction range (default [0.08, 1])
+    ratio: tuple[PosFloat, PosFloat] | None = None  # rrc_flip: aspect ratio range (default [3/4, 4/3])
+    crop_pct: Annotated[float, Range(gt=0, le=1)] | None = None  # rrc_flip: eval centre crop fraction (0.875)
+
+    def __post_init__(self) -> None:
+        if self.recipe == "pad_crop_flip":
+            extra = [k for k in _RRC_KEYS if getattr(self, k) is not None]
+            if extra:
+                raise ConfigError(f"recipe: pad_crop_flip takes pad and flip, not {extra} (those are rrc_flip's)")
+        else:
+            if self.pad is not None:
+                raise ConfigError("recipe: rrc_flip takes no pad (it resizes a random crop: set size, scale, ratio)")
+            if self.size is None:
+                raise ConfigError("recipe: rrc_flip needs size (the crop's output side in pixels, e.g. 224)")
+
+    def spec(self) -> dict[str, Any]:
+        """The recipe's keyword arguments for `pipeline.data.views.build_recipe` (unset keys take its defaults).
+
+        `pad_crop_flip` spells `{pad, flip}` only: the layout its stores have always recorded.
+        """
+        if self.recipe == "pad_crop_flip":
+            return {"pad": 4 if self.pad is None else self.pad, "flip": self.flip}
+        keys = {k: getattr(self, k) for k in _RRC_KEYS if getattr(self, k) is not None}
+        return {"recipe": self.recipe, "flip": self.flip, **keys}
+
+
 @dataclass(frozen=True)
 class TrainTeacherConfig:
     """`train_teacher`: shared recipe for the demo teachers (per-teacher values live in `teachers`)."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """`teach.augment`: the random views 1..V-1 (view 0 is the plain image): crop with zero padding, flip."""
-
-    pad: NonNegInt = 4
-    flip: bool = True
+    # Fresh views every (epoch, sample), the same recipe registry as `teach.augment` (turn flip off for digits,
+    # text, anything a mirror changes).
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(pad=4))
 
 
 @dataclass(frozen=True)

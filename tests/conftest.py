@@ -176,12 +176,12 @@ def cached_tiny(root: Path, n_train: int = 300, n_test: int = 64) -> tuple[Manif
     Returns (manifest, store path, teacher)."""
     from pipeline.cache.budget import BudgetSpec
     from pipeline.cache.teach import build_spec, run_teach
-    from pipeline.data.views import ViewRecipe
+    from pipeline.data.views import PadCropFlip
 
     splits, classes = synthetic_splits(n_train=n_train, n_test=n_test)
     m = write_dataset(root / "shards", "tiny", splits, classes, shard_size=64)
     teacher = linear_teacher(m, seed=1)
-    recipes = {"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}
+    recipes = {"train": PadCropFlip(2, 0, 2, True), "test": PadCropFlip(1, 0, 2, True)}
     info = {"name": "lin", "arch": "cnn_tiny", "weights_sha256": "0"}
     spec = build_spec(
         m, info, recipes, dtype="float16", topk=0, compressor="blosc-zstd", chunk_rows=64, budget=BudgetSpec()

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from pipeline.cache.budget import BudgetSpec, query_mask, resolve_budget, selection_order
 from pipeline.cache.store import LogitStore
 from pipeline.cache.teach import PreviousCalls, build_spec, run_teach
-from pipeline.data.views import ViewRecipe
+from pipeline.data.views import PadCropFlip
 from tests.conftest import linear_teacher
 
-RECIPES = {"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}
+RECIPES = {"train": PadCropFlip(2, 0, 2, True), "test": PadCropFlip(1, 0, 2, True)}
 
 
 @given(

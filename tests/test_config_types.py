@@ -242,7 +242,7 @@ def test_valid_params_load(which):
         ("prepare", {"shard_size": "abc"}, "prepare.shard_size: expected a positive integer, got 'abc'"),
         ("prepare", {"limit": 0}, "prepare.limit: expected null or a positive integer, got 0"),
         ("teach", {"dtype": "float64"}, "teach.dtype: expected one of ['float16', 'float32'], got 'float64'"),
-        ("teach", {"augment": {"pad": -2}}, "teach.augment.pad: expected a non-negative integer, got -2"),
+        ("teach", {"augment": {"pad": -2}}, "teach.augment.pad: expected null or a non-negative integer, got -2"),
         ("teach", {"budget": 1.5}, "teach.budget: expected null or a positive integer, got 1.5"),
         ("distill", {"budgets": ["full", "fll"]}, "distill.budgets[1]: expected a positive integer or 'full'"),
         ("distill", {"train": {"optim": {"momentum": 1.0}}}, "distill.train.optim.momentum: expected a number in"),

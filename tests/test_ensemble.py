@@ -16,7 +16,7 @@ from pipeline.cache.store import LogitStore, StoreError, StoreWriter, partial_pa
 from pipeline.cache.teach import build_spec, run_teach
 from pipeline.config import ConfigError, EnsembleSpec, ensembles_section
 from pipeline.data.shards import write_dataset
-from pipeline.data.views import ViewRecipe
+from pipeline.data.views import PadCropFlip
 from pipeline.losses import build_loss
 from pipeline.records import read_record
 from pipeline.training.dataset import DistillDataset
@@ -24,7 +24,7 @@ from pipeline.training.pool import QueriedPool
 from pipeline.training.transport import make_loader
 from tests.conftest import linear_teacher, synthetic_splits
 
-RECIPES = {"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}
+RECIPES = {"train": PadCropFlip(2, 0, 2, True), "test": PadCropFlip(1, 0, 2, True)}
 
 
 def teach(m, folder: Path, name: str, seed: int, recipes=RECIPES, budget: BudgetSpec | None = None, **kw) -> Path:
@@ -258,7 +258,7 @@ def test_member_cached_on_other_data_or_views_or_budget_is_refused(cached, tmp_p
     where = lambda n: (folder if n in ("a", "b", "c") else tmp_path) / f"{n}.zarr"  # noqa: E731
     with pytest.raises(StoreError, match=r"member 'o' of ensemble 'e'.*does not match shards.*manifest sha256"):
         ensemble_store(m, "e", EnsembleSpec(("a", "o")), where)
-    one_view = {"train": ViewRecipe(1, 0, 2, True), "test": RECIPES["test"]}
+    one_view = {"train": PadCropFlip(1, 0, 2, True), "test": RECIPES["test"]}
     teach(m, tmp_path, "v1", seed=5, recipes=one_view)
     with pytest.raises(StoreError, match=r"members 'a' and 'v1' cached different views: 2 view\(s\).*1 view\(s\)"):
         ensemble_store(m, "e", EnsembleSpec(("a", "v1")), where)

@@ -25,7 +25,7 @@ from zarr.storage import LocalStore
 from pipeline.cache.store import LogitStore, StoreWriter, partial_path
 from pipeline.cache.teach import build_spec, run_teach
 from pipeline.data.shards import load_manifest
-from pipeline.data.views import ViewRecipe
+from pipeline.data.views import PadCropFlip
 from pipeline.errors import is_user_error, user_message
 from pipeline.lock import lock_path
 from pipeline.models import save_model
@@ -33,7 +33,7 @@ from stages import distill, prepare, teach
 from tests.conftest import assert_same_files, linear_teacher, make_project, tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}
+RECIPES = {"train": PadCropFlip(2, 0, 2, True), "test": PadCropFlip(1, 0, 2, True)}
 
 
 def _spec(m):

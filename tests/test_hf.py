@@ -71,7 +71,7 @@ def test_hf_dataset_shards_equal_the_imagefolder_ones(tmp_path: Path) -> None:
     dd.save_to_disk(str(tmp_path / "saved"))
     for split, ds in dd.items():  # a Hub snapshot's layout: data/<split>-00000-of-00001.parquet
         ds.to_parquet(str(tmp_path / "pq" / "data" / f"{split}-00000-of-00001.parquet"))
-    reference = run_prepare(tmp_path, "folder_shards", {"source": "imagefolder", "root": str(folder)})
+    reference = run_prepare(tmp_path, "folder_shards", {"source": "imagefolder", "root": str(folder), "encode": "png"})
     assert reference["splits"]["train"]["n"] + reference["splits"]["val"]["n"] == 15 and reference["classes"] == CLASSES
     for root in ("saved", "pq"):
         got = run_prepare(tmp_path, f"{root}_shards", {"source": "hf", "root": str(tmp_path / root)})

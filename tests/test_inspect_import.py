@@ -15,11 +15,11 @@ from pipeline.cache.inspect_store import inspect_store
 from pipeline.cache.store import LogitStore, StoreError
 from pipeline.cache.teach import build_spec, run_teach
 from pipeline.cli import main as cli
-from pipeline.data.views import ViewRecipe
+from pipeline.data.views import PadCropFlip
 from pipeline.evaluation.metrics import expected_calibration_error, softmax
 from tests.conftest import linear_teacher
 
-RECIPES = {"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}
+RECIPES = {"train": PadCropFlip(2, 0, 2, True), "test": PadCropFlip(1, 0, 2, True)}
 
 
 @pytest.fixture(scope="module")

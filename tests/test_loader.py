@@ -16,7 +16,7 @@ from pipeline.cache.budget import BudgetSpec
 from pipeline.cache.store import LogitStore, StoreError
 from pipeline.cache.teach import build_spec, run_teach
 from pipeline.data.shards import Manifest, ShardError, sample_key, write_dataset
-from pipeline.data.views import ViewRecipe
+from pipeline.data.views import PadCropFlip
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.transport import make_loader
 from tests.conftest import synthetic_splits
@@ -33,7 +33,7 @@ def make_data(root: Path, n_train: int = 300, shard_size: int = 64) -> tuple[Man
     """Shards (n_train rows: 5 shards of <= 64, the last one short) + a complete 2-view store."""
     splits, classes = synthetic_splits(n_train=n_train, n_test=64)
     m = write_dataset(root / "shards", "tiny", splits, classes, shard_size=shard_size)
-    recipes = {"train": ViewRecipe(VIEWS, 3, 2, True), "test": ViewRecipe(1, 3, 2, True)}
+    recipes = {"train": PadCropFlip(VIEWS, 3, 2, True), "test": PadCropFlip(1, 3, 2, True)}
     spec = build_spec(
         m,
         {"name": "fake", "arch": "fn", "weights_sha256": "0"},

@@ -19,11 +19,11 @@ from pipeline.cache.budget import BudgetSpec
 from pipeline.cache.store import LogitStore, StoreError, StoreWriter, partial_path, topk_compress, topk_expand
 from pipeline.cache.teach import build_spec, run_teach
 from pipeline.data.shards import write_dataset
-from pipeline.data.views import ViewRecipe
+from pipeline.data.views import PadCropFlip
 from pipeline.lock import lock_path
 from tests.conftest import assert_same_files, linear_teacher, synthetic_splits
 
-RECIPES = {"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}
+RECIPES = {"train": PadCropFlip(2, 0, 2, True), "test": PadCropFlip(1, 0, 2, True)}
 TEACHER = {"name": "t", "arch": "cnn_tiny", "weights_sha256": "abc"}
 
 
@@ -159,10 +159,10 @@ import sys, time, numpy as np, torch
 sys.path.insert(0, {root!r})
 from pipeline.data.shards import load_manifest
 from pipeline.cache.teach import build_spec, run_teach
-from pipeline.data.views import ViewRecipe
+from pipeline.data.views import PadCropFlip
 from tests.conftest import linear_teacher
 m = load_manifest({shards!r})
-recipes = {{"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}}
+recipes = {{"train": PadCropFlip(2, 0, 2, True), "test": PadCropFlip(1, 0, 2, True)}}
 spec = build_spec(m, {{"name": "t", "arch": "cnn_tiny", "weights_sha256": "abc"}}, recipes, dtype="float16", topk=0,
                   compressor="blosc-zstd", chunk_rows=32)
 model = linear_teacher(m)

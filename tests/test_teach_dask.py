@@ -35,7 +35,7 @@ from pipeline.cache.teach_dask import (
     worker_threads,
 )
 from pipeline.data.shards import Manifest, sha256_file
-from pipeline.data.views import ViewRecipe
+from pipeline.data.views import PadCropFlip, ViewRecipe
 from pipeline.lock import lock_path
 from pipeline.models import load_model, save_model
 from tests.conftest import assert_same_files, linear_teacher
@@ -45,7 +45,7 @@ distributed = pytest.importorskip("distributed")
 # Worker-side helpers below are defined in this test module, which workers cannot import: ship them by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-RECIPES = {"train": ViewRecipe(2, 0, 2, True), "test": ViewRecipe(1, 0, 2, True)}
+RECIPES = {"train": PadCropFlip(2, 0, 2, True), "test": PadCropFlip(1, 0, 2, True)}
 BATCH = 50  # < shard size 64: every shard is two batches, as in real runs
 
 
@@ -316,7 +316,7 @@ def test_a_task_stops_when_its_driver_no_longer_holds_the_lock(tiny_manifest, te
 
 def test_budget_and_views_equal_single_process(tiny_manifest, teacher, cluster, tmp_path):
     m = tiny_manifest
-    recipes = {"train": ViewRecipe(3, 7, 2, True), "test": ViewRecipe(2, 7, 2, True)}
+    recipes = {"train": PadCropFlip(3, 7, 2, True), "test": PadCropFlip(2, 7, 2, True)}
     budget = BudgetSpec(300, "class_balanced", 1)
     ref = single_process(m, teacher, tmp_path / "ref.zarr", recipes=recipes, budget=budget)
     out = tmp_path / "d.zarr"

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from pipeline.cache.budget import BudgetSpec
 from pipeline.cache.teach import build_spec, load_shard, run_teach
 from pipeline.data.shards import iter_shard
-from pipeline.data.views import ViewRecipe, hash_u64, pick_view
+from pipeline.data.views import PadCropFlip, hash_u64, pick_view
 from pipeline.models import to_input
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.transport import make_loader
@@ -18,18 +18,18 @@ from pipeline.training.transport import make_loader
 
 def test_view_zero_is_identity():
     imgs = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
-    out = ViewRecipe(views=4, seed=3, pad=2, flip=True).apply(imgs, np.arange(5), np.zeros(5, int))
+    out = PadCropFlip(views=4, seed=3, pad=2, flip=True).apply(imgs, np.arange(5), np.zeros(5, int))
     assert np.array_equal(out, imgs)
 
 
 def test_views_are_pure_functions_of_seed_index_view():
-    r = ViewRecipe(views=4, seed=7, pad=4, flip=True)
+    r = PadCropFlip(views=4, seed=7, pad=4, flip=True)
     idx = np.arange(1000)
     a = r.params(idx, np.full(1000, 2))
     b = r.params(idx[::-1], np.full(1000, 2))
     for x, y in zip(a, b, strict=False):
         assert np.array_equal(x, y[::-1])  # order/batching does not matter
-    c = ViewRecipe(views=4, seed=8, pad=4, flip=True).params(idx, np.full(1000, 2))
+    c = PadCropFlip(views=4, seed=8, pad=4, flip=True).params(idx, np.full(1000, 2))
     assert not np.array_equal(a[0], c[0])  # the seed does
     dy, dx, flip = a
     assert dy.min() == 0 and dy.max() == 8 and dx.min() == 0 and dx.max() == 8
@@ -39,7 +39,7 @@ def test_views_are_pure_functions_of_seed_index_view():
 def test_crop_and_flip_match_a_direct_implementation():
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, (1, 6, 5, 1), dtype=np.uint8)
-    r = ViewRecipe(views=3, seed=0, pad=2, flip=True)
+    r = PadCropFlip(views=3, seed=0, pad=2, flip=True)
     for i in range(50):
         dy, dx, flip = (int(x[0]) if x.dtype != bool else bool(x[0]) for x in r.params(np.array([i]), np.array([1])))
         padded = np.zeros((10, 9, 1), np.uint8)
@@ -70,7 +70,7 @@ def test_student_input_equals_teacher_input_bit_for_bit(fresh_manifest, tmp_path
     """Capture what the teacher saw while caching and what the student gets from the loader."""
     m = fresh_manifest
     seen: dict[tuple[int, int], torch.Tensor] = {}
-    recipes = {"train": ViewRecipe(3, 5, 2, True), "test": ViewRecipe(1, 5, 2, True)}
+    recipes = {"train": PadCropFlip(3, 5, 2, True), "test": PadCropFlip(1, 5, 2, True)}
 
     class Spy(torch.nn.Module):
         """Records each input image, keyed by (index, view) via the order shard_logits feeds them."""

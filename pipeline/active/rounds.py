@@ -48,7 +48,7 @@ from pipeline.cache.budget import resolve_budget, selection_order
 from pipeline.cache.store import StoreSpec, StoreWriter, same_content
 from pipeline.cache.teach import ShardBatch, build_spec, run_teach, shard_logits, teacher_identity, view_recipes
 from pipeline.config import ConfigError, DistillConfig, QuerySpec, TeachConfig
-from pipeline.data.shards import Manifest, read_shard, sample_key
+from pipeline.data.shards import Manifest, read_shard, sample_key, take_images
 from pipeline.data.views import ViewRecipe
 from pipeline.layout import partial_path
 from pipeline.lock import exclusive
@@ -307,9 +307,9 @@ class _Job:
         w = self.writer
         assert w is not None
         g = w.group[SPLIT]
-        self.images = np.concatenate(
-            [read_shard(self.manifest, SPLIT, j) for j in range(self.store_spec.splits[SPLIT].num_shards)]
-        )  # (N, H, W, C) uint8: every round scores every row
+        shards = [read_shard(self.manifest, SPLIT, j) for j in range(self.store_spec.splits[SPLIT].num_shards)]
+        # (N, H, W, C) uint8 (a list of N arrays when the images differ in size): every round scores every row
+        self.images = np.concatenate(shards) if self.manifest.uniform else [im for sh in shards for im in sh]
         self.labels = self.manifest.iter_labels(SPLIT)
         log_rows: list[dict[str, Any]] = list(g.attrs.get("rounds") or [])
         timings = []
@@ -429,7 +429,7 @@ class _Job:
         logits, features = [], []
         for a in range(0, len(rows), SCORE_CHUNK):
             r, v = rows[a : a + SCORE_CHUNK], views[a : a + SCORE_CHUNK]
-            images = recipe.apply(self.images[r], r, v)
+            images = recipe.apply(take_images(self.images, r), r, v)
             if feats:
                 lg, ft = predict_features(student, images, batch, self.device)
                 features.append(ft)

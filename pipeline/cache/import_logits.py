@@ -31,7 +31,7 @@ import numpy as np
 from pipeline.cache.store import StoreError, StoreWriter
 from pipeline.cache.teach import build_spec
 from pipeline.data.shards import Manifest, load_manifest, sample_key, sha256_file
-from pipeline.data.views import ViewRecipe
+from pipeline.data.views import PadCropFlip, ViewRecipe
 from pipeline.errors import UserError
 from pipeline.layout import Layout
 from pipeline.lock import exclusive
@@ -183,12 +183,12 @@ def import_logits(
         recipes = {}
         for split, arr in arrays.items():
             v = arr.shape[1]
-            base = views_recipe or ViewRecipe(views=1)
+            base = views_recipe or PadCropFlip(views=1)
             if v > 1 and views_recipe is None:
                 raise StoreError(
                     f"{files[split]} has {v} views: pass --view-seed/--pad/--flip saying how they were made"
                 )
-            recipes[split] = ViewRecipe(views=v, seed=base.seed, pad=base.pad, flip=base.flip)
+            recipes[split] = dataclasses.replace(base, views=v)  # type: ignore[type-var]
         digest = "+".join(sha256_file(files[s])[:16] for s in sorted(files))
         teacher = {
             "name": name,
@@ -292,7 +292,7 @@ def _cmd(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.shards)
     recipe = None
     if args.view_seed is not None:
-        recipe = ViewRecipe(views=1, seed=args.view_seed, pad=args.pad, flip=bool(args.flip))
+        recipe = PadCropFlip(views=1, seed=args.view_seed, pad=args.pad, flip=bool(args.flip))
     out = Path(args.out or Layout(manifest.dataset).store(args.name))
     import_logits(
         files,

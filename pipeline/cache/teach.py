@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from pipeline.cache.budget import BudgetSpec
 from pipeline.cache.store import LogitStore, SplitSpec, StoreError, StoreSpec, StoreWriter, same_content
 from pipeline.config import TeachConfig
-from pipeline.data.shards import Manifest, read_shard, sample_key, sha256_file
-from pipeline.data.views import ViewRecipe
+from pipeline.data.shards import Manifest, read_shard, sample_key, sha256_file, take_images
+from pipeline.data.views import ViewRecipe, build_recipe, check_recipe
 from pipeline.lock import exclusive
 from pipeline.models.checkpoint import load_model
 from pipeline.models.predict import predict_arrays
@@ -43,7 +43,7 @@ class ShardBatch:
     split: str
     index: int  # store shard index
     start: int
-    images: np.ndarray  # (n, H, W, C) uint8
+    images: np.ndarray | list[np.ndarray]  # (n, H, W, C) uint8, or n arrays of their own sizes (kept JPEGs)
     keys: list[str]
 
 
@@ -71,7 +71,7 @@ def shard_logits(
         sel = np.flatnonzero(queried[:, v])
         if len(sel) == 0:
             continue
-        imgs = recipe.apply(batch.images[sel], index[sel], np.full(len(sel), v))
+        imgs = recipe.apply(take_images(batch.images, sel), index[sel], np.full(len(sel), v))  # (k, H', W', C)
         logits = predict_arrays(model, imgs, batch_size, device) if isinstance(model, nn.Module) else model(imgs)
         if logits.shape != (len(sel), num_classes):
             raise ValueError(
@@ -133,11 +133,14 @@ def query_masks(manifest: Manifest, spec: StoreSpec, splits: Iterable[str] | Non
 
 def view_recipes(cfg: TeachConfig, manifest: Manifest) -> dict[str, ViewRecipe]:
     """The views each split caches: `teach.views` for train (the student trains on them), `teach.test_views` else."""
-    aug = cfg.augment
-    return {
-        split: ViewRecipe(cfg.views if split == "train" else cfg.test_views, cfg.view_seed, aug.pad, aug.flip)
+    recipes = {
+        split: build_recipe(
+            cfg.augment.spec(), views=cfg.views if split == "train" else cfg.test_views, seed=cfg.view_seed
+        )
         for split in manifest.splits
     }
+    check_recipe(recipes["train" if "train" in recipes else next(iter(recipes))], manifest, "teach.augment")
+    return recipes
 
 
 def teacher_identity(name: str, checkpoint: Path, model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:

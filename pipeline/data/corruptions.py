@@ -292,6 +292,11 @@ def write_corrupted(out_dir: str | Path, manifest: Manifest, cfg: CorruptConfig,
     a half-written set that evaluation would trust.
     """
     check_names(cfg.corruptions, cfg.severities)
+    if not manifest.uniform:
+        raise InputError(
+            f"corrupt: the test images of {manifest.dataset} differ in size; the corrupted copies need one size: "
+            "set `corrupt.corruptions: []` for this data set (corrupting after the eval transform is not built yet)"
+        )
     out_dir = Path(out_dir)
     rows = choose_rows(manifest.split("test").n, cfg.limit, cfg.seed)
     images, labels = read_rows(manifest, "test", rows)

@@ -8,6 +8,7 @@ used for final reporting only.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 
@@ -30,7 +31,10 @@ def open_split(cfg: PrepareConfig, split: str) -> SplitData | StreamedSplit:
         if cfg.root is None:
             raise ConfigError(f"source {cfg.source!r} needs a root: set `prepare.root` to where the data set is")
         check_options(cfg.source, cfg.options)
-        return STREAMED[cfg.source](Path(cfg.root), split, **cfg.options)
+        opener = STREAMED[cfg.source]
+        # `prepare.encode` reaches the sources that hold encoded files (ImageFolder); the others decode to PNG
+        keep = {"encode": cfg.encode} if "encode" in inspect.signature(opener).parameters else {}
+        return opener(Path(cfg.root), split, **cfg.options, **keep)
     return load_split(cfg.source, cfg.root, split, **cfg.options)
 
 

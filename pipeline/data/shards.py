@@ -1,17 +1,21 @@
 """WebDataset shards and their manifest.
 
 A split is written as `<split>-NNNNNN.tar` shards of `shard_size` consecutive samples. Each sample
-is `{"__key__": "%08d" % index, "png": <PNG bytes>, "cls": <label>}`, so a sample's key *is* its row
+is `{"__key__": "%08d" % index, "png" | "jpg": <image bytes>, "cls": <label>}` (a lossless PNG, or a source's
+own JPEG bytes kept as they were: `prepare.encode`), so a sample's key *is* its row
 in the logit store, and shard `j` covers rows `[j*shard_size, min((j+1)*shard_size, N))`: one
 shard's logits are one contiguous block read.
 
 `manifest.json` records N per split, the classes, every shard's index range and sha256, and the
-train split's per-channel mean/std. It carries no timestamps, so re-running `prepare` on the same
+train split's per-channel mean/std. Images may differ in size (a source's own JPEGs): the manifest's
+`image_shape` then has null height/width and each such split lists its (height, width) per sample in
+`<split>-sizes.npy` (sha256 in the manifest). It carries no timestamps, so re-running `prepare` on the same
 source reproduces it byte for byte and the logit stores that fingerprint it stay valid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,7 +30,7 @@ import numpy as np
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from pipeline.data.tario import decode_png_fast, encode_png, tar_samples
+from pipeline.data.tario import IMAGE_EXTS, decode_image, encode_png, tar_samples
 from pipeline.errors import InputError, UserError
 from pipeline.layout import partial_path
 
@@ -78,6 +82,26 @@ class SplitManifest:
     n: int
     shards: tuple[ShardInfo, ...]
     label_counts: tuple[int, ...]
+    sizes: SizesInfo | None = None  # per-sample (height, width), when the split's images differ in size
+
+
+@dataclass(frozen=True)
+class SizesInfo:
+    path: str  # `<split>-sizes.npy` beside the manifest: (N, 2) uint32 (height, width) per sample
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A source image kept as its own encoded bytes (`prepare.encode: keep`), with its decoded pixels.
+
+    `image` (H, W, C) uint8 is what the loaders will decode from `data` (checked by the source), used here for
+    the channel statistics and the shape.
+    """
+
+    data: bytes
+    ext: str  # one of tario.IMAGE_EXTS
+    image: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -86,7 +110,7 @@ class Manifest:
 
     dataset: str
     classes: tuple[str, ...]
-    image_shape: tuple[int, int, int]  # (H, W, C)
+    image_shape: tuple[int | None, int | None, int]  # (H, W, C); H, W None when the images differ in size
     shard_size: int
     mean: tuple[float, ...]  # per channel, train split, pixel values in [0, 1]
     std: tuple[float, ...]
@@ -109,6 +133,22 @@ class Manifest:
     def shard_for_url(self, split: str) -> dict[str, ShardInfo]:
         """Map absolute shard path -> ShardInfo, used by the loader to find a shard's row range."""
         return {str(self.root / s.path): s for s in self.split(split).shards}
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every image has the manifest's one `image_shape` (else see `sizes`)."""
+        return self.image_shape[0] is not None
+
+    def sizes(self, split: str) -> np.ndarray:
+        """(N, 2) int64 (height, width) of every image of `split` (checked against the manifest's sha256)."""
+        s = self.split(split)
+        if s.sizes is None:
+            h, w, _ = self.image_shape
+            return np.tile(np.array([h, w], dtype=np.int64), (s.n, 1))
+        path = self.root / s.sizes.path
+        if not path.exists() or sha256_file(path) != s.sizes.sha256:
+            raise ShardError(f"{path} is missing or does not match its sha256 in the manifest; {_REPREPARE}")
+        return np.load(path).astype(np.int64)
 
     def iter_labels(self, split: str) -> np.ndarray:
         """All labels of a split in index order, (N,) int64 (reads every shard's `cls`)."""
@@ -150,7 +190,10 @@ def load_manifest(root: str | Path) -> Manifest:
 def _manifest_from(d: dict[str, Any], path: Path, raw: bytes) -> Manifest:
     splits = {
         name: SplitManifest(
-            n=s["n"], shards=tuple(ShardInfo(**x) for x in s["shards"]), label_counts=tuple(s["label_counts"])
+            n=s["n"],
+            shards=tuple(ShardInfo(**x) for x in s["shards"]),
+            label_counts=tuple(s["label_counts"]),
+            sizes=SizesInfo(**s["sizes"]) if s.get("sizes") else None,
         )
         for name, s in d["splits"].items()
     }
@@ -179,9 +222,9 @@ def iter_shard(
     expect: the manifest's row range of the shard; every key must be the next row of it and the shard
         must end at ``expect.stop`` (a tar cut at a member boundary reads cleanly but short).
     wanted: (len(expect),) bool; rows that are False are checked but neither decoded nor yielded.
-    decode: PNG -> (H, W, C) uint8 (else the PNG bytes).
+    decode: PNG / JPEG -> (H, W, C) uint8 (else the image's bytes).
 
-    Reads with the fast tar walker and PNG decoder (`pipeline.data.tario`), so what the tests check is
+    Reads with the fast tar walker and decoders (`pipeline.data.tario`), so what the tests check is
     what the loader sees. Anything wrong raises :class:`ShardError` naming the shard and the last good key.
     """
     path = str(path)
@@ -212,18 +255,19 @@ def iter_shard(
                     f"shards and manifest disagree: {_REPREPARE}"
                 )
             nxt += 1
-        if "png" not in sample or "cls" not in sample:
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None or "cls" not in sample:
             has = sorted(k for k in sample if k[0] != "_")
             raise ShardError(
-                f"corrupt or truncated shard {path} after sample {last!r}: sample {key} lacks png/cls (has {has}); "
-                f"{_REPREPARE}"
+                f"corrupt or truncated shard {path} after sample {last!r}: sample {key} lacks png|jpg/cls "
+                f"(has {has}); {_REPREPARE}"
             )
         last = key
         if flags is not None and not flags[i - expect.start]:  # type: ignore[union-attr]
             continue
         try:
             label = int(sample["cls"])
-            image = decode_png_fast(sample["png"]) if decode else sample["png"]
+            image = decode_image(ext, sample[ext]) if decode else sample[ext]
         except Exception as e:
             raise ShardError(f"shard {path}: cannot decode sample {key}: {e}; {_REPREPARE}") from e
         yield i, image, label
@@ -234,16 +278,17 @@ def iter_shard(
         )
 
 
-def read_rows(manifest: Manifest, split: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def read_rows(manifest: Manifest, split: str, rows: np.ndarray) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
     """Images (n, H, W, C) uint8 and labels (n,) of the given rows (any order, repeats allowed).
 
-    Reads only the shards holding them and decodes only the rows asked for.
+    Reads only the shards holding them and decodes only the rows asked for. Images that differ in size
+    (`manifest.uniform` False) come as a list of n (H, W, C) arrays.
     """
     rows = np.asarray(rows, dtype=np.int64)
     n_split = manifest.split(split).n
     if len(rows) and (rows.min() < 0 or rows.max() >= n_split):
         raise IndexError(f"rows outside split {split} of {n_split} samples")
-    images = np.empty((len(rows), *manifest.image_shape), dtype=np.uint8)
+    images: Any = np.empty((len(rows), *manifest.image_shape), np.uint8) if manifest.uniform else [None] * len(rows)
     labels = np.empty(len(rows), dtype=np.int64)
     wanted = np.zeros(n_split, dtype=bool)
     wanted[rows] = True
@@ -261,11 +306,17 @@ def read_rows(manifest: Manifest, split: str, rows: np.ndarray) -> tuple[np.ndar
     return images, labels
 
 
-def read_shard(manifest: Manifest, split: str, j: int) -> np.ndarray:
-    """All images (n, H, W, C) uint8 of shard ``j`` of ``split``, keys checked against its row range."""
+def take_images(images: np.ndarray | list[np.ndarray], rows: np.ndarray) -> np.ndarray | list[np.ndarray]:
+    """images[rows] for an (N, H, W, C) array or a list of N differently sized (H, W, C) images."""
+    return images[rows] if isinstance(images, np.ndarray) else [images[r] for r in np.asarray(rows).tolist()]
+
+
+def read_shard(manifest: Manifest, split: str, j: int) -> np.ndarray | list[np.ndarray]:
+    """All images (n, H, W, C) uint8 of shard ``j`` of ``split``, keys checked against its row range (a list of
+    n arrays when the images differ in size)."""
     info = manifest.split(split).shards[j]
     images = [img for _, img, _ in iter_shard(manifest.root / info.path, expect=range(info.start, info.stop))]
-    return np.stack(images)
+    return np.stack(images) if manifest.uniform else images
 
 
 class ChannelStats:
@@ -297,7 +348,8 @@ class ChannelStats:
 
 
 #: what `write_split` / `write_dataset` take per split: (images (N, H, W, C) uint8, labels (N,)) arrays, or
-#: an iterable of (image (H, W, C) uint8, label) pairs, e.g. `sources.SplitStream` (constant memory).
+#: an iterable of (image, label) pairs, e.g. `sources.SplitStream` (constant memory), each image an (H, W, C)
+#: uint8 array (stored as PNG) or an `Encoded` source file (its own bytes stored).
 Samples = tuple[np.ndarray, np.ndarray] | Iterable[tuple[np.ndarray, int]]
 
 
@@ -327,12 +379,14 @@ def write_split(
 ) -> tuple[SplitManifest, tuple[int, ...]]:
     """Write one split as deterministic tar shards, sample by sample (memory: one image at a time).
 
-    Returns the split's manifest entry and its image shape. `stats` accumulates channel statistics;
-    `limit` stops after that many samples; `total` (samples expected) only sizes the progress bar.
+    Returns the split's manifest entry and its image shape ((None, None, C) when the sizes vary: then the
+    per-sample sizes go to `<split>-sizes.npy`). `stats` accumulates channel statistics; `limit` stops after
+    that many samples; `total` (samples expected) only sizes the progress bar.
     """
     shards: list[ShardInfo] = []
     counts = np.zeros(num_classes, dtype=np.int64)
     shape: tuple[int, ...] | None = None
+    sizes: list[tuple[int, int]] = []  # (height, width) per sample
     writer: Any = None
     f: Any = None
     n = 0
@@ -347,18 +401,20 @@ def write_split(
     bounds = [x for x in (total, limit) if x is not None]
     bar = tqdm(total=min(bounds) if bounds else None, desc=f"prepare {split}", unit="img", disable=None, leave=False)
     try:
-        for img, label in _sample_iter(split, samples, num_classes):
+        for item, label in _sample_iter(split, samples, num_classes):
             if limit is not None and n >= limit:
                 break
+            img = item.image if isinstance(item, Encoded) else item
+            if img.dtype != np.uint8 or img.ndim != 3:
+                raise InputError(f"split {split}: images must be (H, W, C) uint8, got {img.shape} {img.dtype}")
             if shape is None:
                 shape = tuple(img.shape)
-                if img.dtype != np.uint8 or img.ndim != 3:
-                    raise InputError(f"split {split}: images must be (H, W, C) uint8, got {img.shape} {img.dtype}")
-            elif tuple(img.shape) != shape:
+            elif img.shape[2] != shape[2]:
                 raise InputError(
-                    f"split {split}: image {n} has shape {tuple(img.shape)}, the first had {shape}; "
-                    "all images must share one size (set the source's resize option)"
+                    f"split {split}: image {n} has {img.shape[2]} channels, the first had {shape[2]}; "
+                    "set the source's mode option (RGB or L) so all images share one"
                 )
+            sizes.append(img.shape[:2])
             if not 0 <= label < num_classes:
                 raise InputError(f"split {split}: image {n} has label {label} outside [0, {num_classes})")
             if writer is None:
@@ -366,7 +422,10 @@ def write_split(
                 f = open(out_dir / f"{split}-{len(shards):06d}.tar", "wb")  # noqa: SIM115 (closed in close_shard)
                 # Fixed mtime/owner: identical inputs give identical bytes (and sha256) on every run.
                 writer = wds.TarWriter(f, user="kdcache", group="kdcache", mtime=0)
-            writer.write({"__key__": sample_key(n), "png": encode_png(img), "cls": int(label)})
+            if isinstance(item, Encoded):
+                writer.write({"__key__": sample_key(n), item.ext: item.data, "cls": int(label)})
+            else:
+                writer.write({"__key__": sample_key(n), "png": encode_png(img), "cls": int(label)})
             if stats is not None:
                 stats.add(img)
             counts[label] += 1
@@ -379,12 +438,29 @@ def write_split(
             close_shard()
     finally:
         bar.close()
-        if f is not None and not f.closed:
+        if f is not None and not f.closed:  # an error mid-shard: end the tar writer before its file (the partial
+            with contextlib.suppress(Exception):  # folder is discarded; a writer left open would write at exit)
+                writer.close()
             f.close()
     if shape is None:
         raise InputError(f"split {split}: no images")
     used = int(np.flatnonzero(counts).max()) + 1  # label counts up to the largest label seen, as before
-    return SplitManifest(n=n, shards=tuple(shards), label_counts=tuple(int(c) for c in counts[:used])), shape
+    size_info = None
+    if len(set(sizes)) > 1:  # images of many sizes (a source's own JPEGs): their sizes beside the manifest
+        shape = (None, None, shape[2])
+        name = f"{split}-sizes.npy"
+        np.save(out_dir / name, np.asarray(sizes, dtype=np.uint32))
+        size_info = SizesInfo(path=name, sha256=sha256_file(out_dir / name))
+    entry = SplitManifest(n=n, shards=tuple(shards), label_counts=tuple(int(c) for c in counts[:used]), sizes=size_info)
+    return entry, shape
+
+
+def _split_json(e: SplitManifest) -> dict[str, Any]:
+    """A split's manifest entry (no `sizes` key when the images share one size: such manifests keep their bytes)."""
+    d = asdict(e)
+    if d["sizes"] is None:
+        del d["sizes"]
+    return d
 
 
 def write_dataset(
@@ -424,18 +500,19 @@ def write_dataset(
             limit=limit,
             total=total,
         )
-    if len(set(shapes.values())) != 1:
-        raise InputError(f"splits have different image shapes {shapes}; set a resize option for the source")
+    if len({s[2] for s in shapes.values()}) != 1:
+        raise InputError(f"splits have different channel counts {shapes}; set the source's mode option")
+    shape = next(iter(shapes.values())) if len(set(shapes.values())) == 1 else (None, None, shapes[stats_split][2])
     mean, std = stats.result()
     manifest = {
         "version": MANIFEST_VERSION,
         "dataset": dataset,
         "classes": list(classes),
-        "image_shape": list(next(iter(shapes.values()))),
+        "image_shape": list(shape),
         "shard_size": shard_size,
         "mean": mean,
         "std": std,
-        "splits": {name: asdict(e) for name, e in entries.items()},
+        "splits": {name: _split_json(e) for name, e in entries.items()},
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     if out_dir.exists():

@@ -23,7 +23,10 @@ import numpy as np
 from PIL import Image
 from webdataset.tariterators import tarfile_samples
 
-__all__ = ["decode_png", "decode_png_fast", "encode_png", "tar_samples"]
+__all__ = ["IMAGE_EXTS", "decode_image", "decode_jpeg", "decode_png", "decode_png_fast", "encode_png", "tar_samples"]
+
+#: A sample's image member: our lossless PNG, or a source's own JPEG bytes kept as they were (`prepare.encode`).
+IMAGE_EXTS = ("png", "jpg")
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -154,3 +157,22 @@ def decode_png_fast(data: bytes) -> np.ndarray:
     # PIL's "zip" decoder inflates and undoes the PNG row filters in C, like its PNG plugin does.
     img = np.array(Image.frombytes(mode[0], (w, h), b"".join(parts), "zip", mode[0]))  # writable, like decode_png
     return img[:, :, None] if mode[1] == 1 else img
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """JPEG bytes -> (H, W, C) uint8 with libjpeg-turbo (torchvision.io), the file's own channels (1 or 3).
+
+    `prepare` keeps a JPEG's bytes only when they decode here to the data set's channels (else it stores a
+    PNG), so no mode conversion happens at load time. EXIF orientation is not applied, as torchvision's
+    ImageFolder (PIL) and `decode_jpeg` both leave it. A view of the decoder's (C, H, W) tensor.
+    """
+    import torch  # lazy: most readers of this module never meet a JPEG
+    from torchvision.io import decode_jpeg as tv_decode_jpeg
+
+    x = tv_decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))  # (C, H, W) uint8
+    return x.permute(1, 2, 0).numpy()
+
+
+def decode_image(ext: str, data: bytes) -> np.ndarray:
+    """A shard member's image (`ext` one of IMAGE_EXTS) -> (H, W, C) uint8."""
+    return decode_jpeg(data) if ext == "jpg" else decode_png_fast(data)

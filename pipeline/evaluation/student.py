@@ -19,6 +19,7 @@ from pipeline.cache.store import LogitStore, StoreError
 from pipeline.config import ConfigError, EvaluateConfig
 from pipeline.data.corruptions import load_corrupted
 from pipeline.data.shards import Manifest
+from pipeline.data.views import ViewRecipe
 from pipeline.evaluation.metrics import robustness_metrics, split_metrics, write_confusion_csv
 from pipeline.lock import reading
 from pipeline.models.checkpoint import load_model
@@ -104,7 +105,10 @@ def _evaluate(
         )
     device = device or pick_device()
     model = model.to(device)
-    logits, labels = predict_split(model, DistillDataset(manifest, "test", shuffle=False), cfg.batch_size, device)
+    # the test split through the eval transform the student's store was taught with (view 0)
+    recipe = ViewRecipe.from_dict(LogitStore(store, split="test").view_recipe) if store.exists() else None
+    test_set = DistillDataset(manifest, "test", shuffle=False, recipe=recipe)
+    logits, labels = predict_split(model, test_set, cfg.batch_size, device)
     clean = split_metrics(logits, labels, teacher_test_logits(store, manifest), topk=cfg.topk)
     corrupt_dir = Path(corrupt_dir)
     robust: dict[str, Any] = {}

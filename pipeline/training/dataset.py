@@ -34,7 +34,7 @@ from torch.utils.data import IterableDataset
 
 from pipeline.cache.store import LogitStore
 from pipeline.data.shards import Manifest, ShardError, ShardInfo, iter_shard
-from pipeline.data.views import ViewRecipe, crop_flip, crop_flip_batch, hash_u64, pick_allowed_view, pick_view
+from pipeline.data.views import PadCropFlip, ViewRecipe, hash_u64, pick_allowed_view, pick_view
 from pipeline.runtime import rank_world
 from pipeline.training.source import EpochPlan, TeacherFeatures
 
@@ -43,9 +43,9 @@ log = logging.getLogger(__name__)
 _TAG_SHUFFLE = 0x5348_5546
 
 # One sample between the shard reader and the batcher: a tuple is ~5x cheaper to build and shuffle
-# than a dict of tensors. (index, image (H, W, C), label, view, sy, sx, flip, logits (C,) | None, has_teacher,
-# members (M, C) | None)
-_Item = tuple[int, np.ndarray, int, int, int, int, int, "np.ndarray | None", bool, "np.ndarray | None"]
+# than a dict of tensors. (index, image (H, W, C) decoded, label, view, the recipe's row params, logits (C,) | None,
+# has_teacher, members (M, C) | None)
+_Item = tuple[int, np.ndarray, int, int, Any, "np.ndarray | None", bool, "np.ndarray | None"]
 
 
 class _ShardJoin:
@@ -71,10 +71,8 @@ class _ShardJoin:
         else:
             view = pick_view(ds.seed, epoch, index, ds.recipe.views) if ds.augment else np.zeros(n, dtype=np.int64)
             self.has_teacher = np.zeros(n, dtype=bool)
-        # View parameters for the whole shard at once (vectorised hash); view 0 is the identity (0, 0, no flip).
-        dy, dx, flip = ds.recipe.params(index, np.maximum(view, 0))
-        pad = ds.recipe.pad
-        self.shift = np.stack([dy - pad, dx - pad, flip.astype(np.int64)], 1).tolist()  # (n, 3) python ints
+        # View parameters for the whole shard at once (vectorised hash, no pixels); view 0 is the eval transform.
+        self.params = ds.recipe.row_params(index, np.maximum(view, 0))  # n python values
         self.view = view  # (n,) -1 = skip the row (budget mode: the teacher never saw it)
         self.view_list = view.tolist()
         self.has_list = self.has_teacher.tolist()
@@ -86,16 +84,15 @@ class _ShardJoin:
         for i, img, label in iter_shard(self.url, expect=range(info.start, info.stop), wanted=wanted):
             r = i - info.start
             v = self.view_list[r]
-            sy, sx, flip = self.shift[r]
             logits = block[r, v] if block is not None else None  # (C,)
             member = members[r, v] if members is not None else None  # (M, C)
-            yield (i, img, label, v, sy, sx, flip, logits, self.has_list[r], member)
+            yield (i, img, label, v, self.params[r], logits, self.has_list[r], member)
 
 
-def _item_to_sample(item: _Item, pad: int) -> dict[str, Any]:
+def _item_to_sample(item: _Item, recipe: ViewRecipe) -> dict[str, Any]:
     """One item as the per-sample dict of `DistillDataset.__iter__` (augmentation applied)."""
-    i, img, label, v, sy, sx, flip, logits, has, member = item
-    img = np.ascontiguousarray(crop_flip(img, sy, sx, bool(flip))) if v > 0 else np.array(img)  # writable, for torch
+    i, img, label, v, params, logits, has, member = item
+    img = recipe.render([img], [params], np.array([v]))[0]  # (H', W', C) a fresh, writable array (for torch)
     out = {"image": torch.from_numpy(img), "label": label, "index": i, "view": v}
     if logits is not None:
         out["logits"] = torch.from_numpy(logits.astype(np.float32))  # (C,)
@@ -105,16 +102,11 @@ def _item_to_sample(item: _Item, pad: int) -> dict[str, Any]:
     return out
 
 
-def _collate(items: list[_Item], pad: int) -> dict[str, np.ndarray]:
+def _collate(items: list[_Item], recipe: ViewRecipe) -> dict[str, np.ndarray]:
     """A batch of items -> numpy arrays laid out as `default_collate` of their samples would be, built at once."""
-    idx, imgs, labels, views, sy, sx, flip, logits, has, members = zip(*items, strict=True)
-    images = np.stack(imgs)  # (B, H, W, C) uint8
+    idx, imgs, labels, views, params, logits, has, members = zip(*items, strict=True)
     v = np.array(views, dtype=np.int64)
-    aug = v > 0
-    if aug.any():  # view 0 is the plain image; the others get their crop + flip in one gather
-        images[aug] = crop_flip_batch(
-            images[aug], np.array(sy)[aug], np.array(sx)[aug], np.array(flip, dtype=bool)[aug], pad
-        )
+    images = recipe.render(imgs, params, v)  # (B, H', W', C) uint8: each row's view, as the teacher saw it
     out = {
         "image": images,
         "label": np.array(labels, dtype=np.int64),
@@ -190,7 +182,7 @@ class DistillDataset(IterableDataset):
             if members and not store.member_names:
                 raise ValueError(f"members=True, but {self.store_path} holds no member logits (not an ensemble store)")
         else:
-            self.recipe = recipe or ViewRecipe()
+            self.recipe = recipe or PadCropFlip()
             self.num_classes = manifest.num_classes
             self.allowed = None
         self.augment = augment
@@ -310,8 +302,7 @@ class DistillDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Per-sample dicts (what a DataLoader with `batch_size` would collate)."""
-        pad = self.recipe.pad
-        return (_item_to_sample(item, pad) for item in self._items())
+        return (_item_to_sample(item, self.recipe) for item in self._items())
 
     def numpy_batches(self, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
         """Batches of this process's stream, collated with numpy at once (what `make_loader` uses).
@@ -319,12 +310,11 @@ class DistillDataset(IterableDataset):
         Same batches as `DataLoader(self, batch_size)` would make per worker (a partial batch last
         unless `drop_last`), with ~10x less per-sample overhead than collating tensor dicts.
         """
-        pad = self.recipe.pad
         buf: list[_Item] = []
         for item in self._items():
             buf.append(item)
             if len(buf) == batch_size:
-                yield _collate(buf, pad)
+                yield _collate(buf, self.recipe)
                 buf = []
         if buf and not drop_last:
-            yield _collate(buf, pad)
+            yield _collate(buf, self.recipe)

@@ -249,7 +249,7 @@ def train(
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    h, w, c = train_set.manifest.image_shape
+    h, w, c = train_set.recipe.out_shape(train_set.manifest.image_shape)  # the views' shape
     run = _Run(
         model=model,
         ddp_model=ddp_model,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.data.shards import Manifest
+from pipeline.data.views import ViewRecipe
 
 #: the loss's teacher side, computed next to the batch: teacher logits (B, C) -> {name: (B, ...)}
 TeacherFeatures = Callable[[torch.Tensor], dict[str, torch.Tensor]]
@@ -51,6 +52,7 @@ class BatchSource(Protocol):
     manifest: Manifest
     num_classes: int
     teacher_features: TeacherFeatures | None
+    recipe: ViewRecipe  # how its images were made: its view 0 is the eval transform for the held-out splits
 
     @property
     def max_workers(self) -> int:

@@ -26,6 +26,7 @@ from pipeline.cache.budget import BudgetSpec, parse_budget
 from pipeline.cache.store import LogitStore
 from pipeline.config import ConfigError, DistillConfig, student_id
 from pipeline.data.shards import Manifest
+from pipeline.data.views import view_manifest
 from pipeline.layout import STUDENT_MODEL, Layout
 from pipeline.lock import exclusive, reading
 from pipeline.losses import LossConfigError, build_loss
@@ -183,9 +184,10 @@ def fit_student(
     distill stage's and an active query round's. `resume`, `state_dir`, `fingerprint`: as `train`'s (the student
     recipe's own keys are added here)."""
     tcfg = dataclasses.replace(cfg.train, seed=seed)
-    val_set = held_out(manifest, "val")  # checkpoint selection; the test split is for final reporting only
+    # checkpoint selection through the store's eval transform (view 0); the test split is for final reporting only
+    val_set = held_out(manifest, "val", train_set.recipe)
     seed_everything(seed)
-    model = build_for(cfg.student, manifest, cfg.student_preprocess)
+    model = build_for(cfg.student, view_manifest(manifest, train_set.recipe), cfg.student_preprocess)
     result = train(
         model,
         loss_fn,

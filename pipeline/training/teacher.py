@@ -15,6 +15,7 @@ of the report.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,7 @@ import torch
 
 from pipeline.config import ConfigError, TeacherSpec, TrainTeacherConfig
 from pipeline.data.shards import Manifest
-from pipeline.data.views import ViewRecipe
+from pipeline.data.views import FRESH_VIEWS, build_recipe, check_recipe, view_manifest
 from pipeline.errors import InputError
 from pipeline.layout import Layout, TeacherFiles
 from pipeline.lock import exclusive
@@ -178,7 +179,10 @@ def _train_teacher(
 ) -> dict[str, Any]:
     device = device or pick_device()
     set_threads(cfg.train.threads)
-    val_set = held_out(manifest, "val")
+    # Fresh views of `train_teacher.augment` every (epoch, sample); its view 0 (the eval transform) for val/test.
+    recipe = build_recipe(cfg.augment.spec(), views=FRESH_VIEWS, seed=cfg.train.seed)
+    check_recipe(recipe, manifest, "train_teacher.augment")
+    val_set = held_out(manifest, "val", recipe)
     summary: dict[str, Any] = {}
     history: list[dict[str, float]] = []
     meta: dict[str, Any] = {}
@@ -190,13 +194,13 @@ def _train_teacher(
     else:
         tcfg = spec.train_config(cfg.train)
         seed_everything(tcfg.seed)
-        model = build_for(spec.arch, manifest, spec.preprocess)
+        model = build_for(spec.arch, view_manifest(manifest, recipe), spec.preprocess)
         train_set = DistillDataset(
             manifest,
             "train",
             seed=tcfg.seed,
             shuffle_buffer=tcfg.shuffle_buffer,
-            recipe=ViewRecipe.fresh(seed=tcfg.seed),
+            recipe=dataclasses.replace(recipe, seed=tcfg.seed),  # type: ignore[type-var]
             augment=True,
         )
         result = train(
@@ -209,7 +213,7 @@ def _train_teacher(
             device=device,
             resume=resume,
             state_dir=state_dir,
-            fingerprint={"teacher": name, "preprocess": spec.preprocess, "recipe": "fresh views, CE"},
+            fingerprint={"teacher": name, "preprocess": spec.preprocess, "recipe": f"fresh {recipe.describe()}, CE"},
             desc=f"teacher {name}",
             run_log=run_log,
         )
@@ -229,7 +233,7 @@ def _train_teacher(
             checkpoint_meta=meta,
             n_val=manifest.split("val").n,
         )
-    logits, labels = predict_split(model, DistillDataset(manifest, "test", shuffle=False), 1000, device)
+    logits, labels = predict_split(model, DistillDataset(manifest, "test", shuffle=False, recipe=recipe), 1000, device)
     metrics["accuracy"] = topk_accuracy(logits, labels, 1)  # test top-1: final reporting only, nothing chosen on it
     metrics["top5"] = topk_accuracy(logits, labels, 5)
     metrics.update({k: v for k, v in summary.items() if k != "val_accuracy"})  # schedule, selected epoch

@@ -11,16 +11,20 @@ import torch
 from torch import nn
 
 from pipeline.data.shards import Manifest
+from pipeline.data.views import ViewRecipe
 from pipeline.models.predict import to_input
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.transport import make_loader
 
 
-def held_out(manifest: Manifest, split: str) -> DistillDataset | None:
-    """An unshuffled split for whole-split predictions on rank 0, or None when the data set has none."""
+def held_out(manifest: Manifest, split: str, recipe: ViewRecipe | None = None) -> DistillDataset | None:
+    """An unshuffled split for whole-split predictions on rank 0, or None when the data set has none.
+
+    Its images go through `recipe`'s view 0, the evaluation transform (default: the plain image).
+    """
     if split not in manifest.splits:
         return None
-    return DistillDataset(manifest, split, shuffle=False, split_nodes=False)  # rank 0 evaluates it whole
+    return DistillDataset(manifest, split, shuffle=False, split_nodes=False, recipe=recipe)  # rank 0 evaluates it whole
 
 
 @torch.inference_mode()

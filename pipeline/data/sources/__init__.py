@@ -107,7 +107,8 @@ def source_options(source: str) -> dict[str, Any]:
     (:data:`STREAMED`), else of its reader."""
     reader = STREAMED.get(source) or _reader(source)
     params = inspect.signature(reader).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    # `encode` is `prepare.encode` (a stage key: prepare passes it), not a source option
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "encode"}
 
 
 def check_options(source: str, options: dict[str, Any]) -> None:

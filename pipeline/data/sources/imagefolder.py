@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.shards import Encoded
 from pipeline.data.sources.base import (
     GRAY_MODES,
     Entry,
@@ -26,6 +27,7 @@ from pipeline.data.sources.base import (
     check_split,
     decode_entry,
 )
+from pipeline.data.tario import decode_image
 from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -184,8 +186,15 @@ class SplitStream:
     Images are decoded one at a time as the stream is consumed, so preparing a split takes memory for
     one image, not for the split (ImageNet-scale folders; an archive still holds its compressed bytes,
     so extract very large archives first). Undecodable images raise (naming the file) or, with
-    ``on_corrupt="skip"``, are dropped and listed in ``skipped``; every image must have the size of
-    the first one (else pass ``resize``).
+    ``on_corrupt="skip"``, are dropped and listed in ``skipped``. Images may differ in size (``resize``
+    makes them one square size).
+
+    ``encode="keep"`` (prepare's default): a JPEG or PNG file whose pixels are already in the split's mode
+    (RGB, or L for gray) is kept as its own bytes (`shards.Encoded`: the shard member equals the file), decoded
+    once here with the loaders' decoder to check it and to count its pixels into the channel statistics;
+    anything else (CMYK or palette or 16-bit images, BMP/WebP/TIFF, or any image when ``resize`` is set) is
+    decoded with Pillow, converted to the mode, and stored as a lossless PNG, as ``encode="png"`` stores every
+    image. EXIF orientation is never applied (torchvision's ImageFolder and ``decode_jpeg`` leave it too).
     """
 
     classes: list[str]
@@ -195,7 +204,9 @@ class SplitStream:
     on_corrupt: str
     location: str
     folder: str
+    encode: str = "png"
     skipped: list[str] = field(default_factory=list)
+    kept: int = 0  # images stored as their own bytes (encode="keep")
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -229,8 +240,8 @@ class SplitStream:
             except Exception:  # corrupt: reported (or skipped) when decoded
                 continue
 
-    def decoded(self) -> Iterator[tuple[np.ndarray, int, str]]:
-        """``(image (H, W) or (H, W, 3), label, name)`` in order; shapes checked against the first image."""
+    def decoded(self) -> Iterator[tuple[np.ndarray | Encoded, int, str]]:
+        """``(image (H, W) or (H, W, 3) or an `Encoded` file, label, name)`` in order."""
         try:
             from tqdm.auto import tqdm
         except ImportError:  # progress bars are a nicety, never a reason to fail
@@ -238,10 +249,11 @@ class SplitStream:
             def tqdm(it: Any, **_: Any) -> Any:  # type: ignore[no-redef]
                 return it
 
-        first: tuple[str, tuple[int, ...]] | None = None
+        first: str | None = None
+        keep = self.encode == "keep" and self.resize is None
         for entry in tqdm(self.entries, desc=f"decode {self.folder}", unit="img", disable=None, leave=False):
             try:
-                arr = decode_entry(entry, self.mode, self.resize)
+                arr = (keep and _kept(entry, self.mode)) or decode_entry(entry, self.mode, self.resize)
             except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
                 if self.on_corrupt == "error":
                     raise InputError(
@@ -250,14 +262,8 @@ class SplitStream:
                     ) from e
                 self.skipped.append(entry.name)
                 continue
-            hw = arr.shape[:2]
-            if first is None:
-                first = (entry.name, hw)
-            elif hw != first[1]:
-                raise InputError(
-                    f"image {entry.name} is {hw[1]}x{hw[0]} (WxH) but {first[0]} is {first[1][1]}x{first[1][0]}; "
-                    f"images of a split must share one size: pass resize=<int> (e.g. resize={first[1][0]})"
-                )
+            first = first or entry.name
+            self.kept += isinstance(arr, Encoded)
             yield arr, entry.label, entry.name
         if self.skipped:
             log.warning(
@@ -269,11 +275,32 @@ class SplitStream:
                 f"{self.location}: no decodable image in {self.folder}/ ({len(self.skipped)} skipped as corrupt)"
             )
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
-        """``(image (H, W, C), label)`` with one channel count for the whole split (the mode is resolved first)."""
+    def __iter__(self) -> Iterator[tuple[np.ndarray | Encoded, int]]:
+        """``(image (H, W, C) or `Encoded`, label)``: one channel count for the split (its mode resolved first)."""
         self.resolve_mode()
         for arr, label, _ in self.decoded():
-            yield (arr[..., None] if arr.ndim == 2 else arr), label
+            yield (arr[..., None] if isinstance(arr, np.ndarray) and arr.ndim == 2 else arr), label
+        if self.encode == "keep":
+            log.info("%s/%s: kept %d of %d images as their own bytes", self.location, self.folder, self.kept,
+                     len(self.entries) - len(self.skipped))  # fmt: skip
+
+
+def _kept(entry: Entry, mode: str | None) -> Encoded | None:
+    """The file as its own bytes when it is a JPEG/PNG already in `mode` (decoded as the loaders will), else None.
+
+    Pillow reads the header first (format, mode, and its decompression-bomb check, as torchvision's
+    ImageFolder loader would meet it); a file that fails to decode raises, like `decode_entry`.
+    """
+    from PIL import Image
+
+    data = entry.data if entry.data is not None else Path(entry.path or "").read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        fmt, im_mode = im.format, im.mode
+    ext = {"JPEG": "jpg", "PNG": "png"}.get(fmt or "")
+    if ext is None or im_mode != mode:
+        return None
+    image = decode_image(ext, data)  # (H, W, C) uint8: what every loader will see; raises on a truncated file
+    return Encoded(data, ext, image) if image.shape[2] == (1 if mode == "L" else 3) else None
 
 
 def open_imagefolder(
@@ -283,9 +310,15 @@ def open_imagefolder(
     mode: str | None = None,
     resize: int | None = None,
     on_corrupt: str = "error",
+    encode: str = "png",
 ) -> SplitStream:
-    """Index an ImageFolder split without decoding it: the streaming form of :func:`load_imagefolder`."""
+    """Index an ImageFolder split without decoding it: the streaming form of :func:`load_imagefolder`.
+
+    ``encode``: ``"keep"`` stores JPEG/PNG files as their own bytes where they already have the split's mode
+    (`prepare.encode`, see :class:`SplitStream`), ``"png"`` decodes and stores every image as PNG.
+    """
     check_split("imagefolder", split, _IMAGEFOLDER_SPLITS)
+    check_choice("encode", encode, ("keep", "png"))
     check_choice("mode", mode, ("RGB", "L", None))
     check_choice("on_corrupt", on_corrupt, ("error", "skip"))
     check_resize(resize)
@@ -313,7 +346,7 @@ def open_imagefolder(
         for entry in tree.splits[folder][c]:
             entry.label = label
             entries.append(entry)
-    return SplitStream(classes, entries, mode, resize, on_corrupt, tree.location, folder)
+    return SplitStream(classes, entries, mode, resize, on_corrupt, tree.location, folder, encode)
 
 
 def load_imagefolder(
@@ -345,6 +378,13 @@ def load_imagefolder(
         arrays.append(arr)
         labels.append(label)
         names.append(name)
+    sizes = {a.shape[:2] for a in arrays}
+    if len(sizes) > 1:  # one in-memory array needs one size (prepare streams instead: any sizes)
+        h, w = arrays[0].shape[:2]
+        raise InputError(
+            f"{stream.location}: images of {stream.folder}/ differ in size ({len(sizes)} sizes, the first {w}x{h} "
+            f"(WxH)); an in-memory split needs one: pass resize=<int> (e.g. resize={h}), or let `prepare` stream it"
+        )
     if all(a.ndim == 2 for a in arrays):
         images = np.stack(arrays)[..., None]
     else:
