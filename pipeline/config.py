@@ -414,6 +414,13 @@ class AugmentConfig:
     scale: tuple[PosFloat, PosFloat] | None = None  # rrc_flip: crop area fraction range (default [0.08, 1])
     ratio: tuple[PosFloat, PosFloat] | None = None  # rrc_flip: aspect ratio range (default [3/4, 4/3])
     crop_pct: Annotated[float, Range(gt=0, le=1)] | None = None  # rrc_flip: eval centre crop fraction (0.875)
+    # Mixup / CutMix on views >= 1, either recipe (0 = off; timm's ImageNet values: 0.8 and 1.0); the partner,
+    # lam and box are pure functions of (seed, index, view), so the teacher labels the very mixed image
+    mixup_alpha: NonNegFloat = 0.0
+    cutmix_alpha: NonNegFloat = 0.0
+    mix_prob: Annotated[float, Range(gt=0, le=1)] = 1.0  # the share of views >= 1 that are mixed
+    # a photometric op on every view >= 1 after the crop: trivial_augment (TrivialAugment Wide, torchvision's ops)
+    photometric: Literal["trivial_augment"] | None = None
 
     def __post_init__(self) -> None:
         if self.recipe == "pad_crop_flip":
@@ -431,10 +438,13 @@ class AugmentConfig:
 
         `pad_crop_flip` spells `{pad, flip}` only: the layout its stores have always recorded.
         """
+        mix: dict[str, Any] = {} if self.photometric is None else {"photometric": self.photometric}
+        if self.mixup_alpha or self.cutmix_alpha:
+            mix["mix"] = {"mixup_alpha": self.mixup_alpha, "cutmix_alpha": self.cutmix_alpha, "prob": self.mix_prob}
         if self.recipe == "pad_crop_flip":
-            return {"pad": 4 if self.pad is None else self.pad, "flip": self.flip}
+            return {"pad": 4 if self.pad is None else self.pad, "flip": self.flip, **mix}
         keys = {k: getattr(self, k) for k in _RRC_KEYS if getattr(self, k) is not None}
-        return {"recipe": self.recipe, "flip": self.flip, **keys}
+        return {"recipe": self.recipe, "flip": self.flip, **keys, **mix}
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ from pipeline.data.shards import Encoded, iter_shard, read_rows, write_dataset
 from pipeline.data.tario import decode_jpeg
 from pipeline.data.views import (
     FRESH_VIEWS,
+    MIX_WINDOW,
+    Mix,
     PadCropFlip,
     ResizedCropFlip,
     ViewRecipe,
@@ -100,15 +102,23 @@ class _Spy(torch.nn.Module):
         return self.lin(x.mean((1, 2, 3))[:, None])
 
 
-@pytest.mark.parametrize("recipe", ["rrc_flip", "pad_crop_flip"])
+RECIPE_CASES = {
+    "rrc_flip": lambda views: ResizedCropFlip(views=views, seed=5, size=224),
+    "pad_crop_flip": lambda views: PadCropFlip(views=views, seed=5, pad=2),
+    "rrc_flip+mixup+cutmix": lambda views: ResizedCropFlip(views=views, seed=5, size=224, mix=Mix(0.8, 1.0)),
+    "pad_crop_flip+cutmix": lambda views: PadCropFlip(views=views, seed=5, pad=2, mix=Mix(cutmix_alpha=1.0)),
+    "rrc_flip+trivial_augment": lambda views: ResizedCropFlip(
+        views=views, seed=5, size=224, photometric="trivial_augment"
+    ),
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPE_CASES))
 def test_student_input_equals_teacher_input_bit_for_bit(recipe, jpeg_data, fresh_manifest, tmp_path):
-    """Every recipe, at 224 px from JPEG shards (rrc_flip) or 16 px PNG shards (pad_crop_flip)."""
-    if recipe == "rrc_flip":
-        m = jpeg_data[0]
-        make = lambda views: ResizedCropFlip(views=views, seed=5, size=224)  # noqa: E731
-    else:
-        m = fresh_manifest
-        make = lambda views: PadCropFlip(views=views, seed=5, pad=2)  # noqa: E731
+    """Every recipe, at 224 px from JPEG shards (rrc_flip) or 16 px PNG shards (pad_crop_flip); with Mixup/CutMix
+    the teacher labelled the very mixed image, and the batch carries the partner's label and the weight."""
+    m = jpeg_data[0] if recipe.startswith("rrc") else fresh_manifest
+    make = RECIPE_CASES[recipe]
     recipes = {"train": make(3), "test": make(1)}
     spy = _Spy(m.num_classes)
     spec = build_spec(m, {"name": "spy", "arch": "x", "weights_sha256": "0"}, recipes, dtype="float32",
@@ -133,6 +143,18 @@ def test_student_input_equals_teacher_input_bit_for_bit(recipe, jpeg_data, fresh
                 assert torch.equal(x[j], seen[key]), key
                 checked += 1
     assert checked == 2 * m.split("train").n
+    if recipes["train"].mix is not None:  # the CE's mixed target: the partner's label and the plan's weight
+        labels = m.iter_labels("train")
+        hw = recipes["train"].out_shape(m.image_shape)[:2]
+        mixed = 0
+        for batch in make_loader(ds, 8, workers=0):
+            idx, view = batch["index"].numpy(), batch["view"].numpy()
+            plan = recipes["train"].mix.plan(5, idx, view, m.shard_size, m.split("train").n, hw)
+            partner = np.where(plan.partner >= 0, plan.partner, idx)
+            assert np.array_equal(batch["mix_label"].numpy(), labels[partner])
+            np.testing.assert_allclose(batch["mix_lam"].numpy(), plan.lam, rtol=1e-6)
+            mixed += int((plan.lam < 1).sum())
+        assert mixed > 0
     # the test split's only view is the eval transform, as the evaluation loaders make it
     test = DistillDataset(m, "test", shuffle=False, recipe=recipes["test"])
     batch = next(iter(make_loader(test, 100, workers=0)))
@@ -244,3 +266,78 @@ def test_params_spell_recipes_and_refuse_the_other_recipes_keys():
     off = from_dict(AugmentConfig, {"flip": False}, "train_teacher.augment")
     r = build_recipe(off.spec(), views=FRESH_VIEWS, seed=0)
     assert not r.params(np.arange(1000), np.ones(1000, dtype=np.int64))[2].any()  # flip off: no mirrored digit
+
+
+def test_mix_partners_and_weights_are_the_same_for_any_workers_and_ranks(fresh_manifest, tmp_path):
+    """The (index, view) -> (image, partner label, weight) map of an epoch: one process == 2 workers == 2 ranks."""
+    m = fresh_manifest
+    recipe = PadCropFlip(views=FRESH_VIEWS, seed=2, pad=2, mix=Mix(0.8, 1.0))
+
+    def collect(ds, workers=0) -> dict:
+        out = {}
+        for batch in make_loader(ds, 16, workers=workers):
+            for j in range(len(batch["index"])):
+                key = (int(batch["index"][j]), int(batch["view"][j]))
+                out[key] = (batch["image"][j].numpy().tobytes(), int(batch["mix_label"][j]), float(batch["mix_lam"][j]))
+        return out
+
+    ds = DistillDataset(m, "train", seed=3, recipe=recipe, augment=True, shuffle_buffer=16)
+    one = collect(ds)
+    assert collect(ds, workers=2) == one
+    ranks = {}
+    for rank in (0, 1):
+        ds.node = (rank, 2)  # what DDP rank `rank` of 2 streams (its share of the shards)
+        ranks.update(collect(ds))
+    assert ranks == one and len(one) == m.split("train").n
+    assert sum(lam < 1 for _, _, lam in one.values()) > len(one) // 2  # most views are mixed (prob 1)
+
+
+def test_mix_plan_partner_stays_in_its_window_and_shard():
+    mix = Mix(mixup_alpha=0.8)
+    index = np.arange(0, 300)
+    plan = mix.plan(0, index, np.ones_like(index), shard_rows=100, n=300, hw=(8, 8))
+    shard = index // 100
+    window = shard * 100 + (index - shard * 100) // MIX_WINDOW * MIX_WINDOW
+    ok = plan.partner >= 0
+    assert ok.all() and (plan.partner != index).all()
+    assert (plan.partner // 100 == shard).all() and (plan.partner >= window).all()
+    assert (plan.partner < np.minimum(window + MIX_WINDOW, (shard + 1) * 100)).all()
+    assert (mix.plan(0, index, np.zeros_like(index), 100, 300, (8, 8)).partner == -1).all()  # view 0: never mixed
+
+
+def test_mixed_cross_entropy_and_the_losses_that_refuse_it():
+    from pipeline.losses import build_loss
+    from pipeline.losses.base import mixed_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y, y2 = torch.tensor([0, 1, 2, 3, 4, 0]), torch.tensor([1, 1, 3, 0, 2, 4])
+    lam = torch.tensor([1.0, 0.3, 0.5, 0.9, 0.0, 0.7], dtype=torch.float64)
+    logp = torch.log_softmax(s, 1)
+    want = -(lam * logp[torch.arange(6), y] + (1 - lam) * logp[torch.arange(6), y2]).mean()
+    torch.testing.assert_close(mixed_cross_entropy(s, y, (y2, lam)), want, rtol=1e-12, atol=0)
+    kd = build_loss("kd")
+    out = kd(s, t, y, mix=(y2, lam))
+    torch.testing.assert_close(out["ce"], want, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="reads the hard target"):
+        build_loss("dkd")(s, t, y, epoch=1.0, mix=(y2, lam))
+    assert kd.mixes and not build_loss("dkd").mixes
+
+
+def test_trivial_augment_ops_are_torchvisions():
+    """Every op of the space at several magnitudes equals torchvision's TrivialAugmentWide applying that op; the
+    draw covers the space like torchvision's (every op, both signs)."""
+    from torchvision.transforms import InterpolationMode
+
+    from pipeline.data.views import _TA_SPACE, apply_photometric, trivial_augment_op
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, (3, 24, 20), dtype=np.uint8))
+    tv = v2.TrivialAugmentWide()
+    for name, (bins, signed) in _TA_SPACE.items():
+        for magnitude in [0.0] if bins is None else [bins[3], bins[17], -bins[30] if signed else bins[30]]:
+            want = tv._apply_image_or_video_transform(x, name, magnitude, InterpolationMode.NEAREST, tv._fill)
+            assert torch.equal(apply_photometric(x, name, magnitude), want), (name, magnitude)
+    draws = [trivial_augment_op(int(k)) for k in np.random.default_rng(1).integers(0, 2**62, 3000)]
+    assert {n for n, _ in draws} == set(_TA_SPACE)
+    assert any(m < 0 for n, m in draws if n == "Rotate") and any(m > 0 for n, m in draws if n == "Rotate")

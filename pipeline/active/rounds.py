@@ -49,7 +49,7 @@ from pipeline.cache.store import StoreSpec, StoreWriter, same_content
 from pipeline.cache.teach import ShardBatch, build_spec, run_teach, shard_logits, teacher_identity, view_recipes
 from pipeline.config import ConfigError, DistillConfig, QuerySpec, TeachConfig
 from pipeline.data.shards import Manifest, read_shard, sample_key, take_images
-from pipeline.data.views import ViewRecipe
+from pipeline.data.views import MixSource, ViewRecipe
 from pipeline.layout import partial_path
 from pipeline.lock import exclusive
 from pipeline.models.checkpoint import load_model
@@ -419,6 +419,12 @@ class _Job:
         )
         return rows[picks], views[picks]
 
+    @property
+    def _partners(self) -> MixSource:
+        """Where a mixing recipe's partner rows are: the split's decoded images, all in memory here."""
+        s = self.store_spec.splits[SPLIT]
+        return MixSource(lambda rows: take_images(self.images, rows), s.shard_rows, s.n)
+
     def _student_outputs(
         self, student: nn.Module, rows: np.ndarray, views: np.ndarray, feats: bool
     ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -429,7 +435,7 @@ class _Job:
         logits, features = [], []
         for a in range(0, len(rows), SCORE_CHUNK):
             r, v = rows[a : a + SCORE_CHUNK], views[a : a + SCORE_CHUNK]
-            images = recipe.apply(take_images(self.images, r), r, v)
+            images = recipe.apply(take_images(self.images, r), r, v, self._partners)
             if feats:
                 lg, ft = predict_features(student, images, batch, self.device)
                 features.append(ft)
@@ -458,7 +464,14 @@ class _Job:
                 continue
             batch = ShardBatch(SPLIT, j, start, self.images[start:stop], [sample_key(i) for i in range(start, stop)])
             logits = shard_logits(
-                self.model, batch, self.recipes[SPLIT], need, s.num_classes, self.teach.batch_size, self.device
+                self.model,
+                batch,
+                self.recipes[SPLIT],
+                need,
+                s.num_classes,
+                self.teach.batch_size,
+                self.device,
+                (s.shard_rows, s.n),
             )
             w.add_calls(SPLIT, j, need, logits)
         return int(owed.sum())

@@ -29,7 +29,7 @@ from pipeline.cache.budget import BudgetSpec
 from pipeline.cache.store import LogitStore, SplitSpec, StoreError, StoreSpec, StoreWriter, same_content
 from pipeline.config import TeachConfig
 from pipeline.data.shards import Manifest, read_shard, sample_key, sha256_file, take_images
-from pipeline.data.views import ViewRecipe, build_recipe, check_recipe
+from pipeline.data.views import MixSource, ViewRecipe, build_recipe, check_recipe
 from pipeline.lock import exclusive
 from pipeline.models.checkpoint import load_model
 from pipeline.models.predict import predict_arrays
@@ -62,16 +62,26 @@ def shard_logits(
     num_classes: int,
     batch_size: int,
     device: torch.device,
+    layout: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Logits (n, V, C) for one shard: view v of each queried row, NaN elsewhere."""
+    """Logits (n, V, C) for one shard: view v of each queried row, NaN elsewhere.
+
+    layout: the split's (shard_rows, N), which a mixing recipe's partner windows need (`views.Mix`).
+    """
     n = len(batch.images)
+    partners = None
+    if recipe.mix is not None:  # every partner lies in the row's window of this shard
+        if layout is None:
+            raise ValueError("shard_logits: a mixing recipe needs the split's layout (shard_rows, N)")
+        partners = MixSource(lambda rows: take_images(batch.images, rows - batch.start), *layout)
     out = np.full((n, recipe.views, num_classes), np.nan, dtype=np.float32)
     index = np.arange(batch.start, batch.start + n)
     for v in range(recipe.views):
         sel = np.flatnonzero(queried[:, v])
         if len(sel) == 0:
             continue
-        imgs = recipe.apply(take_images(batch.images, sel), index[sel], np.full(len(sel), v))  # (k, H', W', C)
+        # (k, H', W', C): view v of the selected rows (mixed with their partners' for a mixing recipe)
+        imgs = recipe.apply(take_images(batch.images, sel), index[sel], np.full(len(sel), v), partners)
         logits = predict_arrays(model, imgs, batch_size, device) if isinstance(model, nn.Module) else model(imgs)
         if logits.shape != (len(sel), num_classes):
             raise ValueError(
@@ -292,7 +302,9 @@ def run_teach(
                 old_logits, old_q = previous.block(split, start, stop) if previous else (None, None)
                 if old_q is not None:
                     need = need & ~old_q  # only calls the earlier budget did not make
-                logits = shard_logits(model, batch, recipes[split], need, s.num_classes, batch_size, device)
+                logits = shard_logits(
+                    model, batch, recipes[split], need, s.num_classes, batch_size, device, (s.shard_rows, s.n)
+                )
                 if old_q is not None:
                     keep = old_q & masks[split][start:stop]
                     logits[keep] = old_logits[keep]

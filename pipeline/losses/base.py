@@ -133,6 +133,9 @@ class DistillationLoss(nn.Module):
     name: ClassVar[str] = ""
     #: the optional inputs (of :data:`OPTIONAL_INPUTS`) :meth:`distill` reads
     reads: ClassVar[frozenset[str]] = frozenset()
+    #: whether the loss works on mixed images (Mixup/CutMix views: two labels): its distillation term never reads
+    #: the hard target (DKD's target/non-target split and MTKD's per-member CE do, so they cannot)
+    mixes: ClassVar[bool] = True
 
     def __init__(self, ce_weight: float, ce_param: str = "ce_weight") -> None:
         super().__init__()
@@ -176,14 +179,21 @@ class DistillationLoss(nn.Module):
         groups: Tensor | None = None,
         teacher_features: Mapping[str, Tensor] | None = None,
         members: Tensor | None = None,
+        mix: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """See the class docstring. ``groups``: ``(G, k)`` comparison row indices; ``teacher_features``:
         :meth:`teacher_features` of these teacher logits computed elsewhere (e.g. by the loader; omitted, they
-        are computed here, with equal results); ``members``: ``(B, M, C)`` member-teacher logits."""
+        are computed here, with equal results); ``members``: ``(B, M, C)`` member-teacher logits; ``mix``:
+        ``(target2 (B,), lam (B,))`` of mixed images (Mixup/CutMix views), for the CE term (see `assemble`)."""
+        if mix is not None and not self.mixes:
+            raise ValueError(
+                f"loss {self.name!r} reads the hard target, which a mixed image (Mixup/CutMix) does not have: "
+                "use a store without mixing, or a loss that mixes (ce, kd, dist, cmkd, ckd, lskd)"
+            )
         student, teacher, target = prepare_inputs(student_logits, teacher_logits, target)
         inputs = gather_inputs(self, teacher, epoch, groups=groups, teacher_features=teacher_features, members=members)
         total, parts = self.distill(student, teacher, target, inputs)
-        return assemble(student, target, self.ce_weight, total, parts, self.label_smoothing)
+        return assemble(student, target, self.ce_weight, total, parts, self.label_smoothing, mix)
 
     def extra_repr(self) -> str:
         smoothing = {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}  # shown when set
@@ -248,6 +258,22 @@ def resolve_features(loss: nn.Module, teacher: Tensor, given: Mapping[str, Tenso
     return out
 
 
+def mixed_cross_entropy(
+    student: Tensor, target: Tensor, mix: tuple[Tensor, Tensor] | None, label_smoothing: float = 0.0
+) -> Tensor:
+    """Batch-mean CE of ``student (B, C)`` against ``target (B,)``, or the mixed target ``mix = (y2 (B,), lam (B,))``.
+
+    Without ``mix`` it is ``F.cross_entropy`` itself (bit for bit); the training loop's CE-only rows use it too.
+    """
+    if mix is None:
+        return F.cross_entropy(student, target, label_smoothing=label_smoothing)
+    y2, lam = mix
+    lam = lam.to(student.dtype)
+    own = F.cross_entropy(student, target, label_smoothing=label_smoothing, reduction="none")  # (B,)
+    other = F.cross_entropy(student, y2.long(), label_smoothing=label_smoothing, reduction="none")  # (B,)
+    return (lam * own + (1 - lam) * other).mean()
+
+
 def prepare_inputs(student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Check shapes, promote to the compute dtype, detach the teacher. Returns (student, teacher, target)."""
     if student_logits.dim() != 2:
@@ -273,13 +299,16 @@ def assemble(
     distill_total: Tensor,
     parts: dict[str, Tensor],
     label_smoothing: float = 0.0,
+    mix: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """``{"loss": ce_weight * CE + distill_total, "ce": CE, **parts}`` with detached parts.
 
     CE with label smoothing epsilon (Szegedy et al. 2016, "Rethinking the Inception architecture"):
     ``CE = -mean_i [(1 - eps) log p_i[y_i] + eps / C * sum_c log p_i[c]]``; eps = 0 is plain CE, bit for bit.
+    With ``mix = (y2, lam)`` (mixed images): ``CE = mean_i [lam_i CE_i(y_i) + (1 - lam_i) CE_i(y2_i)]``, the
+    Mixup/CutMix target (Zhang et al. 2018; Yun et al. 2019).
     """
-    ce = F.cross_entropy(student, target, label_smoothing=label_smoothing)  # scalar, batch mean
+    ce = mixed_cross_entropy(student, target, mix, label_smoothing)  # scalar, batch mean
     out = {"loss": ce_weight * ce + distill_total, "ce": ce.detach()}
     for key, value in parts.items():
         out[key] = value.detach()

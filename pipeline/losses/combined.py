@@ -46,6 +46,10 @@ class CombinedLoss(DistillationLoss):
         return frozenset().union(*(c.reads for c in self.components.values()))
 
     @property
+    def mixes(self) -> bool:  # type: ignore[override]
+        return all(c.mixes for c in self.components.values())
+
+    @property
     def feature_names(self) -> tuple[str, ...]:
         return tuple(f"{n}.{k}" for n, c in self.components.items() for k in c.feature_names)
 

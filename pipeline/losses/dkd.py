@@ -54,6 +54,7 @@ class DKDLoss(DistillationLoss):
     """
 
     name = "dkd"
+    mixes = False  # reads the hard target (see DistillationLoss.mixes)
 
     def __init__(
         self,

@@ -51,6 +51,7 @@ class MTKDLoss(DistillationLoss):
     """
 
     name = "mtkd"
+    mixes = False  # reads the hard target (see DistillationLoss.mixes)
     reads = frozenset({"members"})
 
     def __init__(

@@ -34,7 +34,15 @@ from torch.utils.data import IterableDataset
 
 from pipeline.cache.store import LogitStore
 from pipeline.data.shards import Manifest, ShardError, ShardInfo, iter_shard
-from pipeline.data.views import PadCropFlip, ViewRecipe, hash_u64, pick_allowed_view, pick_view
+from pipeline.data.views import (
+    MIX_WINDOW,
+    PadCropFlip,
+    ViewRecipe,
+    hash_u64,
+    mix_pixels,
+    pick_allowed_view,
+    pick_view,
+)
 from pipeline.runtime import rank_world
 from pipeline.training.source import EpochPlan, TeacherFeatures
 
@@ -44,8 +52,9 @@ _TAG_SHUFFLE = 0x5348_5546
 
 # One sample between the shard reader and the batcher: a tuple is ~5x cheaper to build and shuffle
 # than a dict of tensors. (index, image (H, W, C) decoded, label, view, the recipe's row params, logits (C,) | None,
-# has_teacher, members (M, C) | None)
-_Item = tuple[int, np.ndarray, int, int, Any, "np.ndarray | None", bool, "np.ndarray | None"]
+# has_teacher, members (M, C) | None, mix (label2, lam) | None). A mixing recipe renders before the shuffle
+# buffer (the partner is at hand only then): its items carry the finished view and params None.
+_Item = tuple[int, np.ndarray, int, int, Any, "np.ndarray | None", bool, "np.ndarray | None", Any]
 
 
 class _ShardJoin:
@@ -76,9 +85,20 @@ class _ShardJoin:
         self.view = view  # (n,) -1 = skip the row (budget mode: the teacher never saw it)
         self.view_list = view.tolist()
         self.has_list = self.has_teacher.tolist()
+        self.recipe = ds.recipe
+        self.mix = None  # a mixing recipe's plan for the shard: partners, weights, boxes (pure functions)
+        if ds.recipe.mix is not None:
+            hw = ds.recipe.out_shape(ds.manifest.image_shape)[:2]
+            n_split = ds.manifest.split(ds.split).n
+            self.mix = ds.recipe.mix.plan(
+                ds.recipe.seed, index, np.maximum(view, 0), ds.manifest.shard_size, n_split, hw
+            )
 
     def items(self) -> Iterator[_Item]:
         """The shard's samples in file order, each checked against the manifest's row range."""
+        if self.mix is not None:
+            yield from self._mixed_items()
+            return
         info, block, members = self.info, self.block, self.members
         wanted = self.view >= 0
         for i, img, label in iter_shard(self.url, expect=range(info.start, info.stop), wanted=wanted):
@@ -86,14 +106,52 @@ class _ShardJoin:
             v = self.view_list[r]
             logits = block[r, v] if block is not None else None  # (C,)
             member = members[r, v] if members is not None else None  # (M, C)
-            yield (i, img, label, v, self.params[r], logits, self.has_list[r], member)
+            yield (i, img, label, v, self.params[r], logits, self.has_list[r], member, None)
+
+    def _mixed_items(self) -> Iterator[_Item]:
+        """A mixing recipe's items: rows decoded window by window (`views.MIX_WINDOW`: every partner is in its
+        row's window), each view rendered and mixed with its partner's view here, as `shard_logits` does."""
+        info, block, members, plan = self.info, self.block, self.members, self.mix
+        assert plan is not None
+        images: dict[int, np.ndarray] = {}
+        labels: dict[int, int] = {}
+        for i, img, label in iter_shard(self.url, expect=range(info.start, info.stop)):  # partners: decode all
+            images[i], labels[i] = img, label
+            r = i - info.start
+            if r + 1 < info.count and (r + 1) % MIX_WINDOW:  # the window is complete at its last row
+                continue
+            rows = [k for k in sorted(images) if self.view_list[k - info.start] >= 0]
+            if rows:
+                pos = np.array(rows) - info.start  # (k,) rows of the shard
+                v = self.view[pos]
+                out = self.recipe.render([images[k] for k in rows], [self.params[p] for p in pos], v)
+                part = plan.partner[pos]
+                sel = np.flatnonzero(part >= 0)
+                if len(sel):
+                    j = part[sel]
+                    other = self.recipe.render(
+                        [images[k] for k in j.tolist()], self.recipe.row_params(j, v[sel]), v[sel]
+                    )  # each partner through its own view (j, v)
+                    out[sel] = mix_pixels(out[sel], other, plan.lam[pos[sel]], plan.box[pos[sel]])
+                for k, p, x in zip(rows, pos.tolist(), out, strict=True):
+                    vv = self.view_list[p]
+                    logits = block[p, vv] if block is not None else None  # (C,)
+                    member = members[p, vv] if members is not None else None  # (M, C)
+                    j = int(plan.partner[p])
+                    mix = (labels[j], float(plan.lam[p])) if j >= 0 else (labels[k], 1.0)
+                    yield (k, x, labels[k], vv, None, logits, self.has_list[p], member, mix)
+            images.clear()
+            labels.clear()
 
 
 def _item_to_sample(item: _Item, recipe: ViewRecipe) -> dict[str, Any]:
     """One item as the per-sample dict of `DistillDataset.__iter__` (augmentation applied)."""
-    i, img, label, v, params, logits, has, member = item
-    img = recipe.render([img], [params], np.array([v]))[0]  # (H', W', C) a fresh, writable array (for torch)
+    i, img, label, v, params, logits, has, member, mix = item
+    # (H', W', C) a fresh, writable array (for torch); a mixing recipe's item holds its finished view
+    img = recipe.render([img], [params], np.array([v]))[0] if params is not None else np.array(img)
     out = {"image": torch.from_numpy(img), "label": label, "index": i, "view": v}
+    if mix is not None:
+        out["mix_label"], out["mix_lam"] = mix
     if logits is not None:
         out["logits"] = torch.from_numpy(logits.astype(np.float32))  # (C,)
         out["has_teacher"] = has
@@ -104,15 +162,19 @@ def _item_to_sample(item: _Item, recipe: ViewRecipe) -> dict[str, Any]:
 
 def _collate(items: list[_Item], recipe: ViewRecipe) -> dict[str, np.ndarray]:
     """A batch of items -> numpy arrays laid out as `default_collate` of their samples would be, built at once."""
-    idx, imgs, labels, views, params, logits, has, members = zip(*items, strict=True)
+    idx, imgs, labels, views, params, logits, has, members, mix = zip(*items, strict=True)
     v = np.array(views, dtype=np.int64)
-    images = recipe.render(imgs, params, v)  # (B, H', W', C) uint8: each row's view, as the teacher saw it
+    # (B, H', W', C) uint8: each row's view, as the teacher saw it (a mixing recipe's items hold their finished view)
+    images = recipe.render(imgs, params, v) if mix[0] is None else np.stack(imgs)
     out = {
         "image": images,
         "label": np.array(labels, dtype=np.int64),
         "index": np.array(idx, dtype=np.int64),
         "view": v,
     }
+    if mix[0] is not None:
+        out["mix_label"] = np.array([m[0] for m in mix], dtype=np.int64)  # (B,) the partner's label
+        out["mix_lam"] = np.array([m[1] for m in mix], dtype=np.float32)  # (B,) the row's own weight
     if logits[0] is not None:
         out["logits"] = np.stack(logits).astype(np.float32, copy=False)  # (B, C) float32
         out["has_teacher"] = np.array(has, dtype=bool)

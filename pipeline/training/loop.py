@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from pipeline.config import TrainConfig
 from pipeline.data.shards import sample_key
 from pipeline.errors import UserError
+from pipeline.losses.base import mixed_cross_entropy
 from pipeline.models.checkpoint import CheckpointError, atomic_write
 from pipeline.models.predict import to_input
 from pipeline.runtime import rank_world, write_run_log
@@ -534,6 +535,9 @@ def _batch_loss(
         if k.startswith(FEATURE_PREFIX) and run.teacher is None
     }
     members = batch.get("members") if run.teacher is None else None  # (B, M, C) an ensemble's member logits
+    mix = None  # mixed images (Mixup/CutMix views): each row's second label and its own image's weight
+    if "mix_label" in batch:
+        mix = (batch["mix_label"].to(device, non_blocking=True), batch["mix_lam"].to(device, non_blocking=True))
     parts = compute_loss(
         run.loss_fn,
         s,
@@ -545,6 +549,7 @@ def _batch_loss(
         groups=groups,
         features=features or None,
         members=None if members is None else members.to(device, non_blocking=True),
+        mix=mix,
     )
     run.timer.lap("loss")
     return parts, s, y
@@ -656,6 +661,7 @@ def compute_loss(
     groups: torch.Tensor | None = None,
     features: dict[str, torch.Tensor] | None = None,
     members: torch.Tensor | None = None,
+    mix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The loss on rows with teacher logits; plain CE on rows without (budget `unqueried: ce`).
 
@@ -668,18 +674,21 @@ def compute_loss(
     Every loss takes the same keyword inputs (`pipeline.losses.base.DistillationLoss.forward`).
     label_smoothing: the CE's epsilon where no loss owns one (teacher training: `train_teacher.train.optim`); a
     distillation loss smooths its own CE term, and the rows without teacher logits like it.
+    mix: (label2 (B,), lam (B,)) of mixed images (Mixup/CutMix views): the CE terms take the mixed target.
     """
     s = s.float()
     if t is None:
-        ce = nn.functional.cross_entropy(s, y, label_smoothing=label_smoothing)
+        ce = mixed_cross_entropy(s, y, mix, label_smoothing)
         return {"loss": ce, "ce": ce}
+    kw = {} if mix is None else {"mix": mix}  # only a mixing store passes it (a loss that cannot mix refuses it)
     has = _host_mask(has_teacher)  # (B,) numpy bool, or None
     if has is None or has.all():
-        return loss_fn(s, t, y, epoch=epoch, groups=groups, teacher_features=features, members=members)
+        return loss_fn(s, t, y, epoch=epoch, groups=groups, teacher_features=features, members=members, **kw)
     rest = torch.from_numpy(np.flatnonzero(~has)).to(s.device, non_blocking=True)  # (B - n_t,) row indices
     # Rows without teacher logits get the loss's own CE term, smoothed as the loss smooths its CE.
     smoothing = getattr(loss_fn, "label_smoothing", label_smoothing)
-    ce_rest = nn.functional.cross_entropy(s[rest], y[rest], label_smoothing=smoothing)
+    rest_mix = None if mix is None else (mix[0][rest], mix[1][rest])
+    ce_rest = mixed_cross_entropy(s[rest], y[rest], rest_mix, smoothing)
     n_t = int(has.sum())
     if n_t == 0:
         return {"loss": ce_rest, "ce_unqueried": ce_rest}
@@ -687,7 +696,9 @@ def compute_loss(
     # Groups index the whole batch: the loss draws its own on the rows it gets.
     sub_features = None if features is None else {k: v[m] for k, v in features.items()}
     sub_members = None if members is None else members[m]
-    parts = loss_fn(s[m], t[m], y[m], epoch=epoch, teacher_features=sub_features, members=sub_members)
+    if mix is not None:
+        kw = {"mix": (mix[0][m], mix[1][m])}
+    parts = loss_fn(s[m], t[m], y[m], epoch=epoch, teacher_features=sub_features, members=sub_members, **kw)
     frac = n_t / len(y)
     parts = dict(parts)
     parts["loss"] = frac * parts["loss"] + (1 - frac) * ce_rest

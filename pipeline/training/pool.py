@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.cache.store import LogitStore
 from pipeline.data.shards import Manifest, read_rows
-from pipeline.data.views import ViewRecipe, hash_u64
+from pipeline.data.views import MixSource, ViewRecipe, hash_u64
 from pipeline.runtime import rank_world
 from pipeline.training.source import EpochPlan, TeacherFeatures
 
@@ -76,7 +76,20 @@ class QueriedPool:
         self.members = store.read_member_rows(rows)[np.arange(len(rows)), views] if members else None  # (P, M, C)
         self.teacher_features = teacher_features
         images, self.labels = read_rows(manifest, split, self.index)  # (P, H, W, C) uint8, (P,)
-        self.images = recipe.apply(images, self.index, self.view)  # each sample-view with its cached view applied
+        partners = None
+        if recipe.mix is not None:  # a mixing recipe's partners: read once, by row
+            partners = MixSource(lambda rows: read_rows(manifest, split, rows)[0], store.shard_rows, store.n)
+        # each sample-view with its cached view applied
+        self.images = recipe.apply(images, self.index, self.view, partners)
+        self.mix = None  # (label2 (P,), lam (P,)): the CE's mixed target of each pooled view
+        if recipe.mix is not None:
+            hw = self.images.shape[1:3]
+            plan = recipe.mix.plan(recipe.seed, self.index, self.view, store.shard_rows, store.n, hw)
+            mixed = plan.partner >= 0
+            label2 = self.labels.copy()
+            if mixed.any():
+                label2[mixed] = read_rows(manifest, split, plan.partner[mixed])[1]
+            self.mix = (label2, plan.lam.astype(np.float32))
         self.epoch_samples = int(epoch_samples or manifest.split(split).n)
         self.recipe = recipe
         log.info("queried pool: %d sample-views of %d rows in memory", len(rows), len(np.unique(rows)))
@@ -135,6 +148,8 @@ class QueriedPool:
             }
             if self.members is not None:
                 batch["members"] = self.members[p]  # (B, M, C) float32
+            if self.mix is not None:
+                batch["mix_label"], batch["mix_lam"] = self.mix[0][p], self.mix[1][p]
             yield batch
 
 

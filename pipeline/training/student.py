@@ -26,7 +26,7 @@ from pipeline.cache.budget import BudgetSpec, parse_budget
 from pipeline.cache.store import LogitStore
 from pipeline.config import ConfigError, DistillConfig, student_id
 from pipeline.data.shards import Manifest
-from pipeline.data.views import view_manifest
+from pipeline.data.views import ViewRecipe, view_manifest
 from pipeline.layout import STUDENT_MODEL, Layout
 from pipeline.lock import exclusive, reading
 from pipeline.losses import LossConfigError, build_loss
@@ -291,6 +291,13 @@ def _run_student(
     if cfg.teacher_source not in ("cache", "online"):
         raise ConfigError(f"distill.teacher_source must be 'cache' or 'online', got '{cfg.teacher_source}'")
     train_store = LogitStore(store_path, "train", manifest)
+    mixing = ViewRecipe.from_dict(train_store.view_recipe).mix is not None
+    if mixing and not loss_fn.mixes:
+        raise ConfigError(
+            f"distill loss {run.loss!r} reads the hard target, but the store {store_path} holds mixed views "
+            "(Mixup/CutMix: two labels per image): pick a loss that mixes (ce, kd, dist, cmkd, ckd, lskd) or a "
+            "store taught without mixing (teach.augment mixup_alpha/cutmix_alpha 0)"
+        )
     labels = None if run.is_full else manifest.iter_labels("train")
     allowed = budget_mask(train_store, labels, run.budget)
     set_threads(cfg.train.threads)
