@@ -162,10 +162,10 @@ def iqr(values: list[float]) -> tuple[float, float, float]:
 def breakdown(jpegs: list[bytes], tensors: list[torch.Tensor], keep_urls: list[str], recipe: ResizedCropFlip) -> None:
     """Where (a)'s and (b)'s CPU time goes, per image (each part timed alone, median of 3 passes).
 
-    Also times two changes to `ResizedCropFlip` that this benchmark does not make (the pipeline's code is the
-    pipeline's): the 51 uniforms of `box` hashed for a whole batch at once instead of per image, and the crop
-    made a contiguous channels-last (HWC) copy before the antialiased resize; the second is checked to give the
-    same pixels.
+    Also times the two ways of making a view this benchmark found (commit 60c1258) and `ResizedCropFlip.render`
+    adopted (47b1d35): the 51 uniforms of `box` hashed for a whole batch at once instead of per image, and the crop
+    made a contiguous channels-last (HWC) copy before the antialiased resize (checked to give the same pixels as
+    `resized_crop` on the strided view).
     """
     n, s = len(jpegs), recipe.size
     decoded = [decode_jpeg(d) for d in jpegs]  # (H, W, C) views of the decoder's channels-last memory
@@ -193,14 +193,14 @@ def breakdown(jpegs: list[bytes], tensors: list[torch.Tensor], keep_urls: list[s
             crop = x[:, top : top + h, left : left + w]
             if hwc_crop:  # a contiguous HWC copy of the crop: the uint8 antialiased kernel's own layout
                 y = tvf.resize(crop.permute(1, 2, 0).contiguous().permute(2, 0, 1), [s, s], antialias=True)
-            else:  # what `render` does now
+            else:  # what `render` did before 47b1d35
                 y = tvf.resized_crop(x, top, left, h, w, [s, s], antialias=True)
             res.append(y.flip(-1) if flip else y)
         return res
 
     def to_rows(ys: list[torch.Tensor]) -> None:
         for k, y in enumerate(ys):
-            out[k] = y.permute(1, 2, 0).numpy()  # `render`'s batch row copy
+            out[k] = y.permute(1, 2, 0).numpy()  # the batch row copy
 
     now, fixed = views(False), views(True)
     same = all(torch.equal(a, b) for a, b in zip(now, fixed, strict=True))
@@ -209,13 +209,13 @@ def breakdown(jpegs: list[bytes], tensors: list[torch.Tensor], keep_urls: list[s
         ("`tario.decode_jpeg` (bytes -> HWC view)", lambda: [decode_jpeg(d) for d in jpegs]),
         ("`torchvision.io.decode_jpeg` (uint8 tensor)", lambda: [tv_decode_jpeg(t) for t in tensors]),
         ("`recipe.row_params` (one hash per batch)", lambda: recipe.row_params(np.arange(n), np.ones(n, np.int64))),
-        ("`recipe.box` (its `_units` below)", all_boxes),
+        ("`recipe.box` hashing its own uniforms (`_units` below; `render` passes a batch's)", all_boxes),
         ("`views._units(key, 51)` alone (one numpy hash per image)", lambda: [_units(k, 51) for k in keys]),
         ("the same uniforms, one `hash_u64` for all images", lambda: hash_u64(key_col, _TAG_UNIT, UNIT_COLS)),
         ("v1 `RandomResizedCrop.get_params` (torch RNG)", lambda: [rrc.get_params(x, *scale_ratio) for x in chw]),
-        ("`resized_crop` 224 antialias + flip, as `render` does", lambda: views(False)),
-        ("`render`'s HWC row copy of those (CHW-strided) views", lambda: to_rows(now)),
-        ("the same on a contiguous HWC copy of the crop", lambda: views(True)),
+        ("`resized_crop` 224 antialias + flip on the strided view (`render` before 47b1d35)", lambda: views(False)),
+        ("HWC row copy of those (CHW-strided) views", lambda: to_rows(now)),
+        ("the same on a contiguous HWC copy of the crop (`render` now)", lambda: views(True)),
         ("HWC row copy of those (channels-last) views", lambda: to_rows(fixed)),
         ("`recipe.render` view 1 in all (box + crop + flip + copy)", lambda: recipe.render(decoded, keys, [1] * n)),
         ("v2 RandomResizedCrop + flip + `torch.stack`, in all", lambda: torch.stack([train_v2(x) for x in chw])),
@@ -225,7 +225,7 @@ def breakdown(jpegs: list[bytes], tensors: list[torch.Tensor], keep_urls: list[s
     print("|---|---:|")
     for name, fn in parts:
         print(f"| {name} | {per_image_us(fn, n):.1f} |", flush=True)
-    print(f"\nresized_crop on the contiguous HWC crop gives the same pixels as `render`'s: {same}")
+    print(f"\nresized_crop on the contiguous HWC crop gives the same pixels as on the strided view: {same}")
 
 
 def main(argv: list[str] | None = None) -> None:

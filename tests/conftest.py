@@ -200,3 +200,36 @@ def linear_teacher(manifest: Manifest, seed: int = 0) -> torch.nn.Module:
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 np.set_printoptions(precision=4)
+
+
+def teacher_inputs(
+    manifest: Manifest, spec, recipes, calls: list[torch.Tensor]
+) -> dict[tuple[str, int, int], torch.Tensor]:
+    """(split, index, view) -> the input the teacher saw, from the batches `run_teach` fed it in order: shards in
+    order, views in order, one call per (shard, view) (batch_size >= shard size)."""
+    seen, k = {}, 0
+    for split in spec.splits:
+        for shard in manifest.split(split).shards:
+            for v in range(recipes[split].views):
+                for row, x in enumerate(calls[k]):
+                    seen[(split, shard.start + row, v)] = x
+                k += 1
+    return seen
+
+
+def check_student_inputs(ds, seen: dict, batch_size: int, epochs: tuple[int, ...] = (0, 1)) -> int:
+    """Assert every training input the loader gives over `epochs` is bit for bit the teacher's input for that
+    (index, view); returns how many were checked."""
+    from pipeline.models import to_input
+    from pipeline.training.transport import make_loader
+
+    checked = 0
+    for epoch in epochs:
+        ds.set_epoch(epoch)
+        for batch in make_loader(ds, batch_size, workers=0):
+            x = to_input(batch["image"])
+            for j in range(len(x)):
+                key = ("train", int(batch["index"][j]), int(batch["view"][j]))
+                assert torch.equal(x[j], seen[key]), key
+                checked += 1
+    return checked

@@ -38,6 +38,8 @@ def _folder(root: Path) -> dict[str, bytes]:
     _save(root / "train/a/cmyk.jpg", _img(20, 20, 2).convert("CMYK"), "JPEG")
     _save(root / "train/b/gray.jpg", _img(25, 35, 3).convert("L"), "JPEG")
     _save(root / "train/b/pal.png", _img(16, 16, 4).convert("P"), "PNG")
+    deep = (np.arange(12 * 10).reshape(12, 10) * 500).astype(np.uint16)  # a 16-bit gray PNG (mode I;16)
+    _save(root / "train/b/deep.png", Image.fromarray(deep), "PNG")
     kept["rgb.png"] = _save(root / "train/b/rgb.png", _img(17, 19, 5), "PNG")
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees on display
@@ -72,8 +74,8 @@ def test_keep_stores_the_files_and_converts_the_rest(tmp_path):
     m = load_manifest(_prepare(tmp_path, root, "shards"))
     names = sorted(p.name for p in (root / "train").rglob("*") if p.suffix in (".jpg", ".png"))
     # torchvision's order: class a then b, sorted paths within a class
-    order = ["cmyk.jpg", "plain.jpg", "prog.jpg", "exif.jpg", "gray.jpg", "pal.png", "rgb.png", "tiny.jpg"]
-    assert sorted(order) == names and m.split("train").n == 8 and m.image_shape == (None, None, 3)
+    order = ["cmyk.jpg", "plain.jpg", "prog.jpg", "deep.png", "exif.jpg", "gray.jpg", "pal.png", "rgb.png", "tiny.jpg"]
+    assert sorted(order) == names and m.split("train").n == 9 and m.image_shape == (None, None, 3)
     members = _members(m)
     for i, name in enumerate(order):
         data = bytes(members[i])
@@ -98,7 +100,7 @@ def test_truncated_and_bomb_files_are_one_line_or_skipped(tmp_path, monkeypatch)
     with pytest.raises(UserError, match=r"cannot decode image .*broken\.jpg.*on_corrupt='skip'"):
         _prepare(tmp_path, root, "shards")
     m = load_manifest(_prepare(tmp_path, root, "skipped", options={"on_corrupt": "skip"}))
-    assert m.split("train").n == 8  # the truncated file dropped, the rest kept
+    assert m.split("train").n == 9  # the truncated file dropped, the rest kept
     (root / "train/a/broken.jpg").unlink()
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # 40x30 = 1200 px > 2 x 200: a "bomb" here
     with pytest.raises(UserError, match=r"cannot decode image .*DecompressionBombError"):

@@ -38,6 +38,7 @@ from pipeline.data.views import (
 from pipeline.models import to_input
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.transport import make_loader
+from tests.conftest import check_student_inputs, teacher_inputs
 
 
 def _jpeg(h: int, w: int, seed: int, mode: str = "RGB") -> bytes:
@@ -124,25 +125,10 @@ def test_student_input_equals_teacher_input_bit_for_bit(recipe, jpeg_data, fresh
     spec = build_spec(m, {"name": "spy", "arch": "x", "weights_sha256": "0"}, recipes, dtype="float32",
                       compressor="none", chunk_rows=8, budget=BudgetSpec())  # fmt: skip
     run_teach(m, spy, tmp_path / "spy.zarr", spec, recipes, batch_size=1000)
-    seen, k = {}, 0
-    for split in spec.splits:  # shards in order, views in order, one call per (shard, view)
-        for shard in m.split(split).shards:
-            for v in range(recipes[split].views):
-                for row, x in enumerate(spy.calls[k]):
-                    seen[(split, shard.start + row, v)] = x
-                k += 1
+    seen = teacher_inputs(m, spec, recipes, spy.calls)  # (split, index, view) -> what the teacher saw
     ds = DistillDataset(m, "train", tmp_path / "spy.zarr", seed=11, shuffle_buffer=8)
     assert ds.recipe == recipes["train"]  # the store's recipe, read back
-    checked = 0
-    for epoch in (0, 1):
-        ds.set_epoch(epoch)
-        for batch in make_loader(ds, 8, workers=0):
-            x = to_input(batch["image"])
-            for j in range(len(x)):
-                key = ("train", int(batch["index"][j]), int(batch["view"][j]))
-                assert torch.equal(x[j], seen[key]), key
-                checked += 1
-    assert checked == 2 * m.split("train").n
+    assert check_student_inputs(ds, seen, batch_size=8) == 2 * m.split("train").n
     if recipes["train"].mix is not None:  # the CE's mixed target: the partner's label and the plan's weight
         labels = m.iter_labels("train")
         hw = recipes["train"].out_shape(m.image_shape)[:2]

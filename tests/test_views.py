@@ -14,6 +14,7 @@ from pipeline.data.views import PadCropFlip, hash_u64, pick_view
 from pipeline.models import to_input
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.transport import make_loader
+from tests.conftest import check_student_inputs, teacher_inputs
 
 
 def test_view_zero_is_identity():
@@ -69,7 +70,6 @@ def test_hash_broadcasts():
 def test_student_input_equals_teacher_input_bit_for_bit(fresh_manifest, tmp_path):
     """Capture what the teacher saw while caching and what the student gets from the loader."""
     m = fresh_manifest
-    seen: dict[tuple[int, int], torch.Tensor] = {}
     recipes = {"train": PadCropFlip(3, 5, 2, True), "test": PadCropFlip(1, 5, 2, True)}
 
     class Spy(torch.nn.Module):
@@ -103,25 +103,9 @@ def test_student_input_equals_teacher_input_bit_for_bit(fresh_manifest, tmp_path
         budget=BudgetSpec(),
     )
     run_teach(m, spy, tmp_path / "spy.zarr", spec, recipes, batch_size=1000)
-    # Rebuild the (index, view) -> teacher input map: shards in order, views in order, batch = one shard.
-    k = 0
-    for split in spec.splits:
-        for shard in m.split(split).shards:
-            for v in range(recipes[split].views):
-                for row, x in enumerate(calls[k]):
-                    seen[(split, shard.start + row, v)] = x
-                k += 1
+    seen = teacher_inputs(m, spec, recipes, calls)  # (split, index, view) -> what the teacher saw
     ds = DistillDataset(m, "train", tmp_path / "spy.zarr", seed=11, shuffle_buffer=50)
-    checked = 0
-    for epoch in (0, 1):
-        ds.set_epoch(epoch)
-        for batch in make_loader(ds, 32, workers=0):
-            x = to_input(batch["image"])
-            for j in range(len(x)):
-                key = ("train", int(batch["index"][j]), int(batch["view"][j]))
-                assert torch.equal(x[j], seen[key]), key
-                checked += 1
-    assert checked == 2 * m.split("train").n
+    assert check_student_inputs(ds, seen, batch_size=32) == 2 * m.split("train").n
     # And the cached logits the student gets are the teacher's output on that very input.
     batch = next(iter(make_loader(ds, 16, workers=0)))
     with torch.no_grad():
