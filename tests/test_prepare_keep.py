@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from pipeline.data.shards import iter_shard, load_manifest
 from pipeline.errors import UserError
@@ -105,3 +105,64 @@ def test_truncated_and_bomb_files_are_one_line_or_skipped(tmp_path, monkeypatch)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # 40x30 = 1200 px > 2 x 200: a "bomb" here
     with pytest.raises(UserError, match=r"cannot decode image .*DecompressionBombError"):
         _prepare(tmp_path, root, "bomb")
+
+
+def _shapes_folder(root: Path, n_train: int, n_test: int) -> None:
+    """A learnable 3-class ImageFolder of JPEGs of many sizes: a red, green or blue disc on a grey ground."""
+    rng = np.random.default_rng(0)
+    colours = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 50, 40)}
+    for split, n in (("train", n_train), ("test", n_test)):
+        for i in range(n):
+            name = list(colours)[i % 3]
+            h, w = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+            im = Image.new("RGB", (w, h), (128, 128, 128))
+            r = min(h, w) // 3
+            cy, cx = int(rng.integers(r, h - r + 1)), int(rng.integers(r, w - r + 1))
+            ImageDraw.Draw(im).ellipse((cx - r, cy - r, cx + r, cy + r), fill=colours[name])
+            _save(root / split / name / f"{i:04d}.jpg", im, "JPEG", quality=90)
+
+
+@pytest.mark.slow
+def test_every_stage_on_jpegs_of_many_sizes_with_rrc_flip_and_mixing(tmp_path, monkeypatch):
+    """prepare (JPEG bytes kept) -> train_teacher / teach (rrc_flip + CutMix/Mixup + TrivialAugment) -> distill ->
+    evaluate, on a tiny ImageFolder of mixed sizes; a loss that reads the hard target refuses the mixing store."""
+    from pipeline.config import ConfigError
+    from pipeline.records import read_record
+    from stages import corrupt, distill, evaluate, report, teach, train_teacher
+    from tests.conftest import make_project, tiny_params
+
+    _shapes_folder(tmp_path / "shapes", 150, 45)
+    recipe = {"recipe": "rrc_flip", "size": 24, "scale": [0.35, 1.0], "crop_pct": 1.0, "flip": True}
+    params = tiny_params(
+        prepare={
+            "name": "shapes",
+            "source": "imagefolder",
+            "root": str(tmp_path / "shapes"),
+            "options": {},
+            "shard_size": 32,
+            "encode": "keep",
+        },  # fmt: skip
+        teachers={"small": {"arch": "cnn_tiny", "epochs": 2, "lr": 0.05, "batch_size": 32}},
+        distill={"losses": ["kd", "dkd"]},
+    )
+    params["train_teacher"]["augment"] = {**recipe, "cutmix_alpha": 1.0}
+    params["teach"]["augment"] = {**recipe, "mixup_alpha": 0.8, "photometric": "trivial_augment"}
+    make_project(tmp_path / "project", params)
+    monkeypatch.chdir(tmp_path / "project")
+    prepare.main([])
+    m = load_manifest("data/shards/shapes")
+    assert m.image_shape == (None, None, 3) and m.sizes("train").shape == (m.split("train").n, 2)
+    train_teacher.main(["--name", "small"])
+    assert read_record("metrics/teachers/details/small.json", "teacher")["val_accuracy"] > 0.5  # 3 classes
+    teach.main(["--name", "small"])
+    distill.main(["--teacher", "small", "--loss", "kd"])
+    corrupt.main([])  # corrupted copies need one image size: none made, evaluation measures no mCA
+    assert not Path("data/corrupt/shapes/meta.json").exists()
+    evaluate.main(["--student", "small-kd-full-0"])
+    record = read_record("metrics/details/small-kd-full-0.json", "student")
+    assert 0 <= record["accuracy"] <= 1 and record["teacher_calls"] == 2 * m.split("train").n
+    assert record.get("mca") is None and not record.get("robustness")  # no corrupted copies: no mCA
+    report.main([])
+    assert "| small | kd |" in Path("reports/report.md").read_text()
+    with pytest.raises(ConfigError, match="reads the hard target.*mixed views"):
+        distill.main(["--teacher", "small", "--loss", "dkd"])

@@ -292,12 +292,21 @@ def write_corrupted(out_dir: str | Path, manifest: Manifest, cfg: CorruptConfig,
     a half-written set that evaluation would trust.
     """
     check_names(cfg.corruptions, cfg.severities)
-    if not manifest.uniform:
-        raise InputError(
-            f"corrupt: the test images of {manifest.dataset} differ in size; the corrupted copies need one size: "
-            "set `corrupt.corruptions: []` for this data set (corrupting after the eval transform is not built yet)"
-        )
     out_dir = Path(out_dir)
+    if not manifest.uniform:
+        # The copies are evaluated as they are, so they need the students' input size, which only the views make;
+        # corrupting after the eval transform is not built yet: an empty set (no meta.json), evaluation skips mCA.
+        log.warning(
+            "corrupt: the test images of %s differ in size: no corrupted copies (robustness / mCA not measured)",
+            manifest.dataset,
+        )
+        tmp = partial_path(out_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / "README.txt").write_text("no corrupted copies: the test images differ in size\n")
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+        return out_dir
     rows = choose_rows(manifest.split("test").n, cfg.limit, cfg.seed)
     images, labels = read_rows(manifest, "test", rows)
     tmp = partial_path(out_dir)
