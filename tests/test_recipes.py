@@ -327,3 +327,16 @@ def test_trivial_augment_ops_are_torchvisions():
     draws = [trivial_augment_op(int(k)) for k in np.random.default_rng(1).integers(0, 2**62, 3000)]
     assert {n for n, _ in draws} == set(_TA_SPACE)
     assert any(m < 0 for n, m in draws if n == "Rotate") and any(m > 0 for n, m in draws if n == "Rotate")
+
+
+def test_a_damaged_jpeg_in_a_shard_stops_the_loader_naming_shard_and_sample(tmp_path):
+    """A JPEG member whose bytes were damaged after prepare is a ShardError naming the shard and key: never pixels."""
+    from pipeline.data.shards import ShardError
+
+    good = _jpeg(40, 30, seed=1)
+    bad = good[: len(good) // 2]  # truncated: libjpeg-turbo refuses it
+    items = [(Encoded(good, "jpg", decode_jpeg(good)), 0), (Encoded(bad, "jpg", decode_jpeg(good)), 1)]
+    m = write_dataset(tmp_path / "damaged", "damaged", {"train": items, "test": items[:1]}, ["a", "b"], shard_size=8)
+    ds = DistillDataset(m, "train", shuffle=False, recipe=ResizedCropFlip(size=16))
+    with pytest.raises(ShardError, match=r"train-000000\.tar: cannot decode sample 00000001"):
+        list(make_loader(ds, 4, workers=0))
