@@ -11,10 +11,12 @@ errors that list the valid ones, so a typo never silently falls back to a defaul
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -34,6 +36,18 @@ class ConfigError(UserError, ValueError):
     def __init__(self, message: str, where: str | None = None) -> None:
         super().__init__(message)
         self.where = where
+
+
+@contextlib.contextmanager
+def naming(where: str) -> Iterator[None]:
+    """Prefix a `ConfigError` raised inside (one that names no params key yet) with `where`, the key whose value
+    caused it: `build_for(cfg.student, ...)` inside `naming("distill.student")` fails as `distill.student: ...`."""
+    try:
+        yield
+    except ConfigError as e:
+        if e.where:
+            raise
+        raise ConfigError(f"{where}: {e}", where=where) from e
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
@@ -369,10 +383,12 @@ class TeacherSpec:
 
     Either a demo teacher trained by `train_teacher` (arch + training recipe), or your own model:
     `checkpoint:` pointing at a kdcache checkpoint or a `state_dict` (safetensors, or a torch `.pth`;
-    `arch` says how to rebuild it, e.g. `timm:resnet50`), which `train_teacher` imports instead of training.
+    `arch` says how to rebuild it, e.g. `timm:resnet50`, or `py:<module or .py file>:<callable>` for your own
+    code), or a model file that carries its code (`.pt2`: a torch.export program, `.onnx`: run by onnxruntime;
+    `arch: export | onnx`, or left out: the extension says it), which `train_teacher` imports instead of training.
     """
 
-    arch: Name
+    arch: Name | None = None  # required, unless `checkpoint` is a .pt2 / .onnx file
     checkpoint: Name | None = None
     epochs: PosInt | None = None  # or `steps`; neither: the shared recipe's (train_teacher.train)
     steps: PosInt | None = None
@@ -386,6 +402,17 @@ class TeacherSpec:
 
     def __post_init__(self) -> None:
         check_length(self.epochs, self.steps)
+        ext = Path(self.checkpoint).suffix.lower() if self.checkpoint else ""
+        inferred = {".pt2": "export", ".onnx": "onnx"}.get(ext)
+        if self.arch is None:
+            if inferred is None:
+                raise ConfigError(
+                    "arch: required: a zoo name, tv:<name>, timm:<name> or py:<module>:<callable> (it may be left "
+                    "out only when checkpoint is a .pt2 or .onnx model file)"
+                )
+            object.__setattr__(self, "arch", inferred)
+        if self.arch.strip().lower() in ("export", "onnx") and not self.checkpoint:
+            raise ConfigError(f"checkpoint: required by arch: {self.arch} (a model file): the .pt2/.onnx file")
 
     def train_config(self, shared: TrainConfig) -> TrainConfig:
         """The shared `train_teacher.train` recipe with this teacher's length, batch size and learning rate."""

@@ -104,6 +104,12 @@ class Layout:
         return self._p("data", "logits", f"{teacher}.zarr")
 
     # -- students
+    @property
+    def student_inputs(self) -> Path:
+        """The fingerprint of the files `distill.student` is built from (`py:` code; the `teachers` stage writes it,
+        `distill@*` and `query@*` depend on it)."""
+        return self._p("data", "students", "inputs.json")
+
     def student(self, sid: str) -> Path:
         """The student's folder (model.safetensors, epoch checkpoint, history)."""
         return self._p("data", "students", sid)

@@ -94,8 +94,12 @@ def test_dvc_outs_are_where_layout_says():
 
     assert outs(dvc["prepare"]) == {str(layout.shards)}
     # your teachers' files: the `teachers` stage depends on their folder, each train_teacher on its fingerprint
-    assert outs(dvc["teachers"]) == {str(layout.teacher_inputs_dir)} and str(layout.weights) in dvc["teachers"]["deps"]
+    assert outs(dvc["teachers"]) == {str(layout.teacher_inputs_dir), str(layout.student_inputs)}
+    assert str(layout.weights) in dvc["teachers"]["deps"]
     assert str(layout.teacher_inputs(t)) in dvc["train_teacher"]["do"]["deps"]
+    # the student's `py:` code: its fingerprint feeds every student (distill and the query rounds)
+    assert str(layout.student_inputs) in dvc["distill"]["deps"]
+    assert str(layout.student_inputs) in dvc["query"]["do"]["deps"]
     assert (ROOT / layout.weights).is_dir()  # in git, so a fresh clone has the dependency
     assert outs(dvc["train_teacher"]) == {str(layout.teacher_checkpoint(t)), str(layout.teacher_details(t))}
     assert outs(dvc["train_teacher"], "metrics") == {str(layout.teacher_metrics(t))}

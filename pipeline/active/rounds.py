@@ -47,7 +47,7 @@ from pipeline.active.scores import NEEDS_FEATURES, select
 from pipeline.cache.budget import resolve_budget, selection_order
 from pipeline.cache.store import StoreSpec, StoreWriter, same_content
 from pipeline.cache.teach import ShardBatch, build_spec, run_teach, shard_logits, teacher_identity, view_recipes
-from pipeline.config import ConfigError, DistillConfig, QuerySpec, TeachConfig
+from pipeline.config import ConfigError, DistillConfig, QuerySpec, TeachConfig, naming
 from pipeline.data.shards import Manifest, read_shard, sample_key, take_images
 from pipeline.data.views import MixSource, ViewRecipe
 from pipeline.layout import partial_path
@@ -220,7 +220,8 @@ class _Job:
         """The round loss and, for a score on features, the student's classifier layer: checked before any call."""
         student_loss(self.distill, self.spec.loss)
         if self.spec.score in NEEDS_FEATURES:
-            student = build_for(self.distill.student, self.manifest, self.distill.student_preprocess)
+            with naming("distill.student"):
+                student = build_for(self.distill.student, self.manifest, self.distill.student_preprocess)
             if classifier_layer(student) is None:
                 raise ConfigError(
                     f"query.{self.name}.score: '{self.spec.score}' compares the student's penultimate features, but "

@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 
 from pipeline.cache.budget import BudgetSpec
 from pipeline.cache.store import LogitStore, SplitSpec, StoreError, StoreSpec, StoreWriter, same_content
-from pipeline.config import TeachConfig
+from pipeline.config import TeachConfig, naming
 from pipeline.data.shards import Manifest, read_shard, sample_key, sha256_file, take_images
-from pipeline.data.views import MixSource, ViewRecipe, build_recipe, check_recipe
+from pipeline.data.views import MixSource, ViewRecipe, build_recipe, check_recipe, view_manifest
 from pipeline.lock import exclusive
-from pipeline.models.checkpoint import load_model
+from pipeline.models.checkpoint import check_sees, load_model
 from pipeline.models.predict import predict_arrays
 from pipeline.runtime import pick_device, set_threads, utc_now, write_run_log
 
@@ -157,12 +157,15 @@ def teacher_identity(name: str, checkpoint: Path, model: nn.Module, meta: dict[s
     """The store's fingerprint of the teacher `load_model(checkpoint)` returned: name, architecture, weights hash and
     preprocessing (data statistics, or a timm model's input size / mean / std: part of what the logits mean, so a
     store made with other inputs is another store)."""
-    return {
+    identity = {
         "name": name,
         "arch": meta["arch"],
         "weights_sha256": sha256_file(checkpoint),
         "preprocess": model.preprocess.to_dict(),
     }
+    if meta.get("code"):  # `py:` model code: module, callable, file and its sha256 (also inside the weights' hash)
+        identity["code"] = meta["code"]
+    return identity
 
 
 def teach_store(
@@ -197,8 +200,10 @@ def teach_store(
 def _teach_store(
     manifest: Manifest, checkpoint: Path, out: str | Path, cfg: TeachConfig, name: str, *, force: bool, reuse: bool
 ) -> Path:
-    model, meta = load_model(checkpoint, data=manifest)  # checks the teacher fits the data set before any work
-    recipes = view_recipes(cfg, manifest)
+    with naming(f"teachers.{name}"):
+        model, meta = load_model(checkpoint, data=manifest)  # checks the teacher fits the data set before any work
+        recipes = view_recipes(cfg, manifest)
+        check_sees(model, view_manifest(manifest, next(iter(recipes.values()))), f"checkpoint {checkpoint}")
     teacher = teacher_identity(name, checkpoint, model, meta)
     spec = build_spec(
         manifest,

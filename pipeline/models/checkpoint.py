@@ -32,6 +32,9 @@ from typing import IO, Any
 import torch
 from torch import nn
 
+from pipeline.inputs import is_py_arch
+
+from .exported import EXPORT_ARCHS, ProgramNet, check_program, format_of, input_size, program_net
 from .registry import (
     DataSpec,
     Normalized,
@@ -43,11 +46,13 @@ from .registry import (
     resolve_preprocess,
     wrap,
 )
+from .usercode import check_code, check_output_width, code_identity
 
 __all__ = [
     "CheckpointError",
     "atomic_write",
     "check_fits",
+    "check_sees",
     "import_model",
     "is_safetensors",
     "load_checkpoint",
@@ -170,6 +175,8 @@ def save_checkpoint(
             raise TypeError(f"checkpoint extra keys must be str; got {key!r}")
         _check_plain(value, repr(key))
     meta = {"arch": name, "num_classes": int(num_classes), "in_channels": int(in_channels), **extra}
+    if is_py_arch(name):  # your model's code is part of what the weights mean (checked on load)
+        meta["code"] = code_identity(name)
     data = checkpoint_bytes(_state_tensors(model), meta)
     atomic_write(path, lambda f: f.write(data))
     log.info("saved %s checkpoint (%d parameters) to %s", name, count_parameters(model), path)
@@ -314,8 +321,17 @@ def _kdcache_net(path: Path, weights: _Weights, expected_arch: str | None) -> tu
     assert weights.meta is not None
     stored = _check_arch(path, weights.meta, expected_arch)
     num_classes, in_channels = int(weights.meta["num_classes"]), int(weights.meta["in_channels"])
+    state = _extract_state_dict(weights.payload, path)
+    if stored in EXPORT_ARCHS:  # a model file's checkpoint: the program is its only tensor
+        if set(state) != {"program"}:
+            raise CheckpointError(f"checkpoint {path} ({stored}) holds {sorted(state)[:5]}, not one program")
+        net: nn.Module = program_net(stored, state["program"].numpy().tobytes(), in_channels, str(path))
+        net.num_classes = num_classes  # type: ignore[assignment]
+        return net.eval(), dict(weights.meta)
+    if is_py_arch(stored):
+        check_code(stored, weights.meta.get("code"), f"checkpoint {path}")
     model = build_model(stored, num_classes, in_channels)
-    _load_strict(model, _extract_state_dict(weights.payload, path), path, stored)
+    _load_strict(model, state, path, stored)
     return model.eval(), dict(weights.meta)
 
 
@@ -409,6 +425,8 @@ def save_model(path: str | Path, model: Normalized, arch: str, extra: dict[str, 
 
 
 def _out_features(net: nn.Module) -> int:
+    if isinstance(net, ProgramNet) and net.num_classes:
+        return net.num_classes
     last = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
     return int(last.out_features)
 
@@ -444,6 +462,14 @@ def import_model(path: str | Path, arch: str, data: DataSpec, preprocess: str = 
     path = Path(path)
     if not path.is_file():
         raise _missing_file_error(path, "Set teachers.<name>.checkpoint in params.yaml to an existing weights file.")
+    name = canonical_arch(arch)
+    if name in EXPORT_ARCHS and not is_safetensors(path):
+        return _import_program(path, name, data, preprocess)
+    if format_of(path) and not is_safetensors(path):
+        raise CheckpointError(
+            f"checkpoint {path} is {_FILE_KIND[format_of(path)]}, but architecture {arch!r} was given: set the "
+            f"teacher's arch to {format_of(path)} (or leave arch out: the extension says it)"
+        )
     weights = _read_weights(path)
     if weights.meta is not None:
         net, meta = _kdcache_net(path, weights, arch)
@@ -458,7 +484,44 @@ def import_model(path: str | Path, arch: str, data: DataSpec, preprocess: str = 
     p = resolve_preprocess(arch, data, preprocess)
     check_input_size(arch, data, p)
     net = load_state_dict_checkpoint(path, arch=arch, num_classes=data.num_classes, in_channels=data.image_shape[2])
-    return wrap(net, p)
+    model = wrap(net, p)
+    if is_py_arch(name):  # your code may ignore num_classes: check its head on one batch
+        check_output_width(model, data.image_shape, data.num_classes, f"architecture {arch!r} with {path}")
+    return model
+
+
+_FILE_KIND = {"onnx": "an ONNX model file", "export": "a torch.export program (.pt2)"}
+
+
+def _import_program(path: Path, arch: str, data: DataSpec, preprocess: str) -> Normalized:
+    """A ``.pt2`` / ``.onnx`` teacher on ``data`` (`pipeline.models.exported`), checked before any store is written:
+    input channels and size, then its logits' width on one batch."""
+    h, w, c = data.image_shape
+    net = program_net(arch, path.read_bytes(), c, str(path))
+    if preprocess == "model":  # the file's own input size; the file carries no mean/std, so the data set's
+        size = input_size(net)
+        if size is None:
+            raise CheckpointError(
+                f"{path}: preprocess: model takes the input size from the file, but its input size is dynamic "
+                f"{net.input_shape()}; use preprocess: data"
+            )
+        p = Preprocess("model", tuple(data.mean), tuple(data.std), size)
+    else:
+        p = Preprocess("data", tuple(data.mean), tuple(data.std))
+    if h is not None and w is not None:
+        check_program(net, p.input_size or (h, w), c, f"checkpoint {path}")
+    net.num_classes = data.num_classes
+    model = wrap(net, p)
+    check_output_width(model, data.image_shape, data.num_classes, f"{arch} model {path}")
+    return model
+
+
+def check_sees(model: Normalized, data: DataSpec, where: str) -> None:
+    """A model file (``.pt2``/``.onnx``) with a fixed input size takes the images ``data`` describes (the view size a
+    stage feeds it): checked before any store is written. Other models take any size."""
+    h, w, c = data.image_shape
+    if isinstance(model.net, ProgramNet) and h is not None and w is not None:
+        check_program(model.net, model.input_size or (h, w), c, where)
 
 
 def check_fits(meta: Mapping[str, Any], data: DataSpec, path: str | Path) -> None:

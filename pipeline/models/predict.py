@@ -8,11 +8,13 @@ conversion, used by the teacher's cache pass, the training loop and evaluation a
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["classifier_layer", "predict_arrays", "predict_features", "to_input"]
+__all__ = ["classifier_layer", "model_device", "predict_arrays", "predict_features", "to_input"]
 
 #: attribute names under which classifiers keep their last layer: the zoo's and torchvision's (`fc`, `classifier`,
 #: `linear`, `head`, `heads`); timm models say it themselves (`get_classifier()`)
@@ -26,6 +28,13 @@ def to_input(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` lives: its first parameter's device, else its first buffer's (a model file's program, the
+    normalisation's mean/std), else the CPU."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 @torch.inference_mode()
 def predict_arrays(
     model: nn.Module, images: np.ndarray, batch_size: int, device: torch.device | None = None
@@ -36,7 +45,7 @@ def predict_arrays(
     preprocessing as the shard path (:func:`to_input`), so a teacher's cached logits and a student's
     evaluation see identical inputs.
     """
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     was_training = model.training
     model.eval().to(memory_format=torch.channels_last)
     out = []

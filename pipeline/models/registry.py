@@ -9,7 +9,8 @@ A family module decorates each factory with :func:`register_model` (as timm's ``
 repository's names such as ``ShuffleV1`` are accepted too), ``tv:<name>`` for any torchvision classification
 model (always with ``weights=None``: nothing is ever downloaded), ``timm:<name>`` for any timm (PyTorch Image
 Models) architecture, optionally with a pretrained tag such as ``timm:resnet18.a1_in1k`` (always built with
-``pretrained=False``: weights come only from a local checkpoint), and :func:`list_models` lists them
+``pretrained=False``: weights come only from a local checkpoint), ``py:<module>:<callable>`` for your own model
+code (`pipeline.models.usercode`), and :func:`list_models` lists them
 (``kdcache models``). :func:`build_for` wraps a fresh network in :class:`Normalized`, its preprocessing
 (:class:`Preprocess`: the data set's per-channel normalisation, or with ``preprocess="model"`` a timm model's
 own input size, interpolation and mean/std from its ``pretrained_cfg``), which is how every teacher and
@@ -32,6 +33,10 @@ import torch.nn.functional as nnf
 from torch import nn
 
 from pipeline.config import ConfigError
+from pipeline.inputs import is_py_arch, parse_py_arch
+
+from .exported import EXPORT_ARCHS
+from .usercode import build_py, check_output_width
 
 __all__ = [
     "PREPROCESS_MODES",
@@ -138,6 +143,10 @@ def canonical_arch(arch: str) -> str:
     if not isinstance(arch, str) or not arch.strip():
         raise ConfigError(f"architecture must be a non-empty string; got {arch!r}")
     name = arch.strip()
+    if is_py_arch(name):
+        return parse_py_arch(name).arch  # your own code: the file or module is found (and imported) when built
+    if name.lower() in EXPORT_ARCHS:
+        return name.lower()  # a model file (.pt2, .onnx): opened from its checkpoint, never built
     if name.lower().startswith(TIMM_PREFIX):
         return TIMM_PREFIX + _timm_name(arch, name[len(TIMM_PREFIX) :].strip().lower())
     if name.lower().startswith(TORCHVISION_PREFIX):
@@ -216,6 +225,13 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int; got {in_channels!r}")
     name = canonical_arch(arch)
+    if is_py_arch(name):
+        return build_py(name, num_classes, in_channels)
+    if name in EXPORT_ARCHS:
+        raise ConfigError(
+            f"architecture {arch!r} is a model file, not something kdcache builds: give the file as a teacher's "
+            "checkpoint (teachers.<t>.checkpoint: weights/model.onnx); a student must be an architecture it can train"
+        )
     if name.startswith(TORCHVISION_PREFIX):
         return _build_torchvision(name[len(TORCHVISION_PREFIX) :], num_classes, in_channels)
     if name.startswith(TIMM_PREFIX):
@@ -433,4 +449,7 @@ def build_for(arch: str, data: DataSpec, preprocess: str = "data") -> Normalized
     h, w, c = data.image_shape
     p = resolve_preprocess(arch, data, preprocess)
     check_input_size(arch, data, p)
-    return wrap(build_model(arch, data.num_classes, c), p)
+    model = wrap(build_model(arch, data.num_classes, c), p)
+    if is_py_arch(arch):  # your code may ignore num_classes: check its head on one batch
+        check_output_width(model, data.image_shape, data.num_classes, f"architecture {arch!r}")
+    return model

@@ -24,7 +24,7 @@ import torch
 
 from pipeline.cache.budget import BudgetSpec, parse_budget
 from pipeline.cache.store import LogitStore
-from pipeline.config import ConfigError, DistillConfig, student_id
+from pipeline.config import ConfigError, DistillConfig, naming, student_id
 from pipeline.data.shards import Manifest
 from pipeline.data.views import ViewRecipe, view_manifest
 from pipeline.layout import STUDENT_MODEL, Layout
@@ -32,6 +32,7 @@ from pipeline.lock import exclusive, reading
 from pipeline.losses import LossConfigError, build_loss
 from pipeline.models.checkpoint import atomic_write, load_model, save_model
 from pipeline.models.registry import build_for
+from pipeline.models.usercode import code_of
 from pipeline.runtime import pick_device, rank_world, seed_everything, set_threads
 from pipeline.training import resume as resume_state
 from pipeline.training.dataset import DistillDataset
@@ -187,7 +188,8 @@ def fit_student(
     # checkpoint selection through the store's eval transform (view 0); the test split is for final reporting only
     val_set = held_out(manifest, "val", train_set.recipe)
     seed_everything(seed)
-    model = build_for(cfg.student, view_manifest(manifest, train_set.recipe), cfg.student_preprocess)
+    with naming("distill.student"):
+        model = build_for(cfg.student, view_manifest(manifest, train_set.recipe), cfg.student_preprocess)
     result = train(
         model,
         loss_fn,
@@ -198,7 +200,7 @@ def fit_student(
         device=device,
         resume=resume,
         state_dir=state_dir,
-        fingerprint={"student_preprocess": cfg.student_preprocess, **(fingerprint or {})},
+        fingerprint={"student_preprocess": cfg.student_preprocess, **code_of(cfg.student), **(fingerprint or {})},
         teacher=teacher,
         desc=desc,
         arch=cfg.student,

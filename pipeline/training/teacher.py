@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from pipeline.config import ConfigError, TeacherSpec, TrainTeacherConfig
+from pipeline.config import ConfigError, TeacherSpec, TrainTeacherConfig, naming
 from pipeline.data.shards import Manifest
 from pipeline.data.views import FRESH_VIEWS, build_recipe, check_recipe, view_manifest
 from pipeline.errors import InputError
@@ -32,6 +32,7 @@ from pipeline.losses.ce import CELoss
 from pipeline.models.checkpoint import import_model, save_model
 from pipeline.models.registry import build_for, pretrained_source
 from pipeline.models.sanity import near_chance
+from pipeline.models.usercode import code_of
 from pipeline.records import write_record
 from pipeline.runtime import pick_device, seed_everything, set_threads
 from pipeline.training import resume as resume_state
@@ -187,14 +188,17 @@ def _train_teacher(
     history: list[dict[str, float]] = []
     meta: dict[str, Any] = {}
     if spec.checkpoint:
-        model = import_model(spec.checkpoint, spec.arch, manifest, spec.preprocess)
+        # the view size the teacher will see (a recipe may crop images of any size to one): what a file checks against
+        with naming(f"teachers.{name}"):
+            model = import_model(spec.checkpoint, spec.arch, view_manifest(manifest, recipe), spec.preprocess)
         # what the teacher normalises its inputs with (recorded in a kdcache checkpoint, else the data set's)
         meta = {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()}
         source = str(spec.checkpoint)
     else:
         tcfg = spec.train_config(cfg.train)
         seed_everything(tcfg.seed)
-        model = build_for(spec.arch, view_manifest(manifest, recipe), spec.preprocess)
+        with naming(f"teachers.{name}.arch"):
+            model = build_for(spec.arch, view_manifest(manifest, recipe), spec.preprocess)
         train_set = DistillDataset(
             manifest,
             "train",
@@ -213,7 +217,12 @@ def _train_teacher(
             device=device,
             resume=resume,
             state_dir=state_dir,
-            fingerprint={"teacher": name, "preprocess": spec.preprocess, "recipe": f"fresh {recipe.describe()}, CE"},
+            fingerprint={
+                "teacher": name,
+                "preprocess": spec.preprocess,
+                "recipe": f"fresh {recipe.describe()}, CE",
+                **code_of(spec.arch),
+            },
             desc=f"teacher {name}",
             run_log=run_log,
         )

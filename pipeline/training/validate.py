@@ -12,7 +12,7 @@ from torch import nn
 
 from pipeline.data.shards import Manifest
 from pipeline.data.views import ViewRecipe
-from pipeline.models.predict import to_input
+from pipeline.models.predict import model_device, to_input
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.transport import make_loader
 
@@ -34,7 +34,7 @@ def predict_split(
     """Run `model` over a split in index order (no shuffle, view 0): logits (N, C) float32, labels (N,)."""
     if dataset.shuffle:
         raise ValueError("predict_split needs an unshuffled dataset (shuffle=False)")
-    device = device or next(model.parameters()).device
+    device = device or model_device(model)
     was_training = model.training
     model.eval().to(memory_format=torch.channels_last)
     n = dataset.num_samples()
