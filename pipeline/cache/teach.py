@@ -200,6 +200,8 @@ def teach_store(
 def _teach_store(
     manifest: Manifest, checkpoint: Path, out: str | Path, cfg: TeachConfig, name: str, *, force: bool, reuse: bool
 ) -> Path:
+    if cfg.cluster == "none":
+        set_threads(cfg.threads)  # before the teacher loads: an ONNX teacher sizes its thread pool then
     with naming(f"teachers.{name}"):
         model, meta = load_model(checkpoint, data=manifest)  # checks the teacher fits the data set before any work
         recipes = view_recipes(cfg, manifest)
@@ -233,7 +235,6 @@ def _teach_store(
             previous=previous,
         )
     else:
-        set_threads(cfg.threads)
         writer = run_teach(
             manifest,
             model,

@@ -1,13 +1,15 @@
 """Models: the architecture zoo, its registry, checkpoints and batched inference.
 
 Owns: network definitions (one module per family: ``cnn``, ``resnet``, ``wrn``, ``vgg``, ``mobilenet``,
-``shufflenet``; torchvision through ``tv:<name>``, timm through ``timm:<name>``), the registry
-(``register_model``, ``build_model``, ``list_models``, ``build_for``, preprocessing), the checkpoint format
-(safetensors) and the one atomic checkpoint writer (``checkpoint``), and the input conversion + batched
-forward pass (``predict``).
+``shufflenet``; torchvision through ``tv:<name>``, timm through ``timm:<name>``), your own code through
+``py:<module>:<callable>`` (``usercode``), model files that carry their code (``exported``: ``.pt2``
+torch.export programs and ``.onnx`` models run by onnxruntime), the registry (``register_model``,
+``build_model``, ``list_models``, ``build_for``, preprocessing), the checkpoint format (safetensors) and the one
+atomic checkpoint writer (``checkpoint``), and the input conversion + batched forward pass (``predict``).
 
-May import: torch, safetensors, torchvision and timm (both lazily), ``pipeline.config``/``pipeline.runtime``.
-Nothing else of the pipeline: data sets are described to it by the ``DataSpec`` protocol (a manifest is one).
+May import: torch, safetensors, torchvision, timm and onnxruntime (the last three lazily), the core
+(``pipeline.config``, ``pipeline.runtime``, ``pipeline.inputs``: where a ``py:`` model's file is). Nothing else of
+the pipeline: data sets are described to it by the ``DataSpec`` protocol (a manifest is one).
 
 Add a model family: a module here whose factories carry ``@register_model``; import it below.
 """
