@@ -5,6 +5,7 @@ kdcache verify data/logits/cnn.zarr             a full integrity scan of a store
 kdcache compare metrics/a.json metrics/b.json   metrics side by side
 kdcache models ['resnet*']                      the registered architectures
 kdcache import-logits ...                       a store from logits computed elsewhere
+kdcache serve data/teachers/cnn.safetensors     a teacher behind HTTP (kdcache's wire format, uvicorn)
 kdcache prepare | teachers | train-teacher | teach | ensemble | query | distill | corrupt | evaluate | report [ARGS]
                                                 run one pipeline stage by hand (what `dvc repro` runs)
 
@@ -20,6 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import InputError, UserError
 
@@ -154,6 +156,45 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.serve.app import serve
+
+    serve(
+        args.checkpoint,
+        arch=args.arch,
+        shards=args.shards,
+        preprocess=args.preprocess,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        device=args.device,
+        answer_log=args.answer_log,
+    )
+    return 0
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a teacher over HTTP in kdcache's wire format (GET /v1/info, POST /v1/logits; uvicorn)",
+        description="Serve any teacher kdcache can load as an endpoint teacher (`teachers.<t>.endpoint`): a kdcache "
+        "checkpoint (data/teachers/<t>.safetensors, or a student's model.safetensors), or your own file for a data "
+        "set: a state_dict with --arch, a .pt2 torch.export program or an .onnx model (both with --shards for the "
+        "data set's classes, channels and normalisation). Concurrent requests are batched into one forward pass of "
+        "up to --max-batch rows. The wire format is documented in pipeline/wire.py.",
+    )
+    p.add_argument("checkpoint", help="the teacher: a kdcache checkpoint, a state_dict, a .pt2 or an .onnx file")
+    p.add_argument("--arch", default=None, help="architecture of a bare state_dict (zoo, tv:, timm:, py:)")
+    p.add_argument("--shards", default=None, help="data set folder, for a file that is not a kdcache checkpoint")
+    p.add_argument("--preprocess", default="data", choices=["data", "model"], help="as teachers.<t>.preprocess")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=256, help="rows per forward pass (requests are merged up to it)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when present, else cpu)")
+    p.add_argument("--answer-log", default=None, help="append one JSON line per answered request (ids, seconds)")
+    p.set_defaults(func=cmd_serve)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`kdcache ARGS`; a reader that closes the pipe early (`kdcache models | head`) ends the command quietly."""
     try:
@@ -223,6 +264,7 @@ def _main(argv: list[str] | None) -> int:
     from pipeline.cache.import_logits import add_parser as add_import
 
     add_import(sub)
+    _add_serve(sub)
     args = ap.parse_args(argv)
     if not args.cmd:
         ap.print_help()

@@ -400,8 +400,21 @@ class TeacherSpec:
     preprocess: Literal["data", "model"] = "data"
     pretrained: bool = False  # published weights: never downloaded, so this needs `checkpoint:` (the local file)
 
+    # A live teacher behind HTTP (kdcache's wire format, pipeline/wire.py; `kdcache serve` is one): its base URL,
+    # instead of arch/checkpoint. `batch_size` is then the rows per request. How it is called, not what it answers:
+    # changing these never reruns its teach stage (the store records the server's model fingerprint instead).
+    endpoint: Name | None = None
+    concurrency: PosInt = 4  # requests in flight
+    timeout_s: PosFloat = 30.0  # per request (connect, then read)
+    max_retries: NonNegInt = 5  # on timeouts, connection errors, 429/5xx, malformed bodies: exponential backoff
+    rate_limit_per_s: PosFloat | None = None  # request starts per second (None: no limit)
+    cost_per_call: NonNegFloat = 0.0  # price of one answered sample-view (a teacher call): the records add it up
+
     def __post_init__(self) -> None:
         check_length(self.epochs, self.steps)
+        if self.endpoint is not None or self.arch == "endpoint":
+            self._check_endpoint()
+            return
         ext = Path(self.checkpoint).suffix.lower() if self.checkpoint else ""
         inferred = {".pt2": "export", ".onnx": "onnx"}.get(ext)
         if self.arch is None:
@@ -413,6 +426,19 @@ class TeacherSpec:
             object.__setattr__(self, "arch", inferred)
         if self.arch.strip().lower() in ("export", "onnx") and not self.checkpoint:
             raise ConfigError(f"checkpoint: required by arch: {self.arch} (a model file): the .pt2/.onnx file")
+
+    def _check_endpoint(self) -> None:
+        if self.endpoint is None:
+            raise ConfigError("endpoint: required by arch: endpoint (the teacher server's base URL)")
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"endpoint: expected an http:// or https:// URL, got {self.endpoint!r}")
+        clash = [k for k in ("checkpoint", "epochs", "steps") if getattr(self, k) is not None]
+        if self.arch not in (None, "endpoint") or clash:
+            raise ConfigError(
+                f"endpoint: a teacher behind a URL has no {['arch', *clash] if self.arch else clash}: drop them, or "
+                "drop endpoint to use a local model"
+            )
+        object.__setattr__(self, "arch", "endpoint")
 
     def train_config(self, shared: TrainConfig) -> TrainConfig:
         """The shared `train_teacher.train` recipe with this teacher's length, batch size and learning rate."""

@@ -12,7 +12,7 @@ the round it was in; `--reuse` (what `dvc repro` runs) goes on from the last rou
 from __future__ import annotations
 
 from pipeline.active.rounds import query_store
-from pipeline.config import DistillConfig, TeachConfig, query_spec
+from pipeline.config import DistillConfig, TeachConfig, query_spec, teachers_section
 from pipeline.stage import run_main, stage_parser, start
 
 
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = query_spec(run.params, name)
     teach = run.section(TeachConfig, "teach")
     distill = run.section(DistillConfig, "distill")
+    entry = teachers_section(run.params).get(spec.teacher)  # an endpoint teacher's URL and client settings
     query_store(
         run.manifest(),
         run.layout.teacher_checkpoint(spec.teacher),
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         force=run.args.force,
         reuse=run.args.reuse,
         run_log=run.layout.run_log("query", name),
+        endpoint=entry if entry is not None and entry.endpoint else None,
     )
 
 

@@ -10,7 +10,7 @@ interruption). Section `teach` of params.yaml sets views, dtype, layout and the 
 from __future__ import annotations
 
 from pipeline.cache.teach import teach_store
-from pipeline.config import TeachConfig
+from pipeline.config import TeachConfig, teachers_section
 from pipeline.stage import run_main, stage_parser, start
 
 
@@ -32,7 +32,19 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = run.args.checkpoint or run.layout.teacher_checkpoint(name)
     out = run.args.out or run.layout.store(name)
     log = run.layout.run_log("teach", name)
-    teach_store(run.manifest(), checkpoint, out, cfg, name, force=run.args.force, reuse=run.args.reuse, run_log=log)
+    entry = teachers_section(run.params).get(name)  # an endpoint teacher's URL and client settings
+    endpoint = entry if entry is not None and entry.endpoint else None
+    teach_store(
+        run.manifest(),
+        checkpoint,
+        out,
+        cfg,
+        name,
+        force=run.args.force,
+        reuse=run.args.reuse,
+        run_log=log,
+        endpoint=endpoint,
+    )
 
 
 if __name__ == "__main__":

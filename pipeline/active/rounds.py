@@ -34,7 +34,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +45,21 @@ from torch import nn
 from pipeline.active.scores import NEEDS_FEATURES, select
 from pipeline.cache.budget import resolve_budget, selection_order
 from pipeline.cache.store import StoreSpec, StoreWriter, same_content
-from pipeline.cache.teach import ShardBatch, build_spec, run_teach, shard_logits, teacher_identity, view_recipes
-from pipeline.config import ConfigError, DistillConfig, QuerySpec, TeachConfig, naming
+from pipeline.cache.teach import (
+    ShardBatch,
+    Teacher,
+    build_spec,
+    journal_path,
+    open_teacher,
+    run_teach,
+    shard_logits,
+    view_recipes,
+)
+from pipeline.config import ConfigError, DistillConfig, QuerySpec, TeachConfig, TeacherSpec, naming
 from pipeline.data.shards import Manifest, read_shard, sample_key, take_images
 from pipeline.data.views import MixSource, ViewRecipe
 from pipeline.layout import partial_path
 from pipeline.lock import exclusive
-from pipeline.models.checkpoint import load_model
 from pipeline.models.predict import classifier_layer, predict_arrays, predict_features
 from pipeline.models.registry import build_for
 from pipeline.runtime import pick_device, set_threads, utc_now, write_run_log
@@ -63,8 +70,6 @@ log = logging.getLogger(__name__)
 
 SPLIT = "train"  # the split the budget applies to (as in `teach`)
 SCORE_CHUNK = 8192  # sample-views augmented and scored at a time (bounds the memory of one view's images)
-
-Teacher = nn.Module | Callable[[np.ndarray], np.ndarray]
 
 
 def plan_rounds(budget: int, initial: int, per_round: int) -> list[int]:
@@ -95,14 +100,23 @@ def query_store(
     force: bool = False,
     reuse: bool = False,
     run_log: str | Path | None = None,
+    endpoint: TeacherSpec | None = None,
 ) -> Path:
     """The `query@<name>` stage: ask teacher `spec.teacher` (its checkpoint) about the sample-views rounds of the
-    distill student choose, into the store at `out`; returns its path. See `run_query`."""
-    model, meta = load_model(checkpoint, data=manifest)  # checks the teacher fits the data set before any work
-    identity = teacher_identity(spec.teacher, Path(checkpoint), model, meta)
-    return run_query(
+    distill student choose, into the store at `out`; returns its path. See `run_query`. `endpoint`: the teacher's
+    params entry when it is a live endpoint (its checkpoint is then the endpoint's record)."""
+    if force:
+        shutil.rmtree(journal_path(out), ignore_errors=True)
+    recipe = view_recipes(teach, manifest)[SPLIT]
+    with naming(f"teachers.{spec.teacher}"):  # checks the teacher fits the data set before any work
+        model, identity = open_teacher(Path(checkpoint), manifest, spec.teacher, endpoint, out, recipe)
+    path = run_query(
         manifest, model, out, spec, teach, distill, name, teacher=identity, force=force, reuse=reuse, run_log=run_log
     )
+    journal = getattr(model, "journal", None)
+    if journal is not None:  # every answer is in the store now
+        journal.discard()
+    return path
 
 
 def run_query(

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from pipeline.cache.budget import BudgetSpec
 from pipeline.cache.store import LogitStore, SplitSpec, StoreError, StoreSpec, StoreWriter, same_content
-from pipeline.config import TeachConfig, naming
+from pipeline.config import ConfigError, TeachConfig, TeacherSpec, naming
 from pipeline.data.shards import Manifest, read_shard, sample_key, sha256_file, take_images
 from pipeline.data.views import MixSource, ViewRecipe, build_recipe, check_recipe, view_manifest
 from pipeline.lock import exclusive
@@ -54,8 +54,30 @@ def load_shard(manifest: Manifest, split: str, j: int) -> ShardBatch:
     return ShardBatch(split, j, info.start, images, [sample_key(i) for i in range(info.start, info.stop)])
 
 
+class Remote(Protocol):
+    """A teacher called with the sample-views' ids (`pipeline.cache.endpoint.EndpointTeacher`): it may answer rows
+    it has seen from a journal, and never needs the device."""
+
+    def answer(self, images: np.ndarray, split: str, index: np.ndarray, view: np.ndarray) -> np.ndarray: ...
+
+
+#: what the teach loop calls: a module, any callable (B, H, W, C) uint8 -> (B, C) logits, or a remote teacher
+Teacher = nn.Module | Callable[[np.ndarray], np.ndarray] | Remote
+
+
+def teacher_logits(
+    model: Teacher, images: np.ndarray, split: str, index: np.ndarray, view: int, batch_size: int, device: torch.device
+) -> np.ndarray:
+    """Logits (k, C) of `model` on k sample-views: images (k, H', W', C) uint8, rows `index` of `split`, view `view`."""
+    if isinstance(model, nn.Module):
+        return predict_arrays(model, images, batch_size, device)
+    if hasattr(model, "answer"):
+        return model.answer(images, split, index, np.full(len(index), view, dtype=np.int64))
+    return model(images)
+
+
 def shard_logits(
-    model: nn.Module | Callable[[np.ndarray], np.ndarray],
+    model: Teacher,
     batch: ShardBatch,
     recipe: ViewRecipe,
     queried: np.ndarray,
@@ -82,7 +104,7 @@ def shard_logits(
             continue
         # (k, H', W', C): view v of the selected rows (mixed with their partners' for a mixing recipe)
         imgs = recipe.apply(take_images(batch.images, sel), index[sel], np.full(len(sel), v), partners)
-        logits = predict_arrays(model, imgs, batch_size, device) if isinstance(model, nn.Module) else model(imgs)
+        logits = teacher_logits(model, imgs, batch.split, index[sel], v, batch_size, device)
         if logits.shape != (len(sel), num_classes):
             raise ValueError(
                 f"teacher returned logits of shape {logits.shape}, expected {(len(sel), num_classes)}: "
@@ -178,6 +200,7 @@ def teach_store(
     force: bool = False,
     reuse: bool = False,
     run_log: str | Path | None = None,
+    endpoint: TeacherSpec | None = None,
 ) -> Path:
     """The `teach` stage: cache teacher `name`'s logits over every split into the store at `out`.
 
@@ -187,26 +210,81 @@ def teach_store(
     `pipeline.cache.teach_dask`), which write the same store bit for bit. The whole run holds the
     store's writer lock (a second teach on `out` fails at once, naming this one); its wall-clock times
     go to `run_log` (the store itself carries none, so equal inputs give a byte-identical store).
+    `endpoint`: the teacher's params entry when it is a live endpoint (`teachers.<name>.endpoint`): the checkpoint
+    is then its record (`pipeline.cache.endpoint`), and the run log adds what the calls cost.
     """
     with exclusive(out, f"logit store {out}"):
         started, t0 = utc_now(), time.perf_counter()
-        path = _teach_store(manifest, Path(checkpoint), out, cfg, name, force=force, reuse=reuse)
-        record = {"store": str(path), "executor": "this process" if cfg.cluster == "none" else f"dask {cfg.cluster}"}
+        record: dict[str, Any] = {}
+        path = _teach_store(
+            manifest, Path(checkpoint), out, cfg, name, force=force, reuse=reuse, endpoint=endpoint, log=record
+        )
+        executor = "this process" if cfg.cluster == "none" else f"dask {cfg.cluster}"
+        record = {"store": str(path), "executor": executor, **record}
         record.update(started=started, finished=utc_now(), seconds=round(time.perf_counter() - t0, 3))
         write_run_log(run_log, record)
     return path
 
 
+def journal_path(out: str | Path) -> Path:
+    """Where an endpoint teacher's answers wait for their store shard: `<store>.answers/` (not an output)."""
+    return Path(f"{out}.answers")
+
+
+def open_teacher(
+    checkpoint: Path, manifest: Manifest, name: str, endpoint: TeacherSpec | None, out: str | Path, recipe: ViewRecipe
+) -> tuple[Teacher, dict[str, Any]]:
+    """The teacher a stage calls and its identity in the store, checked against the data set before any work: the
+    model of `checkpoint`, or for an endpoint teacher (its record at `checkpoint`, its params entry `endpoint`) the
+    client, checked against the server (classes, the model fingerprint the record names), with its journal."""
+    from pipeline.cache.endpoint import Journal, client_for, endpoint_record
+
+    record = endpoint_record(checkpoint)
+    if record is None:
+        model, meta = load_model(checkpoint, data=manifest)
+        check_sees(model, view_manifest(manifest, recipe), f"checkpoint {checkpoint}")
+        return model, teacher_identity(name, checkpoint, model, meta)
+    if endpoint is None or endpoint.endpoint is None:
+        raise ConfigError(f"{checkpoint} is an endpoint teacher's record, but teachers.{name} has no endpoint URL")
+    if int(record["in_channels"]) != manifest.image_shape[2]:
+        raise ConfigError(f"the endpoint serves {record['in_channels']}-channel images; the data set has another count")
+    fingerprint = str(record["fingerprint"])
+    journal = Journal(journal_path(out), fingerprint)
+    client = client_for(endpoint, name, manifest.num_classes, fingerprint=fingerprint, journal=journal)
+    client.info()  # the same model still behind the URL, before anything is written
+    identity = {
+        "name": name,
+        "arch": record["arch"],
+        "weights_sha256": sha256_file(checkpoint),
+        "fingerprint": fingerprint,
+    }
+    return client, identity
+
+
 def _teach_store(
-    manifest: Manifest, checkpoint: Path, out: str | Path, cfg: TeachConfig, name: str, *, force: bool, reuse: bool
+    manifest: Manifest,
+    checkpoint: Path,
+    out: str | Path,
+    cfg: TeachConfig,
+    name: str,
+    *,
+    force: bool,
+    reuse: bool,
+    endpoint: TeacherSpec | None,
+    log: dict[str, Any],
 ) -> Path:
     if cfg.cluster == "none":
         set_threads(cfg.threads)  # before the teacher loads: an ONNX teacher sizes its thread pool then
+    if force:
+        shutil.rmtree(journal_path(out), ignore_errors=True)  # answers of a run --force starts over from
     with naming(f"teachers.{name}"):
-        model, meta = load_model(checkpoint, data=manifest)  # checks the teacher fits the data set before any work
         recipes = view_recipes(cfg, manifest)
-        check_sees(model, view_manifest(manifest, next(iter(recipes.values()))), f"checkpoint {checkpoint}")
-    teacher = teacher_identity(name, checkpoint, model, meta)
+        model, teacher = open_teacher(checkpoint, manifest, name, endpoint, out, next(iter(recipes.values())))
+        if cfg.cluster != "none" and not isinstance(model, nn.Module):
+            raise ConfigError(
+                "teach.cluster: an endpoint teacher is called from this process (the server is the cluster): set "
+                f"teach.cluster: none, and teachers.{name}.concurrency for more requests in flight"
+            )
     spec = build_spec(
         manifest,
         teacher,
@@ -235,6 +313,7 @@ def _teach_store(
             previous=previous,
         )
     else:
+        journal = getattr(model, "journal", None)
         writer = run_teach(
             manifest,
             model,
@@ -245,7 +324,11 @@ def _teach_store(
             device=pick_device(),
             force=force,
             previous=previous,
+            written=journal.forget if journal is not None else None,
         )
+        if journal is not None:  # every answer is in the store now
+            journal.discard()
+            log["endpoint"] = {"url": endpoint.endpoint, **model.stats.record(endpoint.cost_per_call)}  # type: ignore
     return writer.path
 
 
@@ -272,6 +355,7 @@ def run_teach(
     finalize: bool = True,
     previous: PreviousCalls | None = None,
     guard: Callable[[], None] | None = None,
+    written: Callable[[str, int, int], None] | None = None,
 ) -> StoreWriter:
     """Fill the store at `out` (resuming a partial one) and finalize it.
 
@@ -280,7 +364,8 @@ def run_teach(
     teacher calls an earlier store already made (a smaller budget): only the new ones are computed.
     Without `shards` this call owns the store and holds its writer lock; a dask task (`shards` given)
     writes its disjoint shards under the driver's lock, and `guard()` (called before each shard) raises
-    when that lock has changed hands.
+    when that lock has changed hands. `written(split, start, stop)` is called once a shard's rows are in the store
+    (an endpoint teacher's journal forgets them).
     """
     owner = exclusive(out, f"logit store {out}") if shards is None else contextlib.nullcontext()
     with owner:
@@ -296,6 +381,7 @@ def run_teach(
         with ThreadPoolExecutor(1, thread_name_prefix="decode") as reader, ThreadPoolExecutor(1) as wpool:
             nxt: Future | None = reader.submit(load_shard, manifest, *todo[0]) if todo else None
             pending_write: Future | None = None
+            last = ("", 0, 0)  # the (split, start, stop) of the write in flight
             bar = tqdm(total=len(todo), desc=f"teach {spec.teacher.get('name', '')}", unit="shard", disable=None)
             for k, (split, j) in enumerate(todo):
                 if guard is not None:
@@ -316,10 +402,15 @@ def run_teach(
                     logits[keep] = old_logits[keep]
                 if pending_write is not None:
                     pending_write.result()  # surface write errors; keep at most one write in flight
+                    if written is not None:
+                        written(*last)
                 pending_write = wpool.submit(writer.write_shard, split, j, logits, masks[split][start:stop], batch.keys)
+                last = (split, start, stop)
                 bar.update(1)
             if pending_write is not None:
                 pending_write.result()
+                if written is not None:
+                    written(*last)
             bar.close()
         if finalize:
             finalize_store(writer, manifest, previous)

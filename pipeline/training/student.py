@@ -313,6 +313,11 @@ def _run_student(
     train_set = build_train_source(cfg, manifest, store_path, allowed, run, teacher_features=features, members=members)
     teacher = None
     if cfg.teacher_source == "online":
+        if (train_store.teacher or {}).get("arch") == "endpoint":
+            raise ConfigError(
+                f"teacher '{run.teacher}' is a live endpoint: asking it on every training step would pay for every "
+                "epoch's calls again; use distill.teacher_source: cache (its answers are in the store)"
+            )
         teacher, _ = load_model(layout.teacher_checkpoint(run.teacher), data=manifest)
     # A killed run's state survives DVC's deletion of the outputs; an experiment's own out_dir keeps it inside.
     state_dir = layout.resume_state("distill", run.sid) if out == layout.student(run.sid) else out / "resume"

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
+from pipeline.cache.endpoint import EndpointNet, EndpointTeacher, client_for, write_endpoint_record
 from pipeline.config import ConfigError, TeacherSpec, TrainTeacherConfig, naming
 from pipeline.data.shards import Manifest
 from pipeline.data.views import FRESH_VIEWS, build_recipe, check_recipe, view_manifest
@@ -30,11 +32,11 @@ from pipeline.layout import Layout, TeacherFiles
 from pipeline.lock import exclusive
 from pipeline.losses.ce import CELoss
 from pipeline.models.checkpoint import import_model, save_model
-from pipeline.models.registry import build_for, pretrained_source
+from pipeline.models.registry import Normalized, build_for, pretrained_source
 from pipeline.models.sanity import near_chance
 from pipeline.models.usercode import code_of
 from pipeline.records import write_record
-from pipeline.runtime import pick_device, seed_everything, set_threads
+from pipeline.runtime import pick_device, seed_everything, set_threads, write_run_log
 from pipeline.training import resume as resume_state
 from pipeline.training.dataset import DistillDataset
 from pipeline.training.loop import train
@@ -138,6 +140,18 @@ def check_pretrained(name: str, spec: TeacherSpec, out_dir: str | Path) -> None:
         )
 
 
+def endpoint_teacher(spec: TeacherSpec, name: str, manifest: Manifest) -> tuple[EndpointTeacher, nn.Module]:
+    """An endpoint teacher's client, checked against the server (classes, channels), and the same as a module for
+    the evaluation passes (`EndpointNet`: the images go out as their uint8 pixels; the server normalises)."""
+    c = manifest.image_shape[2]
+    client = client_for(spec, name, manifest.num_classes)
+    info = client.info()
+    if int(info["in_channels"]) != c:
+        got = info["in_channels"]
+        raise ConfigError(f"endpoint: {spec.endpoint} serves a model of {got}-channel images; the data set has {c}")
+    return client, Normalized(EndpointNet(client), (0.0,) * c, (1.0,) * c, mode="endpoint")  # x passes unchanged
+
+
 def train_teacher(
     manifest: Manifest,
     name: str,
@@ -187,7 +201,12 @@ def _train_teacher(
     summary: dict[str, Any] = {}
     history: list[dict[str, float]] = []
     meta: dict[str, Any] = {}
-    if spec.checkpoint:
+    client = None
+    if spec.endpoint:  # a live teacher: checked against the server, evaluated through it (its calls are counted)
+        with naming(f"teachers.{name}"):
+            client, model = endpoint_teacher(spec, name, manifest)
+        source = spec.endpoint
+    elif spec.checkpoint:
         # the view size the teacher will see (a recipe may crop images of any size to one): what a file checks against
         with naming(f"teachers.{name}"):
             model = import_model(spec.checkpoint, spec.arch, view_manifest(manifest, recipe), spec.preprocess)
@@ -238,7 +257,7 @@ def _train_teacher(
             metrics["val_accuracy"],
             manifest,
             history,
-            imported=bool(spec.checkpoint),
+            imported=bool(spec.checkpoint or spec.endpoint),
             checkpoint_meta=meta,
             n_val=manifest.split("val").n,
         )
@@ -246,7 +265,13 @@ def _train_teacher(
     metrics["accuracy"] = topk_accuracy(logits, labels, 1)  # test top-1: final reporting only, nothing chosen on it
     metrics["top5"] = topk_accuracy(logits, labels, 5)
     metrics.update({k: v for k, v in summary.items() if k != "val_accuracy"})  # schedule, selected epoch
-    save_model(files.checkpoint, model.cpu(), spec.arch, extra={"name": name, "accuracy": metrics["accuracy"]})
+    if client is not None:  # the record names the served model; the evaluation's calls go to the metrics
+        write_endpoint_record(files.checkpoint, client.info(), manifest.image_shape[2])
+        stats = client.stats.record(spec.cost_per_call)
+        metrics["endpoint"] = {"fingerprint": client.fingerprint, "calls": stats["rows"], "cost": stats["cost"]}
+        write_run_log(run_log, {"teacher": name, "endpoint": {"url": spec.endpoint, **stats}})
+    else:
+        save_model(files.checkpoint, model.cpu(), spec.arch, extra={"name": name, "accuracy": metrics["accuracy"]})
     write_record({**metrics, "history": history}, files.metrics, files.details, "teacher")
     resume_state.discard(state_dir if state_dir is not None else files.run / "resume")  # finished: nothing to resume
     log.info("teacher %s (%s): test top-1 %.4f -> %s", name, spec.arch, metrics["accuracy"], files.checkpoint)
