@@ -20,6 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"core"},
     "data": {"core"},
     "cache": {"core", "data", "models"},
+    "serve": {"core", "data", "models"},  # `kdcache serve`: a teacher behind HTTP; only the CLI imports it
     "training": {"core", "data", "cache", "models", "losses"},
     # active queries train students to choose teacher calls: above both cache and training, imported by no package
     "active": {"core", "data", "cache", "models", "losses", "training"},

@@ -319,3 +319,29 @@ def test_an_endpoint_teacher_cannot_be_asked_online(served, project, capsys):
     Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert kdcache(["distill", "--teacher", "api", "--loss", "kd"]) == 2
     assert "is a live endpoint" in capsys.readouterr().err
+
+
+def test_an_active_query_asks_the_endpoint_only_about_its_rounds_picks(served, project, tmp_path):
+    """`query@q` against the endpoint with a budget: the rounds ask exactly the budget's sample-views of the train
+    split (each once), the other splits whole, and the store equals the local teacher's on every call made."""
+    layout = served["layout"]
+    server = Server(layout.teacher_checkpoint("small"), tmp_path / "answers.jsonl")
+    try:
+        use_endpoint(server.url, cost_per_call=0.01)
+        params = yaml.safe_load(Path("params.yaml").read_text())
+        params["query"] = {"q": {"teacher": "api", "budget": 60, "initial": 20, "per_round": 20, "steps": 20}}
+        Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        assert kdcache(["train-teacher", "--name", "api"]) == 0
+        evaluated = Counter({k: n for k, n in server.answered().items() if k[0] == "eval"})
+        assert kdcache(["query", "--name", "q"]) == 0
+        store = LogitStore(layout.store("q"), "train")
+        asked = Counter({k: n for k, n in server.answered().items() if k[0] != "eval"})
+        train = {k for k in asked if k[0] == "train"}
+        queried = store.queried()
+        assert len(train) == store.teacher_calls == int(queried.sum()) == 60 and max(asked.values()) == 1
+        assert train == {("train", int(i), int(v)) for i, v in zip(*np.nonzero(queried), strict=True)}
+        ref = LogitStore(layout.store("small"), "train").read_all()
+        assert np.array_equal(store.read_all()[queried], ref[queried])  # the endpoint's answers, bit for bit
+        assert sum(evaluated.values()) > 0
+    finally:
+        server.close()
