@@ -120,6 +120,8 @@ def _bad_gzip(scratch: Path) -> str:
 IMPORT = ["import-logits", "--shards", "data/shards/tiny", "--name", "api", "--without-test"]
 FM = {"source": "fashion_mnist", "options": {}}
 
+NEEDS_DEPTH = "def build(depth):\n    pass\n"
+
 CASES = [
     Case("params-type", "`prepare.shard_size: abc` in params.yaml",
          lambda p, s: ["prepare", "--params", _params(s, prepare={"shard_size": "abc"})],
@@ -235,10 +237,86 @@ CASES = [
     Case("import-near-chance", "import-logits of a teacher at chance (constant logits)",
          lambda p, s: [*IMPORT, "--logits", f"train={_npy(s, 'z.npy', np.zeros((256, 4), np.float32))}"],
          "near chance (25.0% for 4 classes): its logits do not match this data set"),
+    Case("py-no-import", "`arch: py:net.py:Net` whose file does not import",
+         lambda p, s: _teacher(s, arch=f"py:{_write(s / 'net.py', 'import not_installed_pkg')}:Net"),
+         "net.py failed: ModuleNotFoundError: No module named 'not_installed_pkg'"),
+    Case("py-arguments", "a `py:` callable that needs other arguments",
+         lambda p, s: _teacher(s, arch=f"py:{_write(s / 'net.py', NEEDS_DEPTH)}:build"),
+         "needs arguments ['depth'] that kdcache cannot give"),
+    Case("onnx-size", "an ONNX teacher made for 24x24 inputs on 16x16 images",
+         lambda p, s: _teacher(s, checkpoint=_onnx(s, 24)), "takes only 24x24 inputs but would see 16x16 images"),
+    Case("onnx-dynamic", "an ONNX teacher of dynamic input size with `preprocess: model`",
+         lambda p, s: _teacher(s, checkpoint=_onnx(s, None), preprocess="model"),
+         "takes the input size from the file, but its input size is dynamic"),
+    Case("pt2-newer", "a `.pt2` saved by a newer torch",
+         lambda p, s: _teacher(s, checkpoint=_newer_pt2(s)), "was saved by a newer torch (export schema"),
+    Case("endpoint-html", "an endpoint URL that answers an HTML page",
+         lambda p, s: _teacher(s, endpoint=_html_server()), "answers an HTML page, not kdcache's wire format"),
     Case("parquet-truncated", "import-logits of a truncated Parquet file",
          lambda p, s: [*IMPORT, "--logits", f"train={_write(s / 't.parquet', 'PAR1 half a file')}"],
          "not a readable Parquet file"),
 ]  # fmt: skip
+
+
+def _teacher(scratch: Path, **entry) -> list[str]:
+    """`train-teacher --name bad` with teacher `bad` = `entry` in the params."""
+    return ["train-teacher", "--name", "bad", "--params", _params(scratch, teachers={"bad": entry})]
+
+
+def _onnx(scratch: Path, size: int | None) -> str:
+    """A cnn_tiny for the tiny data set exported to ONNX, for `size` x `size` inputs (None: dynamic H, W)."""
+    import torch
+
+    net = linear_teacher(load_manifest("data/shards/tiny")).net
+    axes = {0: "b"} if size else {0: "b", 2: "h", 3: "w"}
+    path = scratch / "t.onnx"
+    with torch.no_grad():
+        x = torch.zeros(2, 1, size or 16, size or 16)
+        torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": axes})
+    return str(path)
+
+
+def _newer_pt2(scratch: Path) -> str:
+    """A `.pt2` whose archive says a newer export schema than this torch reads."""
+    import json
+    import zipfile
+
+    import torch
+
+    net = linear_teacher(load_manifest("data/shards/tiny")).net.eval()
+    src, path = scratch / "t.pt2", scratch / "newer.pt2"
+    torch.export.save(torch.export.export(net, (torch.zeros(2, 1, 16, 16),)), str(src))
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("models/model.json"):
+                model = json.loads(data)
+                model["schema_version"]["major"] += 1
+                data = json.dumps(model).encode()
+            zout.writestr(item, data)
+    return str(path)
+
+
+def _html_server() -> str:
+    """A real HTTP server on 127.0.0.1 (Python's http.server, in a thread) answering every GET with a login page."""
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            body = b"<!DOCTYPE html><html><body>Please sign in</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def _write(path: Path, text: str) -> str:

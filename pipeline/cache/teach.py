@@ -247,7 +247,10 @@ def open_teacher(
     if endpoint is None or endpoint.endpoint is None:
         raise ConfigError(f"{checkpoint} is an endpoint teacher's record, but teachers.{name} has no endpoint URL")
     if int(record["in_channels"]) != manifest.image_shape[2]:
-        raise ConfigError(f"the endpoint serves {record['in_channels']}-channel images; the data set has another count")
+        raise ConfigError(
+            f"{checkpoint} records a model of {record['in_channels']}-channel images, the data set has "
+            f"{manifest.image_shape[2]}: rerun train_teacher for this data set"
+        )
     fingerprint = str(record["fingerprint"])
     journal = Journal(journal_path(out), fingerprint)
     client = client_for(endpoint, name, manifest.num_classes, fingerprint=fingerprint, journal=journal)

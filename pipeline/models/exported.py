@@ -19,6 +19,7 @@ written (a fixed size other than the images', a channel count other than theirs,
 from __future__ import annotations
 
 import io
+import logging
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,15 @@ class ExportedNet(ProgramNet):
 
     def __init__(self, program: bytes, in_channels: int, source: str) -> None:
         super().__init__(program, in_channels, source)
+        quiet = logging.getLogger("torch.export")  # it logs a failed load's traceback as a warning: ours is one line
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
         try:
             ep = torch.export.load(io.BytesIO(program))
         except Exception as exc:  # a newer torch's program, a damaged archive: torch raises many types
             raise ConfigError(_export_load_error(program, source, exc)) from exc
+        finally:
+            quiet.setLevel(level)
         users = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
         if len(users) != 1:
             raise ConfigError(
