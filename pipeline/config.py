@@ -48,6 +48,10 @@ def naming(where: str) -> Iterator[None]:
         if e.where:
             raise
         raise ConfigError(f"{where}: {e}", where=where) from e
+    except ValueError as e:  # a checkpoint the entry names that cannot be used (models' CheckpointError)
+        if type(e).__name__ != "CheckpointError" or str(e).startswith(where):
+            raise
+        raise type(e)(f"{where}: {e}") from e
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
