@@ -153,6 +153,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{name:<16}{n:>12,} parameters at {args.classes} classes, {args.channels} channels")
     print("also: tv:<name> for any torchvision classification model (random init, never downloaded)")
     print("      timm:<name>[.<tag>] for any timm model, e.g. timm:resnet18.a1_in1k (weights only from `checkpoint:`)")
+    print("      py:<file.py or module>:<callable> for your own model code, e.g. py:weights/mynet.py:MyNet")
+    print("      a .pt2 (torch.export) or .onnx file as a teacher's checkpoint; a URL as teachers.<t>.endpoint")
     return 0
 
 
