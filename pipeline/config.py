@@ -610,6 +610,18 @@ def teachers_section(params: dict[str, Any]) -> dict[str, TeacherSpec]:
     return _coerce(dict[Name, TeacherSpec], section(params, "teachers"), "teachers")
 
 
+def call_costs(params: dict[str, Any]) -> dict[str, float]:
+    """The price of one teacher call per teacher name (`teachers.<t>.cost_per_call`) and per active query store
+    (its teacher's), for the report's cost columns; teachers without a price are left out."""
+    if not params.get("teachers"):
+        return {}  # a report of records alone (no zoo in its params): no prices
+    zoo = teachers_section(params)
+    costs = {t: spec.cost_per_call for t, spec in zoo.items() if spec.cost_per_call}
+    queries = query_section(params)
+    costs.update({q: zoo[s.teacher].cost_per_call for q, s in queries.items() if zoo[s.teacher].cost_per_call})
+    return costs
+
+
 def teacher_spec(params: dict[str, Any], name: str) -> TeacherSpec:
     zoo = teachers_section(params)
     if name not in zoo:

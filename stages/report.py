@@ -10,7 +10,7 @@ the per-image predictions (plots/confusion/<id>.csv: the paired tests) and the t
 
 from __future__ import annotations
 
-from pipeline.config import DistillConfig, ReportConfig, student_ids
+from pipeline.config import DistillConfig, ReportConfig, call_costs, student_ids
 from pipeline.evaluation.report import build_report
 from pipeline.stage import run_main, stage_parser, start
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         title=cfg.title,
         params=run.params,
         params_path=run.args.params,
+        costs=call_costs(run.params),
     )
 
 

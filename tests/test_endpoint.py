@@ -345,3 +345,18 @@ def test_an_active_query_asks_the_endpoint_only_about_its_rounds_picks(served, p
         assert sum(evaluated.values()) > 0
     finally:
         server.close()
+
+
+def test_the_report_prices_the_calls_students_used():
+    """`cost_per_call` of an endpoint teacher (and of the query stores asking it) becomes the report's cost column."""
+    from pipeline.config import call_costs
+    from pipeline.evaluation.report import _cost, _cost_head, _cost_note
+
+    params = tiny_params()
+    params["teachers"]["api"] = {"endpoint": "http://127.0.0.1:1", "cost_per_call": 0.25}
+    params["query"] = {"q": {"teacher": "api", "budget": 10, "initial": 5, "per_round": 5}}
+    costs = call_costs(params)
+    assert costs == {"api": 0.25, "q": 0.25}  # the demo teacher has no price: left out
+    assert _cost(costs, "q", [8, 12]) == ["2.50"] and _cost(costs, "small", [8]) == [""]
+    assert _cost_head(costs) == ["cost"] and "api 0.25, q 0.25" in _cost_note(costs)[0]
+    assert _cost({}, "q", [8]) == [] and _cost_head({}) == [] and _cost_note({}) == []

@@ -321,7 +321,14 @@ DETAIL_COLS = [  # (record key, header, scale, digits), after the top-k columns
 ]
 
 
-def _details_table(study: Study) -> list[str]:
+def _cost(costs: dict[str, float], t: str, calls: list[int]) -> list[str]:
+    """The cost column's cell: the mean calls a student of teacher `t` used times its price per call."""
+    if not any(costs.values()):
+        return []
+    return [f"{sum(calls) / len(calls) * costs.get(t, 0.0):.2f}" if calls and costs.get(t) else ""]
+
+
+def _details_table(study: Study, costs: dict[str, float]) -> list[str]:
     full = [s for s in study.students if s.budget == FULL]
     ks = sorted({int(k[3:]) for s in full for k in (s.record.get("test") or {}) if k[:3] == "top" and k[3:].isdigit()})
     cols = [("accuracy", "top-1 %", 100.0, 2)] + [(f"test.top{k}", f"top-{k} %", 100.0, 2) for k in ks]
@@ -334,7 +341,7 @@ def _details_table(study: Study) -> list[str]:
                 continue
             cells = [fmt_iv(study.interval(rs, k), s, d) for k, _, s, d in cols]
             c = [x for r in rs if (x := F.calls(r)) is not None]
-            rows.append([t, loss, str(len(rs)), *cells, f"{int(sum(c) / len(c))}" if c else ""])
+            rows.append([t, loss, str(len(rs)), *cells, f"{int(sum(c) / len(c))}" if c else "", *_cost(costs, t, c)])
     return [
         "## Details",
         "",
@@ -342,7 +349,8 @@ def _details_table(study: Study) -> list[str]:
         "per-sample correlation of student and teacher logits (CMKD's diagnostic); ECE: 15-bin expected calibration",
         "error (Guo et al. 2017) of the student and of the teacher's cached logits; mCA: mean corruption accuracy.",
         "",
-        *_table(["teacher", "loss", "seeds", *[h for _, h, _, _ in cols], "teacher calls"], rows),
+        *_cost_note(costs),
+        *_table(["teacher", "loss", "seeds", *[h for _, h, _, _ in cols], "teacher calls", *_cost_head(costs)], rows),
         "",
     ]
 
@@ -382,7 +390,18 @@ def _robustness_table(study: Study) -> list[str]:
     ]
 
 
-def _budget_table(study: Study) -> list[str]:
+def _cost_head(costs: dict[str, float]) -> list[str]:
+    return ["cost"] if any(costs.values()) else []
+
+
+def _cost_note(costs: dict[str, float]) -> list[str]:
+    if not any(costs.values()):
+        return []
+    priced = ", ".join(f"{t} {c:g}" for t, c in sorted(costs.items()) if c)
+    return [f"Cost: the teacher calls a student used times the price per call (`cost_per_call`: {priced}).", ""]
+
+
+def _budget_table(study: Study, costs: dict[str, float]) -> list[str]:
     rows = []
     for t in study.teacher_names:
         for loss in study.losses:
@@ -394,17 +413,30 @@ def _budget_table(study: Study) -> list[str]:
                 c = [x for r in rs if (x := F.calls(r)) is not None]
                 vs = "" if loss == NO_TEACHER_LOSS else fmt_paired(study.paired(t, loss, NO_TEACHER_LOSS, b))
                 agree = fmt_iv(study.interval(rs, "agreement"))
-                rows.append([t, loss, b, f"{int(sum(c) / len(c))}" if c else "", str(len(rs)), fmt_iv(iv), fmt_ci(iv),
-                             agree, vs])  # fmt: skip
+                rows.append([t, loss, b, f"{int(sum(c) / len(c))}" if c else "", *_cost(costs, t, c), str(len(rs)),
+                             fmt_iv(iv), fmt_ci(iv), agree, vs])  # fmt: skip
     return [
         "## Teacher-call budget",
         "",
         "Student top-1 (%) by the number of teacher calls it could use, mean ± std over seeds, 95% t-interval; vs CE:",
         f"against CE trained on the same samples (same budget). {TEST_NOTE}",
         "",
+        *_cost_note(costs),
         *_table(
-            ["teacher", "loss", "budget", "teacher calls", "seeds", "top-1 %", "95% CI", "agreement %", "vs ce"], rows
-        ),
+            [
+                "teacher",
+                "loss",
+                "budget",
+                "teacher calls",
+                *_cost_head(costs),
+                "seeds",
+                "top-1 %",
+                "95% CI",
+                "agreement %",
+                "vs ce",
+            ],
+            rows,
+        ),  # fmt: skip
         "",
     ]
 
@@ -495,6 +527,7 @@ def build_report(
     title: str | None = None,
     params: dict[str, Any] | None = None,
     params_path: str | Path | None = None,
+    costs: dict[str, float] | None = None,
 ) -> Path:
     """Write `out_dir/report.md`, `report.html`, the PNGs and the `dvc plots` data; returns the report's path.
 
@@ -502,8 +535,10 @@ def build_report(
     (`metrics/teachers`); manifest: the data set's `Manifest` (the title and the data description come from it;
     `title` overrides the title). confusion_dir: per-image predictions for the paired tests. only: the student
     ids to report (default: every record). params + params_path: the params the report ran with and the file
-    they came from, to record the commit and the params that differ from it.
+    they came from, to record the commit and the params that differ from it. costs: a teacher's (or query
+    store's) price per call (`config.call_costs`): with any, the details and budget tables add a cost column.
     """
+    costs = costs or {}
     study = load_study(Path(metrics_dir), Path(teachers_dir), manifest, confusion_dir, only)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -520,7 +555,7 @@ def build_report(
             lines, out_dir, "accuracy.png", "student accuracy per teacher and loss", lambda: F.accuracy_figure(study)
         )
         lines += _paired_table(study)
-        lines += _details_table(study)
+        lines += _details_table(study, costs)
         lines += ["## Training curves", ""]
         _figure(lines, out_dir, "curves.png", "training curves", lambda: F.curves_figure(study, curves))
         lines += ["## Stronger teachers", ""]
@@ -533,7 +568,7 @@ def build_report(
     else:
         lines += ["*No full-budget students: only the budget table and figure below.*", ""]
     if any(s.budget != FULL for s in study.students):
-        lines += _budget_table(study)
+        lines += _budget_table(study, costs)
         _figure(lines, out_dir, "budget.png", "student accuracy vs teacher calls", lambda: F.budget_figure(study))
     path = out_dir / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
