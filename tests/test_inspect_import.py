@@ -54,6 +54,24 @@ def test_inspect_matches_numpy_with_tiny_chunks(store, tiny_manifest):
     assert info["dataset"]["manifest_sha256"] == tiny_manifest.sha256
 
 
+def test_inspect_a_topk_store_expands_it_as_the_loader_does(tiny_manifest, tmp_path):
+    """A top-k store (teach.topk) is inspected through `topk_expand`, block by block: the same statistics as the
+    expanded logits the store's reader returns (a (n, V, 1) tail block once broke it on every top-k store)."""
+    out = tmp_path / "k.zarr"
+    spec = build_spec(
+        tiny_manifest, {"name": "t", "arch": "cnn_tiny", "weights_sha256": "abc"}, RECIPES, dtype="float16",
+        topk=2, compressor="blosc-zstd", chunk_rows=32, budget=BudgetSpec(),
+    )  # fmt: skip
+    run_teach(tiny_manifest, linear_teacher(tiny_manifest), out, spec, RECIPES)
+    labels = tiny_manifest.iter_labels("train")
+    info = inspect_store(out, "train", labels=labels, chunk_rows=16)
+    z = LogitStore(out, "train").read_all()[:, 0]  # (N, C) expanded view-0 logits
+    p = softmax(z.astype(np.float64))
+    assert info["layout"] != "dense" and info["teacher_calls"] == 512
+    assert info["teacher_top1"] == pytest.approx(float((z.argmax(1) == labels).mean()))
+    assert info["entropy_mean"] == pytest.approx(float(-(p * np.log(p)).sum(1).mean()), rel=1e-4)
+
+
 def test_inspect_cli_prints_json(store, tiny_manifest, capsys):
     assert cli(["inspect", str(store), "--shards", str(tiny_manifest.root), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -39,7 +39,7 @@ def _dense_logits(g: zarr.Group, rows: int, num_classes: int) -> da.Array:
     i = da.from_zarr(g["topk_indices"], chunks=(rows, -1, -1))
     t = da.from_zarr(g["tail_mass"], chunks=(rows, -1))
     dense = da.map_blocks(
-        lambda a, b, c: topk_expand(a, b, c, num_classes),
+        lambda a, b, c: topk_expand(a, b, c[..., 0], num_classes),  # c: (n, V, 1), a block of t[..., None]
         v,
         i,
         t[..., None],
