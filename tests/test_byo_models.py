@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from pipeline.inputs import student_inputs, teacher_inputs, write_teacher_inputs
 from pipeline.models import build_for, import_model, load_model, predict_arrays, save_model
 from pipeline.models.checkpoint import CheckpointError
 from pipeline.models.exported import OnnxNet
-from tests.conftest import TINY_PARAMS, make_project, tiny_params
+from tests.conftest import TINY_PARAMS, bump_export_schema, make_project, tiny_params
 
 TINY_TEACHER = TINY_PARAMS["teachers"]["small"]
 
@@ -326,15 +325,7 @@ def _with_classes(manifest, k):
 
 def test_a_pt2_saved_by_a_newer_torch_says_so(teacher_net, tiny_manifest, tmp_path):
     path = export_pt2(teacher_net.net, tmp_path / "t.pt2", (2, 1, 16, 16))
-    newer = tmp_path / "newer.pt2"
-    with zipfile.ZipFile(path) as src, zipfile.ZipFile(newer, "w") as dst:
-        for item in src.infolist():
-            data = src.read(item.filename)
-            if item.filename.endswith("models/model.json"):
-                model = json.loads(data)
-                model["schema_version"]["major"] += 1
-                data = json.dumps(model).encode()
-            dst.writestr(item, data)
+    newer = bump_export_schema(path, tmp_path / "newer.pt2")
     with pytest.raises(ConfigError, match=r"was saved by a newer torch \(export schema \d+\.\d+; this torch"):
         import_model(newer, "export", tiny_manifest)
     (tmp_path / "bad.pt2").write_bytes(b"not a zip")

@@ -27,7 +27,7 @@ from pipeline.cli import main as kdcache
 from pipeline.data.shards import load_manifest
 from pipeline.models import save_model
 from stages import prepare, teach
-from tests.conftest import linear_teacher, make_project, tiny_params
+from tests.conftest import bump_export_schema, linear_teacher, make_project, tiny_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -278,23 +278,12 @@ def _onnx(scratch: Path, size: int | None) -> str:
 
 def _newer_pt2(scratch: Path) -> str:
     """A `.pt2` whose archive says a newer export schema than this torch reads."""
-    import json
-    import zipfile
-
     import torch
 
     net = linear_teacher(load_manifest("data/shards/tiny")).net.eval()
     src, path = scratch / "t.pt2", scratch / "newer.pt2"
     torch.export.save(torch.export.export(net, (torch.zeros(2, 1, 16, 16),)), str(src))
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w") as zout:
-        for item in zin.infolist():
-            data = zin.read(item.filename)
-            if item.filename.endswith("models/model.json"):
-                model = json.loads(data)
-                model["schema_version"]["major"] += 1
-                data = json.dumps(model).encode()
-            zout.writestr(item, data)
-    return str(path)
+    return str(bump_export_schema(src, path))
 
 
 def _html_server() -> str:
