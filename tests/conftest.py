@@ -250,3 +250,20 @@ def bump_export_schema(src: Path, dst: Path) -> Path:
                 data = json.dumps(model).encode()
             zout.writestr(item, data)
     return dst
+
+
+def taught_project(root: Path, params: dict | None = None) -> Path:
+    """A tiny project at `root` with its shards, the demo teacher `small` trained and its store cached (the stages
+    themselves, run from the project folder)."""
+    from stages import prepare, teach, train_teacher
+
+    make_project(root, params)
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        prepare.main([])
+        train_teacher.main(["--name", "small"])
+        teach.main(["--name", "small"])
+    finally:
+        os.chdir(cwd)
+    return root

@@ -29,8 +29,7 @@ import yaml
 from pipeline.cache.store import LogitStore
 from pipeline.cli import main as kdcache
 from pipeline.layout import Layout
-from stages import prepare, teach, train_teacher
-from tests.conftest import ROOT, TINY_PARAMS, make_project, tiny_params
+from tests.conftest import ROOT, TINY_PARAMS, taught_project, tiny_params
 
 pytest.importorskip("uvicorn")
 
@@ -101,15 +100,7 @@ def served(tmp_path_factory) -> dict:
     proj = tmp_path_factory.mktemp("endpoint") / "proj"
     params = tiny_params(prepare={"shard_size": 32})
     params["teach"]["batch_size"] = 16
-    make_project(proj, params)
-    cwd = os.getcwd()
-    os.chdir(proj)
-    try:
-        prepare.main([])
-        train_teacher.main(["--name", "small"])
-        teach.main(["--name", "small"])
-    finally:
-        os.chdir(cwd)
+    taught_project(proj, params)
     layout = Layout(params["prepare"]["name"])
     return {"proj": proj, "params": params, "layout": layout}
 

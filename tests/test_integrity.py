@@ -20,8 +20,8 @@ from pipeline.cache.teach import run_teach
 from pipeline.cache.verify import verify_store
 from pipeline.cli import main as kdcache
 from pipeline.data.shards import load_manifest
-from stages import prepare, teach, train_teacher
-from tests.conftest import assert_same_files, linear_teacher, make_project, tiny_params
+from stages import prepare
+from tests.conftest import assert_same_files, linear_teacher, make_project, taught_project, tiny_params
 
 SID = "small-kd-full-0"
 
@@ -30,18 +30,7 @@ SID = "small-kd-full-0"
 def finished(tmp_path_factory) -> Path:
     """A tiny project with shards, a trained teacher (far above chance) and its finished store (4 train shards of
     64 rows)."""
-    proj = make_project(tmp_path_factory.mktemp("integrity") / "proj", tiny_params())
-    cwd = Path.cwd()
-    import os
-
-    os.chdir(proj)
-    try:
-        prepare.main([])
-        train_teacher.main(["--name", "small"])
-        teach.main(["--name", "small"])
-    finally:
-        os.chdir(cwd)
-    return proj
+    return taught_project(tmp_path_factory.mktemp("integrity") / "proj", tiny_params())
 
 
 @pytest.fixture
